@@ -1,0 +1,52 @@
+# har-edge developer and operator entry points. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+LEGACY_VENV ?= .venv-tflite
+DATA_DIR ?= var
+PIP_FLAGS ?= --disable-pip-version-check -q
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: help run sync test test-fast test-legacy-runtime train bench image demo clean
+
+help:
+	@echo "make run     start the agent (and sync daemon) on embedded defaults, data in ./$(DATA_DIR)"
+	@echo "make sync    one sync pass: push the outbox, pull a newer model"
+	@echo "make test    install everything the tests need and run all of them"
+	@echo "make train   retrain the default model from UCI HAPT (dvc repro)"
+	@echo "make bench   run the benchmarks and print the table"
+
+$(BIN)/.edge: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[edge]'
+	touch $@
+
+$(BIN)/.dev: pyproject.toml $(BIN)/.edge
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[edge,trainer,dev]'
+	touch $@
+
+# tflite-runtime installs only on CPython <= 3.11 with numpy < 2: its own environment
+$(LEGACY_VENV)/bin/.legacy: pyproject.toml
+	test -x $(LEGACY_VENV)/bin/python || python3.11 -m venv $(LEGACY_VENV)
+	$(LEGACY_VENV)/bin/pip install $(PIP_FLAGS) 'tflite-runtime==2.14.*' 'numpy<2' 'pydantic>=2.6,<3' 'sqlalchemy>=2.0,<3' pytest==9.2.0 pytest-timeout==2.4.0
+	$(LEGACY_VENV)/bin/pip install $(PIP_FLAGS) --no-deps -e .
+	touch $@
+
+run: $(BIN)/.edge
+	HAR_EDGE_DATA_DIR=$${HAR_EDGE_DATA_DIR:-$(DATA_DIR)} $(BIN)/har-edge agent run
+
+sync: $(BIN)/.edge
+	HAR_EDGE_DATA_DIR=$${HAR_EDGE_DATA_DIR:-$(DATA_DIR)} $(BIN)/har-edge sync once
+
+test: $(BIN)/.dev $(LEGACY_VENV)/bin/.legacy
+	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-legacy-runtime
+
+test-fast: $(BIN)/.dev
+	$(BIN)/python -m pytest -m "not slow and not podman"
+
+test-legacy-runtime: $(LEGACY_VENV)/bin/.legacy
+	HAR_EDGE_TFLITE_RUNTIME=tflite_runtime $(LEGACY_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_runtime.py
+
+clean:
+	rm -rf $(VENV) $(LEGACY_VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,88 @@
+"""The exception tree of har-edge.
+
+Messages name the object and the fix. ``kind`` is a short stable word written to
+quarantine reasons and logs, so a person (or a script) can group failures.
+"""
+
+from __future__ import annotations
+
+
+class HarEdgeError(Exception):
+    """Base of every error har-edge raises on purpose."""
+
+    kind = "error"
+
+
+class ConfigError(HarEdgeError):
+    kind = "config"
+
+
+# -- input -----------------------------------------------------------------
+
+
+class InputError(HarEdgeError):
+    """A file that cannot be turned into windows. It is quarantined, never retried."""
+
+    kind = "bad_input"
+
+
+class UnknownFormat(InputError):
+    kind = "unknown_format"
+
+
+class CorruptFile(InputError):
+    """Truncated, bad CRC, undefined messages: the bytes are damaged."""
+
+    kind = "corrupt"
+
+
+class NoImuData(InputError):
+    kind = "no_imu_data"
+
+
+class UnsafeArchive(InputError):
+    kind = "unsafe_archive"
+
+
+class TooShort(InputError):
+    kind = "too_short"
+
+
+# -- models ----------------------------------------------------------------
+
+
+class ModelError(HarEdgeError):
+    """A model folder that must not be used."""
+
+    kind = "model"
+
+
+class ManifestError(ModelError):
+    kind = "manifest"
+
+
+class ChecksumMismatch(ModelError):
+    kind = "checksum"
+
+
+class ModelValidationError(ModelError):
+    kind = "validation"
+
+
+class RuntimeUnavailable(ModelError):
+    kind = "runtime"
+
+
+# -- storage ---------------------------------------------------------------
+
+
+class OutboxError(HarEdgeError):
+    kind = "outbox"
+
+
+class SchemaVersionError(OutboxError):
+    kind = "schema_version"
+
+
+class OutboxFull(OutboxError):
+    kind = "outbox_full"
