@@ -1,0 +1,385 @@
+"""The SQLite outbox: every result the agent produced, kept until sync delivered it.
+
+One file's rows (its record, windows and metrics) are written in one
+transaction. Metric points keep the timestamp they were created with, so a
+re-send is identical and MLflow stores it once. Delivery state lives beside the
+data: ``metrics.delivered_ms``, ``files.run_id`` / ``files.finished_ms`` and
+``deployments.delivered_ms`` are set only after the server acknowledged them.
+
+SQLite is used through SQLAlchemy Core with WAL, a busy timeout, foreign keys
+and ``BEGIN IMMEDIATE`` for every write transaction (the agent and the sync
+daemon share the file).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
+
+from agent.errors import OutboxError, SchemaVersionError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+schema_version = Table("schema_version", metadata, Column("version", Integer, nullable=False))
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    # processed | failed | duplicate
+    Column("status", String(16), nullable=False),
+    Column("format", String(32)),
+    Column("received_ms", BigInteger, nullable=False),
+    Column("processed_ms", BigInteger, nullable=False),
+    Column("decode_s", Float),
+    Column("preprocess_s", Float),
+    Column("inference_s", Float),
+    Column("store_s", Float),
+    Column("total_s", Float),
+    Column("windows", Integer, nullable=False, default=0),
+    Column("first_window_ms", BigInteger),
+    Column("last_window_ms", BigInteger),
+    Column("model_name", Text),
+    Column("model_version", Text),
+    Column("model_sha256", String(64)),
+    Column("agent_version", Text, nullable=False),
+    Column("error_kind", String(32)),
+    Column("error_message", Text),
+    Column("duplicate_of", Integer, ForeignKey("files.id")),
+    # delivery (written by sync)
+    Column("run_id", String(64)),
+    Column("artifact_delivered_ms", BigInteger),
+    Column("finished_ms", BigInteger),
+)
+Index("files_sha_processed", files.c.sha256, unique=True, sqlite_where=text("status = 'processed'"))
+Index("files_undelivered", files.c.finished_ms, files.c.status)
+
+windows = Table(
+    "windows",
+    metadata,
+    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("start_ms", BigInteger, nullable=False),
+    Column("label", Integer, nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("probs", LargeBinary, nullable=False),  # float32 little-endian, one per label
+)
+
+labels = Table(
+    "labels",
+    metadata,
+    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("label", Text, nullable=False),
+)
+
+metrics = Table(
+    "metrics",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE")),  # NULL: device-level
+    Column("key", Text, nullable=False),
+    Column("value", Float, nullable=False),
+    Column("timestamp_ms", BigInteger, nullable=False),
+    Column("step", BigInteger, nullable=False, default=0),
+    Column("delivered_ms", BigInteger),
+)
+Index("metrics_pending", metrics.c.delivered_ms, metrics.c.file_id)
+
+deployments = Table(
+    "deployments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("time_ms", BigInteger, nullable=False),
+    Column("from_version", Text),
+    Column("to_version", Text),
+    # activated | refused | rolled_back | load_failed | pinned
+    Column("outcome", String(32), nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    Column("delivered_ms", BigInteger),
+)
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    key: str
+    value: float
+    timestamp_ms: int
+    step: int = 0
+
+
+@dataclass
+class FileRecord:
+    """Everything of one processed (or failed) file, written in one transaction."""
+
+    sha256: str
+    name: str
+    size: int
+    status: str
+    received_ms: int
+    processed_ms: int
+    agent_version: str
+    format: str | None = None
+    decode_s: float | None = None
+    preprocess_s: float | None = None
+    inference_s: float | None = None
+    store_s: float | None = None
+    total_s: float | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    model_sha256: str | None = None
+    error_kind: str | None = None
+    error_message: str | None = None
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _sqlite_engine(path: Path, busy_timeout_s: float) -> Engine:
+    engine = create_engine(f"sqlite:///{path}", future=True)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # pragma: no cover - exercised by every test
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # pragma: no cover
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class Outbox:
+    """The outbox of one device. Safe to open from the agent and the sync daemon at once."""
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = _sqlite_engine(self.path, busy_timeout_s)
+        self._init_schema()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise OutboxError(f"outbox {self.path}: {exc.orig}") from exc
+
+    def _init_schema(self) -> None:
+        with self.transaction() as conn:
+            has_table = conn.execute(
+                text("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'")
+            ).first()
+            if has_table:
+                found = conn.execute(select(schema_version.c.version)).scalar()
+                if found != SCHEMA_VERSION:
+                    raise SchemaVersionError(
+                        f"outbox {self.path} has schema version {found}, this har-edge uses {SCHEMA_VERSION}: "
+                        "run the har-edge version that wrote it to deliver its backlog, or move the file away"
+                    )
+                return
+            metadata.create_all(conn)
+            conn.execute(insert(schema_version).values(version=SCHEMA_VERSION))
+
+    # -- writing (agent) ----------------------------------------------------
+
+    def record_file(
+        self,
+        rec: FileRecord,
+        *,
+        label_names: Sequence[str] = (),
+        start_ms: np.ndarray | None = None,
+        probs: np.ndarray | None = None,
+        points: Sequence[MetricPoint] = (),
+    ) -> int:
+        """Store a file with its windows and metric points, all or nothing; return its id."""
+        with self.transaction() as conn:
+            file_id = conn.execute(insert(files).values(**rec.__dict__, windows=0)).inserted_primary_key[0]
+            n = 0
+            if probs is not None and len(probs):
+                n = len(probs)
+                lab = probs.argmax(axis=1)
+                conf = probs.max(axis=1)
+                blobs = np.ascontiguousarray(probs, dtype="<f4")
+                conn.execute(
+                    insert(windows),
+                    [
+                        {
+                            "file_id": file_id,
+                            "idx": i,
+                            "start_ms": int(start_ms[i]),
+                            "label": int(lab[i]),
+                            "confidence": float(conf[i]),
+                            "probs": blobs[i].tobytes(),
+                        }
+                        for i in range(n)
+                    ],
+                )
+                conn.execute(
+                    update(files)
+                    .where(files.c.id == file_id)
+                    .values(windows=n, first_window_ms=int(start_ms[0]), last_window_ms=int(start_ms[-1]))
+                )
+            if label_names:
+                conn.execute(insert(labels), [{"file_id": file_id, "idx": i, "label": s} for i, s in enumerate(label_names)])
+            if points:
+                conn.execute(
+                    insert(metrics),
+                    [
+                        {"file_id": file_id, "key": p.key, "value": float(p.value), "timestamp_ms": p.timestamp_ms, "step": p.step}
+                        for p in points
+                    ],
+                )
+        return file_id
+
+    def add_metrics(self, points: Sequence[MetricPoint], file_id: int | None = None) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                insert(metrics),
+                [
+                    {"file_id": file_id, "key": p.key, "value": float(p.value), "timestamp_ms": p.timestamp_ms, "step": p.step}
+                    for p in points
+                ],
+            )
+
+    def record_deployment(self, *, from_version: str | None, to_version: str | None, outcome: str, reason: str = "", time_ms: int | None = None) -> int:
+        with self.transaction() as conn:
+            return conn.execute(
+                insert(deployments).values(
+                    time_ms=time_ms if time_ms is not None else now_ms(),
+                    from_version=from_version,
+                    to_version=to_version,
+                    outcome=outcome,
+                    reason=reason,
+                )
+            ).inserted_primary_key[0]
+
+    # -- reading ------------------------------------------------------------
+
+    def processed_file(self, sha256: str):
+        """The processed file with this content, or None."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(files).where(files.c.sha256 == sha256, files.c.status == "processed")
+            ).first()
+
+    def file(self, file_id: int):
+        with self.engine.connect() as conn:
+            return conn.execute(select(files).where(files.c.id == file_id)).first()
+
+    def file_windows(self, file_id: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(label names, start_ms (n,), probabilities (n, k)) of a file."""
+        with self.engine.connect() as conn:
+            names = [r.label for r in conn.execute(select(labels).where(labels.c.file_id == file_id).order_by(labels.c.idx))]
+            rows = conn.execute(
+                select(windows.c.start_ms, windows.c.probs).where(windows.c.file_id == file_id).order_by(windows.c.idx)
+            ).all()
+        starts = np.array([r.start_ms for r in rows], dtype=np.int64)
+        probs = (
+            np.frombuffer(b"".join(r.probs for r in rows), dtype="<f4").reshape(len(rows), -1)
+            if rows
+            else np.empty((0, len(names)), np.float32)
+        )
+        return names, starts, probs
+
+    def file_metrics(self, file_id: int | None) -> list[MetricPoint]:
+        cond = metrics.c.file_id.is_(None) if file_id is None else metrics.c.file_id == file_id
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(metrics).where(cond).order_by(metrics.c.id)).all()
+        return [MetricPoint(r.key, r.value, r.timestamp_ms, r.step) for r in rows]
+
+    def status_counts(self) -> dict:
+        with self.engine.connect() as conn:
+            by_status = dict(conn.execute(select(files.c.status, func.count()).group_by(files.c.status)).all())
+            pending_windows = conn.execute(
+                select(func.coalesce(func.sum(files.c.windows), 0)).where(
+                    files.c.status == "processed", files.c.artifact_delivered_ms.is_(None)
+                )
+            ).scalar()
+            pending_points = conn.execute(select(func.count()).where(metrics.c.delivered_ms.is_(None))).scalar()
+            oldest = conn.execute(
+                select(func.min(metrics.c.timestamp_ms)).where(metrics.c.delivered_ms.is_(None))
+            ).scalar()
+            last = conn.execute(select(files).order_by(files.c.id.desc()).limit(1)).first()
+        return {
+            "files": {k: int(v) for k, v in by_status.items()},
+            "windows_pending_delivery": int(pending_windows or 0),
+            "metric_points_pending": int(pending_points or 0),
+            "oldest_pending_ms": oldest,
+            "last_file": None
+            if last is None
+            else {
+                "name": last.name,
+                "status": last.status,
+                "windows": last.windows,
+                "processed_ms": last.processed_ms,
+                "model_version": last.model_version,
+                "error": last.error_message,
+            },
+        }
+
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                total += p.stat().st_size
+        return total
+
+    def delete_file_rows(self, file_id: int) -> None:
+        """Drop a file and everything of it (used to reclaim delivered data)."""
+        with self.transaction() as conn:
+            conn.execute(delete(files).where(files.c.id == file_id))
