@@ -48,6 +48,10 @@ class TooShort(InputError):
     kind = "too_short"
 
 
+class TooLarge(InputError):
+    kind = "too_large"
+
+
 # -- models ----------------------------------------------------------------
 
 
