@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Chunk", "Recording", "SensorBlock", "sniff", "open_export", "is_complete", "pair_key"]
 
-TABLE_SUFFIXES = (".csv", ".xlsx")
+TABLE_SUFFIXES = (".csv", ".xlsx", ".xlsm")
 
 
 def _head(path: Path, n: int = 16) -> bytes:
@@ -31,7 +31,7 @@ def sniff(path: Path) -> str:
     if len(head) >= 12 and head[8:12] == b".FIT":
         return "fit"
     if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
-        if path.suffix.lower() == ".xlsx":
+        if path.suffix.lower() in (".xlsx", ".xlsm"):
             return "table"
         return "zip"
     if path.suffix.lower() in TABLE_SUFFIXES:
@@ -40,6 +40,7 @@ def sniff(path: Path) -> str:
 
 
 def pair_key(path: Path) -> tuple[str, str] | None:
+    """(prefix, 'accelerometer'|'gyroscope') of a study table's name, or None."""
     from agent.decode.tables import pair_key as _pair_key
 
     return _pair_key(path)
@@ -63,31 +64,29 @@ def is_complete(path: Path) -> bool:
 
 
 def _table_recordings(paths: list[Path], label: str) -> list[Recording]:
-    from agent.decode.tables import decode_fitcsv, decode_study_tables, sniff_table
+    from agent.decode.tables import decode_fitcsv, decode_study_tables, pair_tables, sniff_table
 
-    accel: dict[str, Path] = {}
-    gyro: dict[str, Path] = {}
     out: list[Recording] = []
+    study: list[Path] = []
     for p in sorted(paths):
         kind = sniff_table(p)
         if kind == "fitcsv":
             out.append(decode_fitcsv(p, p.name))
         elif kind in ("study_accel", "study_gyro"):
-            key = pair_key(p)
-            prefix = key[0] if key else p.stem
-            (accel if kind == "study_accel" else gyro)[prefix] = p
+            study.append(p)
         elif kind is None and len(paths) == 1:
             raise UnknownFormat(
                 f"{p.name}: not a FIT file, zip or known IMU table (study accelerometer/gyroscope CSV/xlsx, "
                 "FitCSVTool CSV): export the watch's original FIT file"
             )
-    for prefix in sorted(set(gyro) - set(accel)):
+    pairs = pair_tables(study)
+    if study and not pairs:
         raise InputError(
-            f"{gyro[prefix].name}: gyroscope table without its accelerometer partner "
-            f"({prefix}…accelerometer…): drop both files of the recording together"
+            f"{study[0].name}: gyroscope table without its accelerometer partner "
+            "(same prefix, 'accelerometer' in the name): drop both files of the recording together"
         )
-    for prefix, a in sorted(accel.items()):
-        out.append(decode_study_tables(a, gyro.get(prefix), f"{label}:{prefix}" if label != a.name else a.name))
+    for accel, gyro in pairs:
+        out.append(decode_study_tables(accel, gyro, accel.name if label == accel.name else f"{label}:{accel.name}"))
     return out
 
 
