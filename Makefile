@@ -7,7 +7,7 @@ DATA_DIR ?= var
 PIP_FLAGS ?= --disable-pip-version-check -q
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help run sync test test-fast test-legacy-runtime train bench image demo clean
+.PHONY: help run sync test test-fast test-legacy-runtime train release bench image demo clean
 
 help:
 	@echo "make run     start the agent (and sync daemon) on embedded defaults, data in ./$(DATA_DIR)"
@@ -37,6 +37,15 @@ run: $(BIN)/.edge
 
 sync: $(BIN)/.edge
 	HAR_EDGE_DATA_DIR=$${HAR_EDGE_DATA_DIR:-$(DATA_DIR)} $(BIN)/har-edge sync once
+
+# retrain the default model from UCI HAPT (dvc repro) and bundle it into the agent
+train: $(BIN)/.dev
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+	$(BIN)/har-train bundle build/trainer/model agent/default_model
+
+# publish build/trainer/model: make release REGISTRY=../model-registry DVC_REMOTE=/srv/dvc-store
+release: $(BIN)/.dev
+	$(BIN)/har-train release --registry $(REGISTRY) --remote $(DVC_REMOTE) build/trainer/model
 
 test: $(BIN)/.dev $(LEGACY_VENV)/bin/.legacy
 	$(BIN)/python -m pytest
