@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 .PHONY: help run sync test test-fast test-legacy-runtime train release bench image demo clean
 
 help:
-	@echo "make run     start the agent (and sync daemon) on embedded defaults, data in ./$(DATA_DIR)"
+	@echo "make run     start the agent and the sync daemon on embedded defaults, data in ./$(DATA_DIR)"
 	@echo "make sync    one sync pass: push the outbox, pull a newer model"
 	@echo "make test    install everything the tests need and run all of them"
 	@echo "make train   retrain the default model from UCI HAPT (dvc repro)"
@@ -32,8 +32,12 @@ $(LEGACY_VENV)/bin/.legacy: pyproject.toml
 	$(LEGACY_VENV)/bin/pip install $(PIP_FLAGS) --no-deps -e .
 	touch $@
 
+# the agent in the foreground, the sync daemon beside it; Ctrl-C stops both
 run: $(BIN)/.edge
-	HAR_EDGE_DATA_DIR=$${HAR_EDGE_DATA_DIR:-$(DATA_DIR)} $(BIN)/har-edge agent run
+	export HAR_EDGE_DATA_DIR=$${HAR_EDGE_DATA_DIR:-$(DATA_DIR)}; \
+	$(BIN)/har-edge sync run & sync=$$!; \
+	trap 'kill -TERM $$sync 2>/dev/null; wait $$sync' EXIT INT TERM; \
+	$(BIN)/har-edge agent run
 
 sync: $(BIN)/.edge
 	HAR_EDGE_DATA_DIR=$${HAR_EDGE_DATA_DIR:-$(DATA_DIR)} $(BIN)/har-edge sync once

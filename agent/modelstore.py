@@ -64,7 +64,7 @@ class ActiveModel:
         self.on_load_failure = on_load_failure
         self.model: LoadedModel | None = None
         self._pointer: str | None = "<unset>"
-        self._failed: set[str] = set()
+        self._failed: str | None = None  # the pointer value that last failed to load
 
     def _wanted(self) -> tuple[str | None, Path]:
         if self.explicit is not None:
@@ -77,14 +77,14 @@ class ActiveModel:
     def refresh(self) -> LoadedModel:
         pointer, folder = self._wanted()
         if self.model is not None and pointer == self._pointer:
+            self._failed = None  # back on the loaded model: a failed version may be tried again later
             return self.model
-        if pointer in self._failed and self.model is not None:
-            return self.model
+        if pointer == self._failed and self.model is not None:
+            return self.model  # tried once; tried again when the pointer moves
         try:
             model = load_model(folder, threads=self.threads, batch=self.batch)
         except ModelError as exc:
-            if pointer is not None:
-                self._failed.add(pointer)
+            self._failed = pointer
             log.error("cannot load model %s: %s", folder, exc)
             if self.on_load_failure is not None:
                 self.on_load_failure(pointer, exc)
@@ -102,5 +102,5 @@ class ActiveModel:
         else:
             log.info("model %s loaded from %s (%s)", model.label, folder, model.runner.runtime)
         self.model, self._pointer = model, pointer
-        self._failed.discard(pointer)
+        self._failed = None
         return model

@@ -42,24 +42,80 @@ class AgentSettings(_Section):
 
 
 class SyncSettings(_Section):
-    tracking_uri: str | None = Field(None, description="MLflow server; default MLFLOW_TRACKING_URI or a local store under data_dir")
-    experiment: str = Field("har-edge", min_length=1)
-    username: str | None = None
-    password: str | None = Field(None, repr=False)
-    token: str | None = Field(None, repr=False)
-    server_cert_path: Path | None = None
-    request_timeout_s: float = Field(5.0, gt=0)
-    push_interval_s: float = Field(30.0, gt=0)
-    pull_interval_s: float = Field(300.0, gt=0)
-    jitter_s: float = Field(5.0, ge=0)
-    backoff_max_s: float = Field(600.0, gt=0)
-    registry: str | None = Field(None, description="model registry git repository (URL or path)")
-    model_name: str = Field("har-cnn", min_length=1)
-    pin: str | None = Field(None, description="deploy exactly this version instead of the newest")
+    """The sync daemon: outbox -> MLflow, model registry -> models/current."""
+
+    # -- MLflow ---------------------------------------------------------------
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server (http[s]://...); default MLFLOW_TRACKING_URI, "
+        "else a local store sqlite:///<data_dir>/mlflow/mlflow.db (no server needed)",
+    )
+    experiment: str = Field("har-edge", min_length=1, description="MLflow experiment holding the runs of this device")
+    username: str | None = Field(None, repr=False, description="overrides MLFLOW_TRACKING_USERNAME (basic auth)")
+    password: str | None = Field(None, repr=False, description="overrides MLFLOW_TRACKING_PASSWORD (basic auth)")
+    token: str | None = Field(None, repr=False, description="overrides MLFLOW_TRACKING_TOKEN (bearer auth)")
+    server_cert_path: Path | None = Field(None, description="overrides MLFLOW_TRACKING_SERVER_CERT_PATH (CA bundle)")
+    request_timeout_s: float = Field(
+        5.0, gt=0, description="time-out of one HTTP request to MLflow (MLFLOW_HTTP_REQUEST_TIMEOUT, whole seconds)"
+    )
+    http_max_retries: int = Field(
+        0, ge=0, le=10,
+        description="MLflow's own HTTP retries per request (MLFLOW_HTTP_REQUEST_MAX_RETRIES); keep it small: "
+        "the daemon backs off itself, and MLflow's default makes a refused connection take minutes",
+    )
+    batch_size: int = Field(
+        1000, ge=1, le=1000, description="metric points per log_batch request (MLflow caps it at 1000)"
+    )
+    reclaim_after_days: float = Field(
+        7.0, ge=0,
+        description="delete per-window rows (their CSV is on the server) and device points delivered this long "
+        "ago; 0 keeps them",
+    )
+    # -- schedule -------------------------------------------------------------
+    push_interval_s: float = Field(30.0, gt=0, description="how often the outbox is pushed")
+    pull_interval_s: float = Field(300.0, gt=0, description="how often the registry is asked for a newer model")
+    health_interval_s: float = Field(30.0, gt=0, description="how often a newly activated model is checked")
+    heartbeat_interval_s: float = Field(
+        300.0, gt=0, description="device heartbeat points (backlog, oldest item, disk free, model) at most this often"
+    )
+    jitter_s: float = Field(5.0, ge=0, description="random delay added to each scheduled pass (spreads a fleet's load)")
+    backoff_initial_s: float = Field(10.0, gt=0, description="wait after the first failed pass; doubles per failure")
+    backoff_max_s: float = Field(600.0, gt=0, description="longest wait between failed passes")
+    # -- model registry ---------------------------------------------------------
+    registry: str | None = Field(
+        None, description="model registry git repository (URL or absolute path) as `har-train release` writes it"
+    )
+    registry_remote_url: str | None = Field(
+        None, description="DVC storage URL to use instead of the registry's default remote (dvc get --remote-config)"
+    )
+    model_name: str = Field(
+        "har-cnn", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="released model name: tags <name>@v<version>, folder models/<name> in the registry",
+    )
+    pin: str | None = Field(
+        None, description="deploy exactly this version instead of the newest (`har-edge models pin` overrides it)"
+    )
+    allow_prerelease: bool = Field(False, description="consider versions like 2.0.0-rc1 when looking for the newest")
     command_timeout_s: float = Field(120.0, gt=0, description="bound on each git/dvc call")
+    # -- health gate ------------------------------------------------------------
     health_files: int = Field(3, ge=1, description="files a new model must process before it is trusted")
-    health_max_failed_share: float = Field(0.5, ge=0, le=1)
-    health_min_confidence_ratio: float = Field(0.7, gt=0, le=1)
+    health_max_failed_share: float = Field(
+        0.5, ge=0, le=1, description="roll back when more than this share of those files failed"
+    )
+    health_min_confidence_ratio: float = Field(
+        0.7, gt=0, le=1,
+        description="roll back when their mean confidence is below this ratio of the previous model's recent files",
+    )
+    health_ignored_error_kinds: tuple[str, ...] = Field(
+        ("unknown_format", "corrupt", "no_imu_data", "unsafe_archive"),
+        description="file failures that cannot be the model's fault and do not count against it "
+        "(comma-separated in HAR_EDGE_SYNC__HEALTH_IGNORED_ERROR_KINDS)",
+    )
+
+    @field_validator("health_ignored_error_kinds", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        return tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else v
 
 
 class Settings(_Section):
