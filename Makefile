@@ -15,6 +15,7 @@ help:
 	@echo "make test    install everything the tests need and run all of them"
 	@echo "make train   retrain the default model from UCI HAPT (dvc repro)"
 	@echo "make bench   run the benchmarks and print the table"
+	@echo "make demo    the whole loop on this machine: release, pull, process, push, compare"
 
 $(BIN)/.edge: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +61,10 @@ test-fast: $(BIN)/.dev
 
 test-legacy-runtime: $(LEGACY_VENV)/bin/.legacy
 	HAR_EDGE_TFLITE_RUNTIME=tflite_runtime $(LEGACY_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_runtime.py
+
+# the whole loop on this machine: train + release -> pull -> agent -> push -> compare (a real MLflow server)
+demo: $(BIN)/.dev
+	$(BIN)/python tests/e2e_loop.py
 
 clean:
 	rm -rf $(VENV) $(LEGACY_VENV) build *.egg-info .pytest_cache
