@@ -7,7 +7,7 @@ DATA_DIR ?= var
 PIP_FLAGS ?= --disable-pip-version-check -q
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help run sync test test-fast test-legacy-runtime train release bench image demo clean
+.PHONY: help run sync test test-fast test-legacy-runtime test-podman train release bench image image-mlflow demo clean
 
 help:
 	@echo "make run     start the agent and the sync daemon on embedded defaults, data in ./$(DATA_DIR)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test    install everything the tests need and run all of them"
 	@echo "make train   retrain the default model from UCI HAPT (dvc repro)"
 	@echo "make bench   run the benchmarks and print the table"
+	@echo "make image   build the edge container image with podman (docker/build.sh edge)"
 	@echo "make demo    the whole loop on this machine: release, pull, process, push, compare"
 
 $(BIN)/.edge: pyproject.toml
@@ -61,6 +62,16 @@ test-fast: $(BIN)/.dev
 
 test-legacy-runtime: $(LEGACY_VENV)/bin/.legacy
 	HAR_EDGE_TFLITE_RUNTIME=tflite_runtime $(LEGACY_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_runtime.py
+
+# the edge container image (podman; installs podman, runc, debootstrap if missing)
+image:
+	docker/build.sh edge
+
+image-mlflow:
+	docker/build.sh mlflow
+
+test-podman: $(BIN)/.dev
+	$(BIN)/python -m pytest -m podman tests/test_docker.py
 
 # the whole loop on this machine: train + release -> pull -> agent -> push -> compare (a real MLflow server)
 demo: $(BIN)/.dev
