@@ -7,7 +7,7 @@ and step 0; the per-minute series carry the minute's start and its index.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -55,8 +55,13 @@ def minute_points(*, label_names: Sequence[str], start_ms: np.ndarray, probs: np
     Step is the minute's index from the recording's first minute, timestamp the
     minute's start (ms since the Unix epoch); minutes without windows are absent.
     """
+    return list(iter_minute_points(label_names=label_names, start_ms=start_ms, probs=probs))
+
+
+def iter_minute_points(*, label_names: Sequence[str], start_ms: np.ndarray, probs: np.ndarray) -> Iterator[MetricPoint]:
+    """:func:`minute_points` one at a time (the outbox stores them without a list)."""
     if len(probs) == 0:
-        return []
+        return
     minute = start_ms // 60_000
     first = int(minute.min())
     idx = (minute - first).astype(np.int64)
@@ -65,13 +70,15 @@ def minute_points(*, label_names: Sequence[str], start_ms: np.ndarray, probs: np
     n_min = int(idx.max()) + 1
     per_min = np.bincount(idx, minlength=n_min)
     conf_sum = np.bincount(idx, weights=conf, minlength=n_min)
-    by_label = np.zeros((n_min, len(label_names)))
-    np.add.at(by_label, (idx, lab), 1)
-    points: list[MetricPoint] = []
-    for m in np.flatnonzero(per_min):
-        ts = (first + int(m)) * 60_000
-        total = per_min[m]
-        for j, name in enumerate(label_names):
-            points.append(MetricPoint(f"minute_share_{_key(name)}", float(by_label[m, j] / total), ts, int(m)))
-        points.append(MetricPoint("minute_confidence", float(conf_sum[m] / total), ts, int(m)))
-    return points
+    by_label = np.bincount(idx * len(label_names) + lab, minlength=n_min * len(label_names)).reshape(
+        n_min, len(label_names)
+    )
+    keys = [f"minute_share_{_key(name)}" for name in label_names]
+    used = np.flatnonzero(per_min)
+    shares = (by_label[used] / per_min[used, None]).tolist()
+    confs = (conf_sum[used] / per_min[used]).tolist()
+    for m, share, c in zip(used.tolist(), shares, confs):
+        ts = (first + m) * 60_000
+        for key, v in zip(keys, share):
+            yield MetricPoint(key, v, ts, m)
+        yield MetricPoint("minute_confidence", c, ts, m)
