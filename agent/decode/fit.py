@@ -358,14 +358,14 @@ def _first(values: dict[int, list], num: int) -> object:
 
 def _device(values: dict[int, list], manufacturer_field: int, product_field: int, serial_field: int) -> dict:
     manufacturer = _first(values, manufacturer_field)
-    names = fitfast.sdk_profile()["types"]
+    named = fitfast.type_name("manufacturer", manufacturer) if manufacturer is not None else None
     out = {
-        "manufacturer": names["manufacturer"].get(manufacturer, manufacturer) if manufacturer is not None else None,
+        "manufacturer": named if named is not None else manufacturer,
         "product": _first(values, product_field),
         "serial_number": _first(values, serial_field),
     }
     if manufacturer == 1 and out["product"] is not None:  # garmin: product names are known
-        out["product_name"] = names["garmin_product"].get(out["product"])
+        out["product_name"] = fitfast.type_name("garmin_product", out["product"])
     return {k: v for k, v in out.items() if v is not None}
 
 

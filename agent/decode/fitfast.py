@@ -9,10 +9,11 @@ Two passes, both streaming in blocks:
 
 * :func:`scan` walks the records once (a tight loop that only looks at each
   record's header byte), checks header, size and CRC, interns definition
-  messages and keeps, per definition, the file offsets of its records.
+  messages and keeps, per definition, the file offsets of its records (as
+  arithmetic runs, :class:`Offsets`: a day of IMU records in a few KB).
   Calibration, timestamp correlation, file_id and device_info messages (a
   handful) are decoded on the spot.
-* :func:`iter_chunks` reads the byte range of a few thousand IMU records at a
+* :func:`iter_chunks` reads the byte range of a few hundred IMU records at a
   time and turns them into :class:`~agent.decode.types.Chunk` objects.
 
 Anything this reader does not support raises :class:`FastPathUnsupported`, and
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.decode import fitnames
 from agent.decode.types import FIT_EPOCH_S, Chunk, SensorBlock
 from agent.errors import CorruptFile, NoImuData, UnknownFormat
 
@@ -49,13 +51,13 @@ SMALL_MESGS = (MESG_FILE_ID, MESG_DEVICE_INFO, MESG_TIMESTAMP_CORRELATION, MESG_
 SMALL_MESG_LIMIT = 64  # keep at most this many of each small message
 
 #: largest number of samples of one sensor in a chunk
-MAX_CHUNK_SAMPLES = 65_536
+MAX_CHUNK_SAMPLES = 8_192
 #: FIT ``date_time`` values below this are seconds since the device powered on
 SYSTEM_TIME_MAX = 0x10000000
 FIT_FIELD_TIMESTAMP = 253
 
 HEADER_SIZES = (12, 14)
-BLOCK_SIZE = 4 << 20
+BLOCK_SIZE = 1 << 20  # bytes read at a time: small enough to stay out of the resident set
 
 
 class FastPathUnsupported(Exception):
@@ -118,7 +120,7 @@ def _word_table() -> np.ndarray:
 
 
 _WORD = _word_table()
-_WORD_LIST = _WORD.tolist()
+_WORD_ARRAY = array("H", _WORD.tobytes())  # indexed from Python: ints without a list of 65,536 objects
 
 
 class Crc16:
@@ -180,16 +182,29 @@ class Crc16:
     def value(self) -> int:
         crc = 0
         if self._lanes is not None:
-            word = _WORD_LIST
-            for w in self._lanes.tolist():
-                crc = word[crc ^ w]
-        return crc16_py(self._pending, crc)
+            crc = _crc16_words(self._lanes.tolist(), crc)
+        return crc16_words(self._pending, crc)
+
+
+def _crc16_words(words: list[int], crc: int) -> int:
+    word = _WORD_ARRAY
+    for w in words:
+        crc = word[crc ^ w]
+    return crc
+
+
+def crc16_words(data: bytes | memoryview, crc: int = 0) -> int:
+    """:func:`crc16_py` two bytes at a time (one table lookup per little-endian word): ~10x faster."""
+    data = bytes(data)
+    even = len(data) & ~1
+    crc = _crc16_words(np.frombuffer(data, "<u2", count=even // 2).tolist(), crc)
+    return _crc_byte(crc, data[-1]) if even < len(data) else crc
 
 
 def crc16(data: bytes | memoryview) -> int:
     """The FIT CRC of ``data`` (vectorized for large inputs)."""
     if len(data) < 4 * Crc16.LANES:
-        return crc16_py(data)
+        return crc16_words(data)
     crc = Crc16()
     crc.update(data)
     return crc.value
@@ -266,12 +281,30 @@ def _crc_error(name: str, offset: int) -> CorruptFile:
     )
 
 
+#: files whose CRC :func:`verify` found right, by identity; :func:`scan` does not compute it again for them
+_VERIFIED: dict[tuple[int, int, int, int], None] = {}
+_VERIFIED_MAX = 32
+
+
+def _identity(f) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime in ns): the same file, unchanged, as long as these are equal."""
+    st = os.fstat(f.fileno())
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def verify(path: Path, name: str | None = None) -> list[FitHeader]:
-    """Check every (chained) file's header, size and CRC without decoding; raise InputError on damage."""
+    """Check every (chained) file's header, size and CRC without decoding; raise InputError on damage.
+
+    A file that passes is remembered by identity (device, inode, size, mtime),
+    so the :func:`scan` that follows its claim (a rename: same inode) does not
+    compute its CRC a second time.
+    """
     name = name or Path(path).name
     headers = []
+    view = memoryview(bytearray(BLOCK_SIZE))  # one buffer, reused: no allocation per block
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        before = _identity(f)
+        size = before[2]
         offset = 0
         while offset == 0 or offset < size:
             f.seek(offset)
@@ -281,15 +314,20 @@ def verify(path: Path, name: str | None = None) -> list[FitHeader]:
             f.seek(offset)
             remaining = header.data_end - offset
             while remaining:
-                block = f.read(min(BLOCK_SIZE, remaining))
-                if not block:
+                got = f.readinto(view[: min(BLOCK_SIZE, remaining)])
+                if not got:
                     raise CorruptFile(f"{name} is truncated at byte {header.data_end - remaining}: the copy is incomplete")
-                crc.update(block)
-                remaining -= len(block)
+                crc.update(view[:got])
+                remaining -= got
             stored = f.read(2)
             if len(stored) < 2 or struct.unpack("<H", stored)[0] != crc.value:
                 raise _crc_error(name, offset)
             offset = header.end
+        if _identity(f) == before:  # not written to while we read it
+            _VERIFIED.pop(before, None)
+            _VERIFIED[before] = None
+            while len(_VERIFIED) > _VERIFIED_MAX:
+                del _VERIFIED[next(iter(_VERIFIED))]
     return headers
 
 
@@ -343,6 +381,9 @@ class MesgDef:
 
     def dtype(self) -> np.dtype:
         """A structured dtype for one whole record; fields are named ``f<num>``."""
+        return _record_dtype(self)
+
+    def _dtype(self) -> np.dtype:
         order = ">" if self.big_endian else "<"
         spec: dict[str, tuple[np.dtype, int]] = {}
         offset = 1
@@ -377,6 +418,72 @@ class MesgDef:
         return out
 
 
+@lru_cache(maxsize=256)
+def _record_dtype(mdef: MesgDef) -> np.dtype:
+    return mdef._dtype()
+
+
+class Offsets:
+    """Sorted file offsets of one definition's records, as arithmetic runs plus single offsets.
+
+    IMU records repeat every few hundred bytes, so a day of them (170k records
+    per sensor) is a few hundred runs: memory does not grow with the file's
+    length. The walker appends single offsets (``append``, in file order) and
+    runs (``add_run``); readers take slices (``take``) or iterate.
+    """
+
+    __slots__ = ("_singles", "_run_start", "_run_step", "_run_count", "_run_at", "append", "_segments")
+
+    def __init__(self) -> None:
+        self._singles = array("q")
+        self._run_start, self._run_step, self._run_count, self._run_at = array("q"), array("q"), array("q"), array("q")
+        self.append = self._singles.append  # the walker's hot loop: a C call per record
+        self._segments: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def add_run(self, start: int, step: int, count: int) -> None:
+        """``count`` records at ``start``, ``start + step``, ... (after every offset added so far)."""
+        self._run_start.append(start)
+        self._run_step.append(step)
+        self._run_count.append(count)
+        self._run_at.append(len(self._singles))
+        self._segments = None
+
+    def __len__(self) -> int:
+        return len(self._singles) + sum(self._run_count)
+
+    def _segs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(start, step, count, cumulative count) of every segment in file order; a single is a segment of one."""
+        if self._segments is None or len(self._segments[0]) != len(self._singles) + len(self._run_at):
+            n = len(self._singles)
+            arr = lambda a: np.frombuffer(a, np.int64) if len(a) else np.empty(0, np.int64)  # noqa: E731
+            at = arr(self._run_at)
+            # single i sorts at 2i+1; a run added after a singles at 2a (stable: runs keep their order)
+            key = np.concatenate([np.arange(n, dtype=np.int64) * 2 + 1, at * 2])
+            order = np.argsort(key, kind="stable")
+            start = np.concatenate([arr(self._singles), arr(self._run_start)])[order]
+            step = np.concatenate([np.zeros(n, np.int64), arr(self._run_step)])[order]
+            count = np.concatenate([np.ones(n, np.int64), arr(self._run_count)])[order]
+            self._segments = (start, step, count, np.cumsum(count))
+        return self._segments
+
+    def take(self, i: int, n: int) -> np.ndarray:
+        """Offsets ``i`` to ``i + n`` (fewer at the end) as int64."""
+        start, step, count, ends = self._segs()
+        j = min(int(ends[-1]) if len(ends) else 0, i + n)
+        if i >= j:
+            return np.empty(0, np.int64)
+        first, last = int(np.searchsorted(ends, i, "right")), int(np.searchsorted(ends, j - 1, "right"))
+        cnt = count[first : last + 1]
+        which = np.repeat(np.arange(first, last + 1), cnt)
+        within = np.arange(len(which)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        out = start[which] + step[which] * within
+        skip = i - int(ends[first] - count[first])  # records of the first segment before i
+        return out[skip : skip + (j - i)]
+
+    def __iter__(self):
+        return iter(self.take(0, len(self)).tolist())
+
+
 @dataclass
 class FitIndex:
     """What one pass over a FIT file learned: definitions and where their records are."""
@@ -386,13 +493,15 @@ class FitIndex:
     size: int
     headers: list[FitHeader] = field(default_factory=list)
     defs: list[MesgDef] = field(default_factory=list)
-    positions: list[array] = field(default_factory=list)  # per def: offsets of record header bytes
+    positions: list[Offsets] = field(default_factory=list)  # per def: offsets of record header bytes
     compressed_records: int = 0
     #: decoded small messages: global num -> [(record offset, {field num: [values]})]
     small: dict[int, list[tuple[int, dict[int, list]]]] = field(default_factory=dict)
 
-    def positions_of(self, def_id: int) -> np.ndarray:
-        return np.frombuffer(self.positions[def_id], np.int64) if len(self.positions[def_id]) else np.empty(0, np.int64)
+    def positions_of(self, def_id: int, start: int = 0, count: int | None = None) -> np.ndarray:
+        """Offsets of a definition's records (``count`` of them from the ``start``-th; all by default)."""
+        pos = self.positions[def_id]
+        return pos.take(start, len(pos) - start if count is None else count)
 
     def message_counts(self) -> dict[int, int]:
         counts: dict[int, int] = {}
@@ -484,8 +593,16 @@ class _Walker:
             k = count if ok.all() else int(np.argmin(ok))
             if k < min_cycles:
                 continue
-            for j, h in enumerate(headers):
-                self.store[h].frombytes((grid[:k, j] + base).tobytes())
+            for h in dict.fromkeys(headers):
+                cols = [j for j, hj in enumerate(headers) if self.store[hj] is self.store[h]]
+                if cols[0] != headers.index(h):
+                    continue  # a definition seen earlier in this cycle: stored with it
+                store = self.store[h]
+                if len(cols) == 1:
+                    store.add_run(int(grid[0, cols[0]]) + base, cycle, k)
+                else:  # one definition several times per cycle: its offsets interleave, add them one by one
+                    for off in np.sort((grid[:k, cols] + base).reshape(-1)).tolist():
+                        store.append(off)
             return k * cycle
         return 0
 
@@ -537,7 +654,7 @@ class _Walker:
         if def_id is None:
             def_id = self.def_ids[mdef] = len(self.index.defs)
             self.index.defs.append(mdef)
-            self.index.positions.append(array("q"))
+            self.index.positions.append(Offsets())
         local = h & 0x0F
         self.local[local] = def_id
         store = self.index.positions[def_id]
@@ -554,28 +671,32 @@ def scan(path: Path, name: str | None = None, *, block_size: int = BLOCK_SIZE) -
     index = FitIndex(path, name or path.name, 0)
     walker = _Walker(index)
     with open(path, "rb") as f:
-        index.size = size = os.fstat(f.fileno()).st_size
+        ident = _identity(f)
+        index.size = size = ident[2]
+        check_crc = ident not in _VERIFIED  # verify() just checked these very bytes
         offset = 0
         while offset == 0 or offset < size:
             f.seek(offset)
             raw_header = f.read(14)
             header = parse_header(raw_header, offset, size, index.name)
             index.headers.append(header)
-            crc = Crc16()
-            crc.update(raw_header[: header.header_size])
+            crc = Crc16() if check_crc else None
+            if crc is not None:
+                crc.update(raw_header[: header.header_size])
             f.seek(header.data_start)
             pos, carry = header.data_start, b""
             while pos < header.data_end:
                 block = f.read(min(block_size, header.data_end - pos))
                 if not block:  # the file shrank under us
                     raise CorruptFile(f"{index.name} is truncated at byte {pos}: the copy is incomplete")
-                crc.update(block)
+                if crc is not None:
+                    crc.update(block)
                 pos += len(block)
                 buf = carry + block if carry else block
                 used = walker.walk(buf, pos - len(buf), final=pos >= header.data_end)
                 carry = buf[used:]
             stored = f.read(2)
-            if len(stored) < 2 or struct.unpack("<H", stored)[0] != crc.value:
+            if crc is not None and (len(stored) < 2 or struct.unpack("<H", stored)[0] != crc.value):
                 raise _crc_error(index.name, offset)
             offset = header.end
         _read_small_messages(f, index)
@@ -587,7 +708,7 @@ def _read_small_messages(f, index: FitIndex) -> None:
         if mdef.global_num not in SMALL_MESGS:
             continue
         kept = index.small.setdefault(mdef.global_num, [])
-        for pos in index.positions_of(def_id)[:SMALL_MESG_LIMIT].tolist():
+        for pos in index.positions_of(def_id, 0, SMALL_MESG_LIMIT).tolist():
             f.seek(pos + 1)
             kept.append((pos, mdef.values(f.read(mdef.record_size - 1))))
     for kept in index.small.values():
@@ -858,8 +979,18 @@ def sdk_profile() -> dict:
 
 def mesg_name(global_num: int) -> str:
     """The profile name of a global message number ("mesg_<n>" when unknown)."""
+    name = fitnames.MESSAGES.get(global_num)
+    if name is not None:
+        return name
     mesg = sdk_profile()["messages"].get(global_num)
     return mesg["name"] if mesg else f"mesg_{global_num}"
+
+
+def type_name(type_: str, value: int) -> str | None:
+    """The profile name of a ``manufacturer`` or ``garmin_product`` value (None when unknown)."""
+    table = {"manufacturer": fitnames.MANUFACTURERS, "garmin_product": fitnames.GARMIN_PRODUCTS}[type_]
+    name = table.get(value)
+    return name if name is not None else sdk_profile()["types"][type_].get(value)
 
 
 def no_imu_message(name: str, counts: dict[int, int], notes: list[str]) -> str:
@@ -879,31 +1010,61 @@ def no_imu_message(name: str, counts: dict[int, int], notes: list[str]) -> str:
     )
 
 
-def _records(index: FitIndex, sensor: SensorPlan | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(offsets, def ids, samples) of a sensor's records, in file order."""
-    if sensor is None or not sensor.def_ids:
-        return np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
-    pos = [index.positions_of(i) for i in sensor.def_ids]
-    ids = [np.full(len(p), i, np.int32) for i, p in zip(sensor.def_ids, pos)]
-    cnt = [np.full(len(p), sensor.counts[i], np.int64) for i, p in zip(sensor.def_ids, pos)]
-    offsets = np.concatenate(pos)
-    order = np.argsort(offsets, kind="stable") if len(pos) > 1 else slice(None)
-    return offsets[order], np.concatenate(ids)[order], np.concatenate(cnt)[order]
+def _groups(index: FitIndex, imu: ImuPlan, max_samples: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The IMU records in file order, split greedily into groups of at most ``max_samples`` per sensor.
 
-
-def _group_ends(cum_a: np.ndarray, cum_g: np.ndarray, max_samples: int) -> Iterator[tuple[int, int]]:
-    """Split records (cumulative sample counts) into groups of at most max_samples per sensor."""
-    i, n = 0, len(cum_a)
-    while i < n:
-        base_a = cum_a[i - 1] if i else 0
-        base_g = cum_g[i - 1] if i else 0
+    Yields (offsets, def ids, is_gyro) per group. A group ends before the first
+    record that would take either sensor past ``max_samples`` (it holds at least
+    one record). Only the records of the next group or so are ever in arrays:
+    each definition's sorted offsets are read through a cursor, so memory does
+    not grow with the file's length.
+    """
+    sources = []  # (offsets of the definition's records, def id, samples per record, is gyro)
+    for is_gyro, sensor in ((False, imu.accel), (True, imu.gyro)):
+        if sensor is not None:
+            for def_id in sensor.def_ids:
+                pos = index.positions[def_id]
+                if len(pos):
+                    sources.append((pos, len(pos), def_id, max(1, sensor.counts[def_id]), is_gyro))
+    cursor = [0] * len(sources)
+    while True:
+        parts, cutoff = [], None
+        for k, (pos, total, def_id, count, is_gyro) in enumerate(sources):
+            i = cursor[k]
+            if i >= total:
+                continue
+            take = pos.take(i, max_samples // count + 2)  # enough to take this sensor past max_samples alone
+            parts.append((k, take, def_id, count, is_gyro))
+            if i + len(take) < total:  # more follow: only offsets up to here are merged correctly
+                last = int(take[-1])
+                cutoff = last if cutoff is None else min(cutoff, last)
+        if not parts:
+            return
+        offs, which, counts, gyro, ids = [], [], [], [], []
+        for k, take, def_id, count, is_gyro in parts:
+            if cutoff is not None:
+                take = take[: int(np.searchsorted(take, cutoff, side="right"))]
+            offs.append(take)
+            which.append(np.full(len(take), k, np.int32))
+            counts.append(np.full(len(take), count if not is_gyro else 0, np.int64))
+            gyro.append(np.full(len(take), count if is_gyro else 0, np.int64))
+            ids.append(np.full(len(take), def_id, np.int32))
+        offsets = np.concatenate(offs)
+        order = np.argsort(offsets, kind="stable") if len(parts) > 1 else slice(None)
+        offsets = offsets[order]
+        which = np.concatenate(which)[order]
+        cum_a = np.cumsum(np.concatenate(counts)[order])
+        cum_g = np.cumsum(np.concatenate(gyro)[order])
         end = min(
-            np.searchsorted(cum_a, base_a + max_samples, "right"),
-            np.searchsorted(cum_g, base_g + max_samples, "right"),
+            int(np.searchsorted(cum_a, max_samples, "right")),
+            int(np.searchsorted(cum_g, max_samples, "right")),
         )
-        end = max(int(end), i + 1)
-        yield i, end
-        i = end
+        end = max(end, 1)
+        ids_sorted = np.concatenate(ids)[order][:end]
+        is_gyro_sorted = (np.concatenate(gyro)[order] > 0)[:end]
+        for k in np.unique(which[:end]).tolist():
+            cursor[k] += int((which[:end] == k).sum())
+        yield offsets[:end], ids_sorted, is_gyro_sorted
 
 
 def _structured(buf: bytes, rel: np.ndarray, mdef: MesgDef) -> np.ndarray:
@@ -934,16 +1095,26 @@ def _column(arr: np.ndarray, mdef: MesgDef, num: int, n: int | None = None) -> n
     return out
 
 
+def _distinct(values: np.ndarray) -> list[int]:
+    """Sorted distinct values (the common single-valued case without sorting)."""
+    if len(values) and values[0] == values[-1] and (values == values[0]).all():
+        return [int(values[0])]
+    return np.unique(values).tolist()
+
+
 def _sensor_samples(
     buf: bytes, base: int, offsets: np.ndarray, ids: np.ndarray, sensor: SensorPlan, index: FitIndex,
     correlation: int | None,
 ) -> SensorBlock:  # fmt: skip
     """The samples of one sensor's records held in ``buf`` (which starts at file offset ``base``)."""
+    if not len(offsets):
+        return SensorBlock.empty()
     parts_t, parts_v, parts_key = [], [], []
     source = sensor.source
     cal_pos = np.array([p for p, _ in sensor.calibrations], np.int64)
-    for def_id in np.unique(ids).tolist():
-        sel = offsets[ids == def_id]
+    def_ids = _distinct(ids)
+    for def_id in def_ids:
+        sel = offsets if len(def_ids) == 1 else offsets[ids == def_id]
         mdef = index.defs[def_id]
         n = sensor.counts[def_id]
         arr = _structured(buf, sel - base, mdef)
@@ -955,15 +1126,20 @@ def _sensor_samples(
             which = np.zeros(len(sel), np.int64)
         else:  # the calibration in force: the last one before the record, else the first
             which = np.maximum(np.searchsorted(cal_pos, sel) - 1, 0)
-        for k in np.unique(which).tolist():
-            rows = which == k
+        in_force = _distinct(which)
+        for k in in_force:
             cal = sensor.calibrations[k][1] if len(cal_pos) else None
-            t, v, row = assemble(
-                source, ts[rows], ms[rows], second[rows], tuple(a[rows] for a in axes), cal, correlation
-            )
+            if len(in_force) == 1:  # one calibration (or none) for all these records: no selection
+                t, v, row = assemble(source, ts, ms, second, axes, cal, correlation)
+                parts_key.append(sel[row])
+            else:
+                rows = which == k
+                t, v, row = assemble(
+                    source, ts[rows], ms[rows], second[rows], tuple(a[rows] for a in axes), cal, correlation
+                )
+                parts_key.append(sel[rows][row])
             parts_t.append(t)
             parts_v.append(v)
-            parts_key.append(sel[rows][row])
     t = np.concatenate(parts_t)
     v = np.concatenate(parts_v)
     if len(parts_t) > 1:  # several definitions or calibrations: back to file order first
@@ -976,30 +1152,14 @@ def iter_chunks(
     index: FitIndex, imu: ImuPlan, *, max_samples: int = MAX_CHUNK_SAMPLES
 ) -> Iterator[Chunk]:
     """Read the IMU records in file order, a group of at most ``max_samples`` per sensor at a time."""
-    a_off, a_ids, a_cnt = _records(index, imu.accel)
-    g_off, g_ids, g_cnt = _records(index, imu.gyro)
-    offsets = np.concatenate([a_off, g_off])
-    is_gyro = np.concatenate([np.zeros(len(a_off), bool), np.ones(len(g_off), bool)])
-    ids = np.concatenate([a_ids, g_ids])
-    counts = np.concatenate([a_cnt, g_cnt])
-    order = np.argsort(offsets, kind="stable")
-    offsets, is_gyro, ids, counts = offsets[order], is_gyro[order], ids[order], counts[order]
-    sizes = np.array([d.record_size for d in index.defs], np.int64)[ids] if len(ids) else ids
-    cum_a = np.cumsum(np.where(is_gyro, 0, counts))
-    cum_g = np.cumsum(np.where(is_gyro, counts, 0))
+    sizes = np.array([d.record_size for d in index.defs], np.int64)
     with open(index.path, "rb") as f:
-        for start, end in _group_ends(cum_a, cum_g, max_samples):
-            base = int(offsets[start])
+        for offsets, ids, is_gyro in _groups(index, imu, max_samples):
+            base = int(offsets[0])
             f.seek(base)
-            buf = f.read(int(offsets[end - 1] + sizes[end - 1]) - base)
-            rows = slice(start, end)
-            gyro_rows = is_gyro[rows]
-            accel = _sensor_samples(
-                buf, base, offsets[rows][~gyro_rows], ids[rows][~gyro_rows], imu.accel, index, imu.correlation_ms
-            )
+            buf = f.read(int(offsets[-1] + sizes[ids[-1]]) - base)
+            accel = _sensor_samples(buf, base, offsets[~is_gyro], ids[~is_gyro], imu.accel, index, imu.correlation_ms)
             gyro = None
             if imu.gyro is not None:
-                gyro = _sensor_samples(
-                    buf, base, offsets[rows][gyro_rows], ids[rows][gyro_rows], imu.gyro, index, imu.correlation_ms
-                )
+                gyro = _sensor_samples(buf, base, offsets[is_gyro], ids[is_gyro], imu.gyro, index, imu.correlation_ms)
             yield Chunk(accel, gyro)
