@@ -68,11 +68,23 @@ def sliding_windows(samples: np.ndarray, window: int, step: int) -> np.ndarray:
     return np.moveaxis(view, -1, 1)
 
 
+def _contiguous_windows(samples: np.ndarray, window: int, step: int) -> np.ndarray:
+    """:func:`sliding_windows` as a new C-contiguous array, copied a whole window (one memory run) at a time."""
+    n, c = samples.shape
+    if n < window:
+        return np.empty((0, window, c), dtype=samples.dtype)
+    flat = np.ascontiguousarray(samples).reshape(-1)
+    k = (n - window) // step + 1
+    rows = sliding_window_view(flat, window * c)[: (k - 1) * step * c + 1 : step * c]
+    return np.ascontiguousarray(rows).reshape(k, window, c)
+
+
 def apply_scaler(windows: np.ndarray, mean, scale) -> np.ndarray:
     """Standardise per channel: ``(raw - mean) / scale`` as float32."""
     mean = np.asarray(mean, dtype=np.float32)
     scale = np.asarray(scale, dtype=np.float32)
-    return ((np.asarray(windows, dtype=np.float32) - mean) / scale).astype(np.float32, copy=False)
+    out = np.subtract(np.asarray(windows, dtype=np.float32), mean)  # one new array, divided in place
+    return np.divide(out, scale, out=out)
 
 
 @dataclass
@@ -133,22 +145,52 @@ class _Sensor:
         self.x = np.concatenate((self.x, x))
 
     def sample(self, tg: np.ndarray, max_gap_ms: int) -> tuple[np.ndarray, np.ndarray]:
-        """Linear interpolation at grid times; valid where no gap is bridged."""
+        """Linear interpolation at grid times; valid where no gap is bridged.
+
+        A grid point is valid when it is a sample time, or lies between two
+        samples at most ``max_gap_ms`` apart.
+        """
         t, x = self.t, self.x
-        out = np.empty((len(tg), 3), np.float32)
+        n = len(tg)
         if len(t) == 0:
-            return out, np.zeros(len(tg), bool)
+            return np.empty((n, 3), np.float32), np.zeros(n, bool)
+        on_grid = self._on_grid(tg)
+        if on_grid is not None:  # every grid time is a sample time: interpolation would return the samples
+            return on_grid, np.ones(n, bool)
+        out = np.empty((n, 3), np.float32)
         tf = (t - t[0]).astype(np.float64)
         tgf = (tg - t[0]).astype(np.float64)
         for axis in range(3):
             out[:, axis] = np.interp(tgf, tf, x[:, axis])
-        right = np.searchsorted(t, tg, side="left")  # first sample >= tg
-        exact = (right < len(t)) & (t[np.minimum(right, len(t) - 1)] == tg)
-        inside = (right > 0) & (right < len(t))
-        r = np.minimum(right, len(t) - 1)
-        span = t[r] - t[np.maximum(right - 1, 0)]
-        valid = exact | (inside & (span <= max_gap_ms))
+        # valid: t[0] <= tg <= t[-1], except strictly inside an interval longer than max_gap_ms
+        valid = (tg >= t[0]) & (tg <= t[-1])
+        for j in np.flatnonzero(np.diff(t) > max_gap_ms).tolist():
+            lo = np.searchsorted(tg, t[j], side="right")
+            hi = np.searchsorted(tg, t[j + 1], side="left")
+            valid[lo:hi] = False
         return out, valid
+
+    def _on_grid(self, tg: np.ndarray) -> np.ndarray | None:
+        """The samples at the grid times when every grid time is a sample time (a stride apart), else None."""
+        t, n = self.t, len(tg)
+        if n == 0:
+            return None
+        i0 = int(np.searchsorted(t, tg[0]))
+        if i0 >= len(t) or t[i0] != tg[0]:
+            return None
+        stride = 1
+        if n > 1:
+            i1 = int(np.searchsorted(t, tg[1]))
+            if i1 >= len(t) or t[i1] != tg[1]:
+                return None
+            stride = i1 - i0
+        end = i0 + stride * (n - 1)
+        if end >= len(t) or t[end] != tg[-1]:
+            return None
+        picked = slice(i0, end + 1, stride)
+        if not np.array_equal(t[picked], tg):
+            return None
+        return self.x[picked]
 
     def drop_before(self, t_next: int) -> None:
         """Forget samples no longer needed for grid times >= t_next (keep one before it)."""
@@ -288,17 +330,20 @@ class StreamWindower:
             else:
                 self._run = np.concatenate((self._run, fused[a:b]))
             self._run_end_k = int(ks[b - 1]) + 1
-            w = sliding_windows(self._run, self.window, self.step)
+            w = _contiguous_windows(self._run, self.window, self.step)
             if len(w):
                 k_starts = self._run_k0 + np.arange(len(w), dtype=np.int64) * self.step
                 starts.append(self._t0 + np.round(k_starts * self.dt_ms).astype(np.int64))
-                wins.append(np.ascontiguousarray(w))
+                wins.append(w)
                 consumed = len(w) * self.step
                 self._run = self._run[consumed:]
                 self._run_k0 += consumed
         if not starts:
             return self._empty()
-        out = WindowSet(np.concatenate(starts), np.concatenate(wins))
+        if len(wins) == 1:
+            out = WindowSet(starts[0], wins[0])
+        else:
+            out = WindowSet(np.concatenate(starts), np.concatenate(wins))
         self._windows += len(out)
         return out
 
