@@ -114,6 +114,19 @@ class TFLiteRunner:
         q = np.rint(x / np.float32(scale)) + zero
         return np.clip(q, info.min, info.max).astype(self.input_dtype)
 
+    def _quantize_into(self, x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
+        """``out[:] = _quantize(x)`` without temporaries (same operations, same rounding)."""
+        if self._in_q is None:
+            out[...] = x.astype(self.input_dtype, copy=False)
+            return
+        scale, zero = self._in_q
+        info = np.iinfo(self.input_dtype)
+        np.divide(x, np.float32(scale), out=tmp)
+        np.rint(tmp, out=tmp)
+        np.add(tmp, zero, out=tmp)
+        np.clip(tmp, info.min, info.max, out=tmp)
+        out[...] = tmp
+
     def _dequantize(self, y: np.ndarray) -> np.ndarray:
         if self._out_q is None:
             return y.astype(np.float32, copy=False)
@@ -133,18 +146,30 @@ class TFLiteRunner:
             raise ValueError(f"windows of shape {scaled.shape[1:]} given, the model takes {(self.window, self.channels)}")
         n = len(scaled)
         out = np.empty((n, self.output_size), np.float32)
-        buf = np.zeros((self.batch, self.window, self.channels), self.input_dtype)
+        idx_in, idx_out = self._in["index"], self._out["index"]
+        interp = self._interp
+        buf = np.zeros((self.batch if n >= self.batch else _tail_size(n, self.batch), self.window, self.channels),
+                       self.input_dtype)
+        tmp = np.empty(buf.shape, np.float32)
         for i in range(0, n, self.batch):
             part = scaled[i : i + self.batch]
             m = len(part)
-            buf[:m] = self._quantize(part)
-            if m < self.batch:
-                buf[m:] = 0
+            size = self.batch if m == self.batch else _tail_size(m, self.batch)
+            if size != self._n:  # a short batch runs at a smaller size instead of padding
+                self._resize(size)
+            self._quantize_into(part, buf[:m], tmp[:m])
+            if m < size:
+                buf[m:size] = 0
             t0 = time.perf_counter()
-            self._interp.set_tensor(self._in["index"], buf)
-            self._interp.invoke()
-            y = self._interp.get_tensor(self._out["index"])
+            interp.set_tensor(idx_in, buf[:size])
+            interp.invoke()
+            y = interp.get_tensor(idx_out)
             if timings is not None:
                 timings.append((time.perf_counter() - t0) / m)
             out[i : i + m] = self._dequantize(y[:m])
         return out
+
+
+def _tail_size(m: int, batch: int) -> int:
+    """Input size for a batch of ``m < batch`` windows: the next power of two (few distinct sizes, little padding)."""
+    return min(batch, 1 << max(0, (m - 1).bit_length()))
