@@ -63,6 +63,10 @@ test-fast: $(BIN)/.dev
 test-legacy-runtime: $(LEGACY_VENV)/bin/.legacy
 	HAR_EDGE_TFLITE_RUNTIME=tflite_runtime $(LEGACY_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_runtime.py
 
+# inference, end to end, sync, memory and model swap against baselines, in one run (~3-5 min)
+bench: $(BIN)/.dev
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 # the edge container image (podman; installs podman, runc, debootstrap if missing)
 image:
 	docker/build.sh edge

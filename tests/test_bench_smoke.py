@@ -1,0 +1,103 @@
+"""Guards for the performance work of the bench issue: the fast paths give what the plain ones give.
+
+And the bench's own pieces work (the MAC count, the table, one quick section).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.decode import fitnames
+from agent.decode.fitfast import Offsets
+from agent.model import BUNDLED_MODEL_DIR
+from agent.pipeline import _Batcher, release_free_memory
+from agent.preprocess import WindowSet, _contiguous_windows, sliding_windows
+
+
+def test_offsets_runs_equal_the_plain_list():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        o, ref, x = Offsets(), [], 0
+        for _ in range(int(rng.integers(0, 12))):
+            if rng.random() < 0.5:
+                for _ in range(int(rng.integers(1, 5))):
+                    x += int(rng.integers(1, 50))
+                    o.append(x)
+                    ref.append(x)
+            else:
+                step, count = int(rng.integers(1, 30)), int(rng.integers(1, 20))
+                x += int(rng.integers(1, 50))
+                o.add_run(x, step, count)
+                ref += [x + step * k for k in range(count)]
+                x = ref[-1]
+        assert len(o) == len(ref) and list(o) == ref
+        for _ in range(5):
+            i, n = int(rng.integers(0, len(ref) + 2)), int(rng.integers(0, len(ref) + 2))
+            assert o.take(i, n).tolist() == ref[i : i + n]
+
+
+@pytest.mark.parametrize("n,window,step", [(1000, 200, 100), (199, 200, 100), (200, 200, 100), (1234, 200, 37), (9, 3, 1)])
+def test_contiguous_windows_equal_the_sliding_view(n, window, step):
+    x = np.random.default_rng(1).standard_normal((n, 6)).astype(np.float32)
+    got = _contiguous_windows(x, window, step)
+    np.testing.assert_array_equal(got, sliding_windows(x, window, step))
+    assert got.flags.c_contiguous
+
+
+def test_batcher_regroups_into_whole_batches_in_order():
+    rng = np.random.default_rng(2)
+    sizes = [int(s) for s in rng.integers(0, 150, 40)]
+    start, sets = 0, []
+    for s in sizes:
+        sets.append(WindowSet(np.arange(start, start + s, dtype=np.int64), np.zeros((s, 2, 1), np.float32)))
+        start += s
+    b = _Batcher(64)
+    out = [part for ws in [*sets, None] for part in b.add(ws)]
+    starts = np.concatenate([s for _, s in out])
+    assert starts.tolist() == list(range(start))
+    assert all(len(s) % 64 == 0 for _, s in out[:-1])
+
+
+def test_release_free_memory_is_harmless():
+    release_free_memory()
+    release_free_memory()
+
+
+def test_fit_name_tables_are_the_sdks():
+    """The fast reader's names (kept to avoid importing the SDK's profile) equal the pinned SDK's."""
+    from garmin_fit_sdk.profile import Profile
+
+    assert fitnames.MESSAGES == {k: v["name"] for k, v in Profile["messages"].items()}
+    assert fitnames.MANUFACTURERS == Profile["types"]["manufacturer"]
+    assert fitnames.GARMIN_PRODUCTS == Profile["types"]["garmin_product"]
+
+
+def test_tflite_macs_of_the_bundled_model():
+    tflite_macs = pytest.importorskip("bench.inference").tflite_macs  # bench/ is importable from the checkout
+
+    macs, by_op = tflite_macs(BUNDLED_MODEL_DIR / "model.tflite")
+    assert macs == sum(by_op.values()) > 0
+
+
+def test_report_table_numbers_its_notes():
+    Report = pytest.importorskip("bench.common").Report
+
+    r = Report()
+    r.add("s", "a figure", "1 x", target=">= 1", ok=True, note="how")
+    r.add("s", "another", "2 y")
+    text = r.table()
+    assert "a figure [1]" in text and "- [1] how" in text and "| yes |" in text
+
+
+@pytest.mark.slow
+def test_swap_section_runs(monkeypatch, tmp_path):
+    common = pytest.importorskip("bench.common")
+    swap = pytest.importorskip("bench.swap")
+
+    monkeypatch.setattr(common, "SCRATCH", tmp_path)
+    monkeypatch.setattr(swap, "SCRATCH", tmp_path)
+    report = common.Report()
+    swap.run(report, model_dir=None, files=2)
+    lost = next(r for r in report.rows if r.figure.startswith("windows lost"))
+    assert lost.value == "0" and lost.ok
