@@ -143,7 +143,7 @@ fi
 
 # -- 5. build -------------------------------------------------------------------------
 # pip installs offline from the wheels; the network is there only for the
-# `apt-get install git` of the edge and trainer images (Debian mirror, HTTP)
+# `apt-get install` of the trainer image and of the edge image with WITH_GIT=1 (Debian mirror, HTTP)
 net=--network=none
 [ "$target" != mlflow ] && net=--network=host
 extra=()

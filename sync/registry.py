@@ -3,13 +3,16 @@
 A release of model ``<name>`` version ``<v>`` is the git tag ``<name>@v<v>``
 on a commit holding ``models/<name>.dvc``; the files (model.tflite,
 manifest.json, golden.npz) are in the DVC remote. Discovering releases is one
-``git ls-remote --tags`` (0.03 s, no clone); fetching one is ``dvc get``
-(no clone or cache either). Both run with a hard time-out.
+ls-remote (no clone) done by dulwich, the pure-Python git that DVC already
+brings, so no git binary is needed; fetching one is ``dvc get`` (no clone or
+cache either). Both run as child processes with a hard time-out: a thread
+cannot be stopped when an HTTP remote hangs, a process group can be killed.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +37,38 @@ def tag_name(name: str, version: str) -> str:
     return f"{name}@v{version}"
 
 
+#: ``python -I -c LS_REMOTE <url> <ref prefix>``: the refs under the prefix in ``git ls-remote`` format
+#: ("<sha>\t<ref>", plus "<sha>\t<ref>^{}" for the commit an annotated tag names); exit 1 with one line
+#: on stderr when the remote cannot be listed. Local paths, file://, http(s):// and ssh URLs (ssh through
+#: GIT_SSH_COMMAND). A local repository answers without peeled entries: they are read from it here.
+LS_REMOTE = r"""
+import sys
+try:
+    from dulwich.client import LocalGitClient, get_transport_and_path
+    from dulwich.porcelain import ls_remote
+    from dulwich.repo import Repo
+    url, prefix = sys.argv[1], sys.argv[2].encode()
+    refs = {r: s for r, s in ls_remote(url).refs.items() if r.startswith(prefix) and s is not None}
+    unpeeled = [r for r in refs if not r.endswith(b"^{}") and r + b"^{}" not in refs]
+    client, path = get_transport_and_path(url)
+    if unpeeled and isinstance(client, LocalGitClient):
+        with Repo(path) as repo:
+            for r in unpeeled:
+                commit = repo.get_peeled(r)
+                if commit != refs[r]:  # an annotated tag
+                    refs[r + b"^{}"] = commit
+    sys.stdout.write("".join(f"{s.decode()}\t{r.decode()}\n" for r, s in sorted(refs.items())))
+except Exception as exc:
+    sys.stderr.write(": ".join(filter(None, [type(exc).__name__, str(exc).strip()])) + "\n")
+    sys.exit(1)
+"""
+
+
 def parse_ls_remote(text: str, name: str) -> list[Release]:
-    """Releases of ``name`` in ``git ls-remote --tags`` output, oldest first (unparseable versions skipped)."""
+    """Releases of ``name`` in ``git ls-remote --tags`` output (as ``LS_REMOTE`` writes it), oldest first.
+
+    Unparseable versions are skipped.
+    """
     prefix = f"refs/tags/{name}@v"
     objects: dict[str, str] = {}
     peeled: dict[str, str] = {}
@@ -72,15 +105,18 @@ class Registry:
         return redact(self.url)
 
     def releases(self) -> list[Release]:
-        """Every release of the model, oldest first. Raises RegistryUnreachable when git cannot list them."""
-        args = ["git", "ls-remote", "--tags", self.url, f"refs/tags/{self.name}@v*"]
+        """Every release of the model, oldest first. Raises RegistryUnreachable when the tags cannot be listed."""
+        args = [sys.executable, "-I", "-c", LS_REMOTE, self.url, f"refs/tags/{self.name}@v"]
         try:
             res = run(args, timeout_s=self.timeout_s, env=self.env)
         except CommandTimeout as exc:
-            raise RegistryUnreachable(f"registry {self.display}: {exc} (sync.command_timeout_s)") from None
+            raise RegistryUnreachable(
+                f"registry {self.display}: ls-remote did not finish within {exc.timeout_s:.0f} s "
+                "(sync.command_timeout_s)"
+            ) from None
         if res.returncode != 0:
             raise RegistryUnreachable(
-                f"registry {self.display} could not be listed (git ls-remote exit {res.returncode}: {res.tail()}): "
+                f"registry {self.display} could not be listed (ls-remote exit {res.returncode}: {res.tail()}): "
                 "check sync.registry and the network"
             )
         releases = parse_ls_remote(res.stdout, self.name)

@@ -10,8 +10,8 @@ Tag scheme: ``<name>@v<version>`` (e.g. ``har-cnn@v1.0.0``), an annotated tag on
 the commit that adds that version's ``.dvc`` file; its message carries
 ``sha256=<model.tflite sha256>``. Versions come from ``export.version`` in
 params.yaml and are never moved: a tag that already holds another model is an
-error (bump the version). The edge finds versions with ``git ls-remote --tags
-<registry>`` and fetches one with ``dvc get <registry> models/<name> --rev <tag>
+error (bump the version). The edge finds versions with an ``ls-remote`` of the
+registry's tags (dulwich) and fetches one with ``dvc get <registry> models/<name> --rev <tag>
 -o <staging>``, then checks the sha256s against the manifest.
 
 Releasing is idempotent: when the tag already holds this very model, the DVC
