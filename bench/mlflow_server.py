@@ -1,4 +1,4 @@
-"""A local ``mlflow server`` on 127.0.0.1 for the sync and memory sections (as tests/conftest.py starts it).
+"""A local ``mlflow server`` on 127.0.0.1: the bench's sync and memory sections and the tests (tests/conftest.py) use it.
 
 It needs 30-50 s before ``/health`` answers on a small machine, so the bench
 starts it in the background early and waits for it only when it is needed.
@@ -45,6 +45,8 @@ class MlflowServer:
         ]  # fmt: skip
         # job execution starts worker processes nobody here uses (tests/conftest.py: 62 s -> 26 s to /health)
         env = dict(os.environ, MLFLOW_ENABLE_ARTIFACTS_PROXY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        self._ready.clear()  # a restart (tests stop and start the same server) waits again
+        self._error = None
         self._t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=self.root
@@ -72,6 +74,11 @@ class MlflowServer:
         self._ready.wait()
         if self._error:
             raise RuntimeError(self._error)
+
+    def start(self) -> None:
+        """Start and wait until ``/health`` answers (what the tests do)."""
+        self.start_background()
+        self.wait()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,53 +33,16 @@ def fixture_cache() -> Path:
     return CACHE
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _load_by_path(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class MlflowServer:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = root / "server.log"
-
-    def start(self, timeout: float = 180.0) -> None:
-        mlflow = Path(sys.executable).with_name("mlflow")
-        cmd = [
-            str(mlflow), "server",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]
-        # job execution starts 7 worker processes the tests never use: 62 s -> 26 s to /health here
-        env = dict(os.environ, MLFLOW_ENABLE_ARTIFACTS_PROXY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        self.proc = subprocess.Popen(
-            cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=self.root
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"mlflow server did not answer /health within {timeout} s: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+#: one launcher for the tests and the bench: ``mlflow server`` on 127.0.0.1 without its job workers
+_launcher = _load_by_path("har_edge_bench_mlflow_server", ROOT / "bench" / "mlflow_server.py")
+MlflowServer, free_port = _launcher.MlflowServer, _launcher.free_port
 
 
 @pytest.fixture(scope="session")
