@@ -37,35 +37,8 @@ def tag_name(name: str, version: str) -> str:
     return f"{name}@v{version}"
 
 
-#: ``python -I -c LS_REMOTE <url> <ref prefix>``: the refs under the prefix in ``git ls-remote`` format
-#: ("<sha>\t<ref>", plus "<sha>\t<ref>^{}" for the commit an annotated tag names); exit 1 with one line
-#: on stderr when the remote cannot be listed. Local paths, file://, http(s):// and ssh URLs (ssh through
-#: GIT_SSH_COMMAND). A local repository answers without peeled entries: they are read from it here.
-LS_REMOTE = r"""
-import sys
-try:
-    from dulwich.client import LocalGitClient, get_transport_and_path
-    from dulwich.porcelain import ls_remote
-    from dulwich.repo import Repo
-    url, prefix = sys.argv[1], sys.argv[2].encode()
-    refs = {r: s for r, s in ls_remote(url).refs.items() if r.startswith(prefix) and s is not None}
-    unpeeled = [r for r in refs if not r.endswith(b"^{}") and r + b"^{}" not in refs]
-    client, path = get_transport_and_path(url)
-    if unpeeled and isinstance(client, LocalGitClient):
-        with Repo(path) as repo:
-            for r in unpeeled:
-                commit = repo.get_peeled(r)
-                if commit != refs[r]:  # an annotated tag
-                    refs[r + b"^{}"] = commit
-    sys.stdout.write("".join(f"{s.decode()}\t{r.decode()}\n" for r, s in sorted(refs.items())))
-except Exception as exc:
-    sys.stderr.write(": ".join(filter(None, [type(exc).__name__, str(exc).strip()])) + "\n")
-    sys.exit(1)
-"""
-
-
 def parse_ls_remote(text: str, name: str) -> list[Release]:
-    """Releases of ``name`` in ``git ls-remote --tags`` output (as ``LS_REMOTE`` writes it), oldest first.
+    """Releases of ``name`` in ``git ls-remote --tags`` output (as ``sync.ls_remote`` writes it), oldest first.
 
     Unparseable versions are skipped.
     """
@@ -106,7 +79,7 @@ class Registry:
 
     def releases(self) -> list[Release]:
         """Every release of the model, oldest first. Raises RegistryUnreachable when the tags cannot be listed."""
-        args = [sys.executable, "-I", "-c", LS_REMOTE, self.url, f"refs/tags/{self.name}@v"]
+        args = [sys.executable, "-I", "-m", "sync.ls_remote", self.url, f"refs/tags/{self.name}@v"]
         try:
             res = run(args, timeout_s=self.timeout_s, env=self.env)
         except CommandTimeout as exc:
