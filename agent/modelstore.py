@@ -46,7 +46,12 @@ def set_pointer(models_dir: Path, target: str | None, name: str = CURRENT) -> No
         pass
     os.symlink(target, tmp)
     os.replace(tmp, link)
-    fd = os.open(models_dir, os.O_RDONLY)
+    fsync_dir(models_dir)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new link in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -29,7 +29,7 @@ from pathlib import Path
 from agent.errors import ChecksumMismatch, ModelError
 from agent.manifest import CHANNELS, Manifest, read_manifest, verify_files
 from agent.model import BUNDLED_MODEL_DIR, load_model
-from agent.modelstore import CURRENT, PREVIOUS, read_pointer, set_pointer
+from agent.modelstore import CURRENT, PREVIOUS, fsync_dir, read_pointer, set_pointer
 from agent.outbox import Outbox
 from agent.settings import Settings
 from sync.errors import ModelRefused, RegistryError, SyncError
@@ -69,14 +69,6 @@ class PullReport:
         if self.note:
             parts.append(self.note)
         return "; ".join(parts) or "nothing to do"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ModelManager:
@@ -265,7 +257,7 @@ class ModelManager:
             if dest.exists():
                 shutil.rmtree(dest)  # a leftover of an interrupted install
             os.rename(folder, dest)
-            _fsync_dir(self.models_dir)
+            fsync_dir(self.models_dir)
         # state first: a crash before the switch leaves a probation that names a folder not current, which
         # the next health check drops; a crash after it leaves the switch judged as it should be
         state = self.state()
