@@ -10,7 +10,7 @@ from pathlib import Path
 from agent.errors import InputError
 from agent.modelstore import ActiveModel
 from agent.outbox import Outbox
-from agent.pipeline import Outcome, Processor
+from agent.pipeline import Outcome, Processor, export_sha256
 from agent.settings import Settings
 from agent.watcher import DropFolder
 
@@ -62,15 +62,13 @@ class Agent:
         """Process a claimed group and move it to the archive or quarantine."""
         model = self.models.refresh()
         # a file recovered after a crash may already be stored: finish its move only
-        from agent.pipeline import export_sha256
-
         sha = export_sha256(claimed)
         prior = self.outbox.processed_file(sha)
         if prior is not None and prior.name == claimed[0].name and self._from_work(claimed):
             self.folder.done(claimed)
             log.info("%s was stored before the interruption; archived", claimed[0].name)
             return Outcome("processed", prior.id, prior.name, windows=prior.windows)
-        outcome = self.processor.process(claimed, model, name=claimed[0].name, progress=progress)
+        outcome = self.processor.process(claimed, model, name=claimed[0].name, progress=progress, sha256=sha)
         if outcome.status == "failed":
             self.folder.to_quarantine(claimed, outcome.error or InputError("failed"))
         else:

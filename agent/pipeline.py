@@ -74,8 +74,11 @@ class Processor:
         name: str | None = None,
         received_ms: int | None = None,
         progress: Callable[[int], None] | None = None,
+        sha256: str | None = None,
     ) -> Outcome:
         """Process an export (one file or a table pair) and store the result.
+
+        ``sha256`` is the export's :func:`export_sha256` when the caller already has it.
 
         Input errors are stored as a ``failed`` record and returned (the caller
         quarantines); anything else (outbox trouble, a bug) propagates and the
@@ -85,7 +88,7 @@ class Processor:
         t_start = time.perf_counter()
         self.last_stages = {}
         received_ms = received_ms if received_ms is not None else now_ms()
-        sha = export_sha256(paths)
+        sha = sha256 or export_sha256(paths)
         size = sum(p.stat().st_size for p in paths)
         base = dict(sha256=sha, name=name, size=size, received_ms=received_ms, agent_version=__version__)
         prior = self.outbox.processed_file(sha)
