@@ -391,6 +391,11 @@ class Outbox:
         wal = Path(str(self.path) + "-wal")
         return used + (wal.stat().st_size if wal.exists() else 0)
 
+    def set_file_times(self, file_id: int, *, store_s: float, total_s: float) -> None:
+        """Record how long storing took (known only once the file's transaction committed)."""
+        with self.transaction() as conn:
+            conn.execute(update(files).where(files.c.id == file_id).values(store_s=store_s, total_s=total_s))
+
     def delete_file_rows(self, file_id: int) -> None:
         """Drop a file and everything of it (used to reclaim delivered data)."""
         with self.transaction() as conn:

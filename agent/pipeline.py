@@ -141,12 +141,7 @@ class Processor:
             self.last_stages["wall_s"]["store"] = store_s
             self.last_stages["cpu_s"]["store"] = time.thread_time() - c_store
             self.last_stages["wall_s"]["total"] = total
-        with self.outbox.transaction() as conn:
-            from sqlalchemy import update
-
-            from agent.outbox import files
-
-            conn.execute(update(files).where(files.c.id == fid).values(store_s=store_s, total_s=total))
+        self.outbox.set_file_times(fid, store_s=store_s, total_s=total)
         release_free_memory()
         log.info(
             "%s: %d windows with %s in %.2f s (decode %.2f, preprocess %.2f, inference %.2f, store %.2f)",
