@@ -47,7 +47,7 @@ sync: $(BIN)/.edge
 # retrain the default model from UCI HAPT (dvc repro) and bundle it into the agent
 train: $(BIN)/.dev
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
-	$(BIN)/har-train bundle build/trainer/model agent/default_model
+	$(BIN)/har-train bundle build/trainer/model har_edge/agent/default_model
 
 # publish build/trainer/model: make release REGISTRY=../model-registry DVC_REMOTE=/srv/dvc-store
 release: $(BIN)/.dev

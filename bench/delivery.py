@@ -1,10 +1,10 @@
-"""Section 3: sync: queued metric points delivered to a local MLflow server by ``sync.push``.
+"""Section 3: sync: queued metric points delivered to a local MLflow server by ``har_edge.sync.push``.
 
 The outbox is filled the way the agent fills it: files of 24 h of windows
 (43,200 windows, ~10,100 points each: per-file summary and per-minute series).
 One ``Pusher.push`` pass (the sync daemon's) delivers them: per file a run
 found or created by tags, params, the points in ``log_batch`` requests of
-``sync.batch_size``, the per-window CSV artifact, FINISHED. Against the same
+``har_edge.sync.batch_size``, the per-window CSV artifact, FINISHED. Against the same
 server in the same run: one ``log_metric`` call per point (a few hundred,
 extrapolated) and raw ``log_batch`` of 1000 points (the ceiling).
 """
@@ -32,11 +32,11 @@ T0_MS = 1_742_802_739_000  # 2025-03-24 07:52:19 UTC, the fixtures' start
 
 def fill_outbox(outbox, points: int) -> tuple[int, int]:
     """Files of 24 h of windows until ``points`` metric points are queued; (files, points)."""
-    from agent.outbox import FileRecord, now_ms
-    from agent.summary import iter_minute_points, summary_points
+    from har_edge.agent.outbox import FileRecord, now_ms
+    from har_edge.agent.summary import iter_minute_points, summary_points
 
-    from agent.manifest import read_manifest
-    from agent.model import BUNDLED_MODEL_DIR
+    from har_edge.agent.manifest import read_manifest
+    from har_edge.agent.model import BUNDLED_MODEL_DIR
 
     model = read_manifest(BUNDLED_MODEL_DIR)  # a model the device knows: its params go with each run
     rng = np.random.default_rng(0)
@@ -81,9 +81,9 @@ def raw_ceiling(client, experiment_id: str, outbox, batches: int, offset: int) -
 
 
 def run(report: Report, server, *, points: int = POINTS, quick: bool = False) -> None:
-    from agent.outbox import Outbox
-    from agent.settings import load_settings
-    from sync.push import Pusher
+    from har_edge.agent.outbox import Outbox
+    from har_edge.agent.settings import load_settings
+    from har_edge.sync.push import Pusher
 
     S = "3 sync"
     root = SCRATCH / "sync"

@@ -43,8 +43,8 @@ def _drop(src: Path, inbox: Path) -> Path:
 
 def agent_pass(fixture: Path, root: Path, model_dir: Path | None) -> dict:
     """One drop -> outbox through Agent.step; returns wall/CPU and the processor's stage figures."""
-    from agent.daemon import Agent
-    from agent.settings import load_settings
+    from har_edge.agent.daemon import Agent
+    from har_edge.agent.settings import load_settings
 
     shutil.rmtree(root, ignore_errors=True)
     agent_cfg = {"settle_s": 0.0, **({"model_dir": str(model_dir)} if model_dir else {})}
@@ -69,7 +69,7 @@ def agent_pass(fixture: Path, root: Path, model_dir: Path | None) -> dict:
 
 
 def decode_ours(path: Path) -> int:
-    from agent.decode.fit import decode_fit
+    from har_edge.agent.decode.fit import decode_fit
 
     rec = decode_fit(path)
     n = 0

@@ -10,7 +10,7 @@ count; ratios are taken within each round, then the median over rounds.
 
 The Keras model is the trainer's float model (``--keras``, default
 ``build/trainer/train/model.keras``); without it the architecture is built from
-``trainer.model`` with random weights: speed only, argmax agreement n/a. The
+``har_edge.trainer.model`` with random weights: speed only, argmax agreement n/a. The
 comparison is meaningful only when the int8 model has that architecture: the
 MACs per window counted from the ``.tflite`` ops and from the Keras layers are
 checked against each other.
@@ -42,7 +42,7 @@ SINGLE_PER_ROUND = 5
 
 def tflite_macs(model_path: Path) -> tuple[int, dict[str, int]]:
     """Multiply-accumulates of one window, counted from the model's CONV/FC ops (batch 1)."""
-    from agent.runtime import _import_interpreter
+    from har_edge.agent.runtime import _import_interpreter
 
     Interpreter, _ = _import_interpreter()
     interp = Interpreter(model_path=str(model_path), num_threads=1)
@@ -124,8 +124,8 @@ def subprocess_peak(env_overrides: dict[str, str | None]) -> dict:
 
 def real_windows(model, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` windows of a decoded 1 h recording (the agent's own decode and preprocessing): raw and scaled."""
-    from agent.decode.fit import decode_fit
-    from agent.preprocess import apply_scaler, recording_windows
+    from har_edge.agent.decode.fit import decode_fit
+    from har_edge.agent.preprocess import apply_scaler, recording_windows
 
     m = model.manifest
     ws = recording_windows(decode_fit(imu_fixture(1)), rate_hz=m.sample_rate_hz, window=m.window, step=m.step)
@@ -182,9 +182,9 @@ class KerasWorker:
 
 
 def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, rounds: int = ROUNDS) -> None:
-    from agent.model import BUNDLED_MODEL_DIR, load_model
-    from agent.preprocess import apply_scaler
-    from agent.settings import AgentSettings
+    from har_edge.agent.model import BUNDLED_MODEL_DIR, load_model
+    from har_edge.agent.preprocess import apply_scaler
+    from har_edge.agent.settings import AgentSettings
     from bench.keras_worker import default_keras_path
 
     S = "1 inference"

@@ -36,8 +36,8 @@ def default_keras_path() -> Path | None:
     """Where ``har-train train`` saves the float model (build/trainer/train/model.keras by default)."""
     root = Path(__file__).resolve().parents[1]
     try:
-        from trainer.settings import load_settings
-        from trainer.train import MODEL_FILE
+        from har_edge.trainer.settings import load_settings
+        from har_edge.trainer.train import MODEL_FILE
 
         params = root / "params.yaml"
         return load_settings(params if params.is_file() else None).train_dir / MODEL_FILE
@@ -67,8 +67,8 @@ def load(path: str | None, window: int, channels: int, classes: int):
 
     if path:
         return keras.models.load_model(path, compile=False), f"file {path}"
-    from trainer.model import build_model
-    from trainer.settings import TrainSettings
+    from har_edge.trainer.model import build_model
+    from har_edge.trainer.settings import TrainSettings
 
     keras.utils.set_random_seed(0)
     model = build_model(TrainSettings(), window=window, channels=channels, classes=classes)

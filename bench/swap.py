@@ -3,7 +3,7 @@
 Two versions of the model folder are installed under ``models/`` (the same
 bytes, different manifest versions). For each of a series of small exports
 (3 min at 50 Hz, distinct content), the pointer is switched to the other
-version with :func:`agent.modelstore.set_pointer` and the export goes through
+version with :func:`har_edge.agent.modelstore.set_pointer` and the export goes through
 ``Agent.handle`` (the daemon's path after a claim: ``ActiveModel.refresh`` loads
 and verifies the new folder, then the pipeline runs). The latency is the time
 from the switch to the first window set predicted, taken from the processor's
@@ -41,18 +41,18 @@ def _install(models: Path, src: Path, version: str) -> None:
 
 
 def expected_windows(path: Path, manifest) -> int:
-    from agent.decode.fit import decode_fit
-    from agent.preprocess import recording_windows
+    from har_edge.agent.decode.fit import decode_fit
+    from har_edge.agent.preprocess import recording_windows
 
     ws = recording_windows(decode_fit(path), rate_hz=manifest.sample_rate_hz, window=manifest.window, step=manifest.step)
     return len(ws)
 
 
 def run(report: Report, *, model_dir: Path | None, files: int = FILES) -> None:
-    from agent.daemon import Agent
-    from agent.model import BUNDLED_MODEL_DIR
-    from agent.modelstore import set_pointer
-    from agent.settings import load_settings
+    from har_edge.agent.daemon import Agent
+    from har_edge.agent.model import BUNDLED_MODEL_DIR
+    from har_edge.agent.modelstore import set_pointer
+    from har_edge.agent.settings import load_settings
 
     S = "5 model swap"
     root = SCRATCH / "swap"

@@ -21,7 +21,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(data_dir: Path):
-    from agent.settings import load_settings
+    from har_edge.agent.settings import load_settings
 
     return load_settings(env={}, data_dir=data_dir, agent={"settle_s": 0.0})
 
@@ -58,7 +58,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture
 def model_copy(tmp_path: Path):
     """Copy the bundled model folder somewhere a test may change it."""
-    from agent.model import BUNDLED_MODEL_DIR
+    from har_edge.agent.model import BUNDLED_MODEL_DIR
 
     def make(name: str = "model") -> Path:
         dest = tmp_path / name

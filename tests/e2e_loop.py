@@ -83,7 +83,7 @@ def run_loop(work: Path, tracking_uri: str, log=print) -> dict:
     from fitgen import write_imu_fit
     from mlflow import MlflowClient
 
-    from agent.outbox import Outbox
+    from har_edge.agent.outbox import Outbox
 
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, DVC_NO_ANALYTICS="1")

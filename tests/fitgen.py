@@ -453,7 +453,7 @@ class _FastEncoder:
         self.f.write(header)
         self.f.flush()
         self.f.seek(0)
-        from agent.decode.fitfast import Crc16  # noqa: PLC0415 (checked against the SDK decoder by a test)
+        from har_edge.agent.decode.fitfast import Crc16  # noqa: PLC0415 (checked against the SDK decoder by a test)
 
         crc = Crc16()
         while block := self.f.read(4 << 20):

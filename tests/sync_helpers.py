@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.manifest import read_manifest, sha256_file
-from agent.model import BUNDLED_MODEL_DIR
-from agent.outbox import FileRecord, Outbox
-from agent.summary import minute_points, summary_points
-from sync import runs
-from sync.versions import parse_version
+from har_edge.agent.manifest import read_manifest, sha256_file
+from har_edge.agent.model import BUNDLED_MODEL_DIR
+from har_edge.agent.outbox import FileRecord, Outbox
+from har_edge.agent.summary import minute_points, summary_points
+from har_edge.sync import runs
+from har_edge.sync.versions import parse_version
 
 MODEL_NAME = "har-cnn"
 T0_MS = 1_742_802_739_000  # 2025-03-24T07:52:19Z
@@ -41,7 +41,7 @@ def release_version(n: int) -> str:
 def restore_mlflow_env(monkeypatch):
     """Settings write MLflow's variables into the process environment (that is how MLflow reads them);
     put them back after each test so other modules' MLflow clients keep their own time-outs."""
-    from sync.mlflow_client import ENV_NAMES
+    from har_edge.sync.mlflow_client import ENV_NAMES
 
     for name in ENV_NAMES:
         absent = name not in os.environ
@@ -89,7 +89,7 @@ def make_model_folder(dest: Path, version: str, *, name: str = MODEL_NAME, varia
 
 def install_local(models_dir: Path, version: str, *, previous: str | None = None) -> None:
     """Put a good version under models/ and point current at it, as if sync had activated it earlier."""
-    from agent.modelstore import set_pointer
+    from har_edge.agent.modelstore import set_pointer
 
     models_dir.mkdir(parents=True, exist_ok=True)
     make_model_folder(models_dir / version, version)
@@ -220,7 +220,7 @@ def add_file(
     processed_ms: int | None = None,
 ) -> int:
     """Store one file the way the agent does (windows every 2 s, summary and per-minute points)."""
-    from agent.outbox import now_ms
+    from har_edge.agent.outbox import now_ms
 
     labels = labels or list(BUNDLED.labels)
     rng = np.random.default_rng(seed)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.daemon import Agent
-from agent.outbox import Outbox
-from agent.settings import load_settings
+from har_edge.agent.daemon import Agent
+from har_edge.agent.outbox import Outbox
+from har_edge.agent.settings import load_settings
 from fitgen import write_activity_fit, write_imu_fit
 
 START = datetime(2025, 3, 24, 7, 52, 19, tzinfo=timezone.utc)
@@ -192,7 +192,7 @@ def test_outbox_budget_pauses_ingestion(tmp_path, walk_fit):
 
 
 def test_model_pointer_change_is_picked_up_between_files(settings, walk_fit, model_copy, tmp_path):
-    from agent.modelstore import set_pointer
+    from har_edge.agent.modelstore import set_pointer
 
     agent = Agent(settings)
     _drop(agent, walk_fit)
@@ -212,7 +212,7 @@ def test_model_pointer_change_is_picked_up_between_files(settings, walk_fit, mod
 
 
 def test_a_model_that_fails_to_load_is_recorded_and_the_old_one_kept(settings, walk_fit, model_copy):
-    from agent.modelstore import set_pointer
+    from har_edge.agent.modelstore import set_pointer
 
     agent = Agent(settings)
     _drop(agent, walk_fit)
@@ -236,7 +236,7 @@ def test_a_model_that_fails_to_load_is_recorded_and_the_old_one_kept(settings, w
 
 def _cli(*args, data_dir: Path, timeout=120, **kw):
     env = dict(os.environ, HAR_EDGE_DATA_DIR=str(data_dir), HAR_EDGE_AGENT__SETTLE_S="0.2")
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "har_edge.agent.cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, **kw)
 
 
@@ -293,7 +293,7 @@ def test_kill_9_mid_file_then_restart_processes_it_exactly_once(tmp_path, fixtur
         write_imu_fit(big, rate_hz=50, seconds=1800, start=START)
     data_dir = tmp_path / "var"
     env = dict(os.environ, HAR_EDGE_DATA_DIR=str(data_dir), HAR_EDGE_AGENT__SETTLE_S="0.2")
-    cmd = [sys.executable, "-m", "agent.cli", "agent", "run"]
+    cmd = [sys.executable, "-m", "har_edge.agent.cli", "agent", "run"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert _wait(lambda: (data_dir / "inbox").is_dir(), 60)
@@ -327,7 +327,7 @@ def test_kill_9_mid_file_then_restart_processes_it_exactly_once(tmp_path, fixtur
 def test_sigterm_stops_the_daemon_cleanly(tmp_path, walk_fit):
     data_dir = tmp_path / "var"
     env = dict(os.environ, HAR_EDGE_DATA_DIR=str(data_dir), HAR_EDGE_AGENT__SETTLE_S="0.2")
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "agent", "run"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "har_edge.agent.cli", "agent", "run"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert _wait(lambda: (data_dir / "inbox").is_dir(), 60)
     shutil.copy(walk_fit, data_dir / "inbox" / "walk.fit")

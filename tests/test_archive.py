@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.decode.archive import inspect_zip, is_zip, safe_extract
-from agent.errors import CorruptFile, InputError, UnsafeArchive
+from har_edge.agent.decode.archive import inspect_zip, is_zip, safe_extract
+from har_edge.agent.errors import CorruptFile, InputError, UnsafeArchive
 
 MB = 1 << 20
 FIT_LIKE = bytes([14, 0x10, 0xD9, 0x07, 0, 0, 0, 0]) + b".FIT" + bytes(range(256)) * 40

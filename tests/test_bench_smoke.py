@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.decode import fitnames
-from agent.decode.fitfast import Offsets
-from agent.model import BUNDLED_MODEL_DIR
-from agent.pipeline import _Batcher, release_free_memory
-from agent.preprocess import WindowSet, _contiguous_windows, sliding_windows
+from har_edge.agent.decode import fitnames
+from har_edge.agent.decode.fitfast import Offsets
+from har_edge.agent.model import BUNDLED_MODEL_DIR
+from har_edge.agent.pipeline import _Batcher, release_free_memory
+from har_edge.agent.preprocess import WindowSet, _contiguous_windows, sliding_windows
 
 
 def test_offsets_runs_equal_the_plain_list():

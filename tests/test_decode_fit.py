@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.decode import fitfast
-from agent.decode.fit import decode_fit, fit_file_complete
-from agent.decode.types import FIT_EPOCH_S, SensorBlock
-from agent.errors import CorruptFile, InputError, NoImuData, UnknownFormat
+from har_edge.agent.decode import fitfast
+from har_edge.agent.decode.fit import decode_fit, fit_file_complete
+from har_edge.agent.decode.types import FIT_EPOCH_S, SensorBlock
+from har_edge.agent.errors import CorruptFile, InputError, NoImuData, UnknownFormat
 from fitgen import (
     ACCEL_CALIBRATION,
     ImuFixture,

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.decode import tables
-from agent.decode.tables import (
+from har_edge.agent.decode import tables
+from har_edge.agent.decode.tables import (
     decode_fitcsv,
     decode_study_tables,
     pair_key,
@@ -23,9 +23,9 @@ from agent.decode.tables import (
     parse_list_cell,
     sniff_table,
 )
-from agent.decode.types import FIT_EPOCH_S, Recording, SensorBlock
-from agent.errors import CorruptFile, HarEdgeError, InputError, NoImuData, UnknownFormat
-from agent.preprocess import recording_windows
+from har_edge.agent.decode.types import FIT_EPOCH_S, Recording, SensorBlock
+from har_edge.agent.errors import CorruptFile, HarEdgeError, InputError, NoImuData, UnknownFormat
+from har_edge.agent.preprocess import recording_windows
 
 FIT0 = 1_111_111_111  # FIT seconds: 2025-03-17T00:38:31Z
 ACC_COLS = ("calibrated_accel_x", "calibrated_accel_y", "calibrated_accel_z")
@@ -336,7 +336,7 @@ def test_decoded_tables_feed_preprocessing(tmp_path):
 MEASURE = """
 import resource, sys
 from pathlib import Path
-from agent.decode.tables import decode_study_tables
+from har_edge.agent.decode.tables import decode_study_tables
 rec = decode_study_tables(Path(sys.argv[1]), None, "r")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 n = sum(len(c.accel) for c in rec.chunks())

@@ -104,7 +104,7 @@ def data_volume(path: Path) -> Path:
 
 def outbox_copy(data: Path, dest: Path):
     """The container's outbox, read on the host through a copy (the host must not leave root-owned -wal/-shm)."""
-    from agent.outbox import Outbox
+    from har_edge.agent.outbox import Outbox
 
     dest.mkdir(parents=True, exist_ok=True)
     for suffix in ("", "-wal"):
@@ -219,7 +219,7 @@ def test_image_holds_no_installer_tests_or_trainer(podman: Podman):
 
 
 def test_an_export_in_the_mounted_inbox_ends_as_rows_in_the_mounted_outbox(agent_run: AgentRun, tmp_path):
-    from agent.pipeline import export_sha256
+    from har_edge.agent.pipeline import export_sha256
 
     with outbox_copy(agent_run.data, tmp_path / "ob") as ob:
         rec = ob.processed_file(export_sha256([agent_run.export]))
@@ -254,7 +254,7 @@ def test_sigterm_stops_the_agent_cleanly(agent_run: AgentRun):
 
 def _broken_current(data: Path) -> None:
     """models/current -> a version whose model.tflite lost bytes (the sha256 no longer matches)."""
-    from agent.model import BUNDLED_MODEL_DIR
+    from har_edge.agent.model import BUNDLED_MODEL_DIR
 
     dest = data / "models" / "9.9.9"
     shutil.copytree(BUNDLED_MODEL_DIR, dest)
@@ -289,7 +289,7 @@ def test_health_check_fails_without_a_usable_model(podman: Podman, tmp_path, bro
 # -- the sync daemon in the image --------------------------------------------------------------------------
 
 needs_sync = pytest.mark.skipif(
-    not (ROOT / "sync" / "cli.py").exists(), reason="sync/cli.py is not written yet: no `har-edge sync` command"
+    not (ROOT / "har_edge" / "sync" / "cli.py").exists(), reason="sync/cli.py is not written yet: no `har-edge sync` command"
 )
 
 
@@ -299,7 +299,7 @@ def test_sync_once_delivers_the_outbox_to_mlflow_on_the_host_loopback(podman: Po
                                                                        mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from agent.pipeline import export_sha256
+    from har_edge.agent.pipeline import export_sha256
 
     experiment = f"docker-{uuid.uuid4().hex[:8]}"
     env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "HAR_EDGE_SYNC__EXPERIMENT": experiment,
@@ -329,8 +329,8 @@ def test_sync_once_pulls_verifies_and_activates_a_release_inside_the_image(podma
     read-only at its own path."""
     from sync_helpers import RegistryRepo
 
-    from agent.manifest import read_manifest
-    from agent.model import BUNDLED_MODEL_DIR
+    from har_edge.agent.manifest import read_manifest
+    from har_edge.agent.model import BUNDLED_MODEL_DIR
 
     nogit = podman("run", "--rm", "--network", "none", podman.image, "sh", "-c", "command -v git", check=False)
     assert nogit.returncode != 0, f"git in the edge image ({nogit.stdout.strip()}): the default build leaves it out"
@@ -345,7 +345,7 @@ def test_sync_once_pulls_verifies_and_activates_a_release_inside_the_image(podma
     env = {"HAR_EDGE_SYNC__REGISTRY": reg.url}
     args = [*podman.run_args(data, env=env), "-v", f"{reg.root}:{reg.root}:ro"]
     res = podman("run", "--rm", *args, podman.image, "har-edge", "sync", "once", check=False, timeout=300)
-    from agent.modelstore import read_pointer
+    from har_edge.agent.modelstore import read_pointer
 
     assert read_pointer(data / "models") == version, res.stdout + res.stderr[-3000:]
     health = podman("run", "--rm", *args, podman.image, "har-edge", "health", check=False)

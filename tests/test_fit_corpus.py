@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.decode.fit import decode_fit, fit_file_complete
-from agent.errors import CorruptFile, InputError, NoImuData
+from har_edge.agent.decode.fit import decode_fit, fit_file_complete
+from har_edge.agent.errors import CorruptFile, InputError, NoImuData
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "fit"
 EXPECTED = {"real-no-imu": NoImuData, "damaged": CorruptFile}
@@ -36,7 +36,7 @@ def test_corpus_file_is_refused_with_a_reason(entry: dict | None, caplog: pytest
     path = CORPUS / entry["file"]
     expected = EXPECTED[entry["file"].split("/", 1)[0]]
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="agent.decode"):
+    with caplog.at_level(logging.WARNING, logger="har_edge.agent.decode"):
         with pytest.raises(InputError) as info:
             decode_fit(path)
     assert isinstance(info.value, expected), f"{entry['file']} ({entry['problem']}): {info.value!r}"

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from agent.errors import SchemaVersionError
-from agent.outbox import FileRecord, MetricPoint, Outbox
+from har_edge.agent.errors import SchemaVersionError
+from har_edge.agent.outbox import FileRecord, MetricPoint, Outbox
 
 
 def _rec(sha="a" * 64, status="processed", name="x.fit") -> FileRecord:
@@ -80,7 +80,7 @@ def test_two_processes_write_at_once(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        from agent.outbox import Outbox, MetricPoint
+        from har_edge.agent.outbox import Outbox, MetricPoint
         ob = Outbox({str(path)!r})
         for i in range(200):
             ob.add_metrics([MetricPoint("k" + sys.argv[1], i, i)])

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.decode.types import Chunk, Recording, SensorBlock
-from agent.errors import InputError
-from agent.preprocess import (
+from har_edge.agent.decode.types import Chunk, Recording, SensorBlock
+from har_edge.agent.errors import InputError
+from har_edge.agent.preprocess import (
     ACCEL_MS2_PER_G,
     StreamWindower,
     accel_to_ms2,

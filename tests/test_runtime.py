@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import ChecksumMismatch, ManifestError, ModelValidationError
-from agent.manifest import read_manifest, sha256_file
-from agent.model import BUNDLED_MODEL_DIR, check_golden, load_model
-from agent.runtime import TFLiteRunner, runtime_name
+from har_edge.agent.errors import ChecksumMismatch, ManifestError, ModelValidationError
+from har_edge.agent.manifest import read_manifest, sha256_file
+from har_edge.agent.model import BUNDLED_MODEL_DIR, check_golden, load_model
+from har_edge.agent.runtime import TFLiteRunner, runtime_name
 
 EXPECTED_RUNTIME = os.environ.get("HAR_EDGE_TFLITE_RUNTIME") or "ai_edge_litert"
 
@@ -43,7 +43,7 @@ def test_batched_prediction_equals_one_by_one():
     many = np.concatenate([windows, windows + rng.normal(0, 0.5, windows.shape).astype(np.float32)] * 20)
     batched = m.predict(many)  # crosses several batches of 64 and a padded last one
     single = TFLiteRunner(m.folder / "model.tflite", batch=1)
-    from agent.preprocess import apply_scaler
+    from har_edge.agent.preprocess import apply_scaler
 
     one = single.predict(apply_scaler(many[:7], m.manifest.scaler.mean, m.manifest.scaler.scale))
     assert batched.shape == (len(many), len(m.manifest.labels))

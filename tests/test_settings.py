@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.settings import load_settings
+from har_edge.agent.errors import ConfigError
+from har_edge.agent.settings import load_settings
 
 
 def test_defaults(tmp_path):

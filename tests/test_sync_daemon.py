@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import Outbox
-from agent.settings import load_settings
-from sync.daemon import SyncDaemon
-from sync.errors import ServerUnreachable
-from sync.push import Pusher
-from sync.retry import Backoff
+from har_edge.agent.outbox import Outbox
+from har_edge.agent.settings import load_settings
+from har_edge.sync.daemon import SyncDaemon
+from har_edge.sync.errors import ServerUnreachable
+from har_edge.sync.push import Pusher
+from har_edge.sync.retry import Backoff
 from sync_helpers import restore_mlflow_env  # noqa: F401 - autouse fixture
 from sync_helpers import RegistryRepo, add_file, assert_delivered_once, release_version, sqlite_ids
 
@@ -79,12 +79,12 @@ def _env(data_dir: Path, **settings: str) -> dict[str, str]:
 
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "har_edge.agent.cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def _start(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "agent.cli", *args], env=env, stdout=open(log, "ab"),
+    return subprocess.Popen([sys.executable, "-m", "har_edge.agent.cli", *args], env=env, stdout=open(log, "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 

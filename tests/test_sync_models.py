@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.modelstore import read_pointer
-from agent.outbox import Outbox
-from agent.settings import load_settings
-from sync.errors import RegistryError, RegistryUnreachable
-from sync.models import ModelManager
-from sync.registry import parse_ls_remote
-from sync.state import ModelState
-from sync.versions import parse_version
+from har_edge.agent.modelstore import read_pointer
+from har_edge.agent.outbox import Outbox
+from har_edge.agent.settings import load_settings
+from har_edge.sync.errors import RegistryError, RegistryUnreachable
+from har_edge.sync.models import ModelManager
+from har_edge.sync.registry import parse_ls_remote
+from har_edge.sync.state import ModelState
+from har_edge.sync.versions import parse_version
 from sync_helpers import restore_mlflow_env  # noqa: F401 - autouse fixture
 from sync_helpers import BUNDLED, MODEL_NAME, RegistryRepo, add_file, install_local, release_version, sqlite_ids
 
@@ -83,7 +83,7 @@ def test_ls_remote_output_is_parsed_with_peeled_commits():
 
 @pytest.mark.slow
 def test_a_new_release_is_fetched_verified_activated_and_used_by_the_agent(tmp_path, data_dir, capsys):
-    from agent.daemon import Agent
+    from har_edge.agent.daemon import Agent
     from fitgen import write_imu_fit
 
     reg = RegistryRepo(tmp_path / "registry")
@@ -214,7 +214,7 @@ def _activate_on_probation(variants, tmp_path, data_dir, before=None, **sync):
     if before is not None:
         before(settings, mm)
     old = ModelState.load(mm.models_dir)
-    from agent.manifest import read_manifest
+    from har_edge.agent.manifest import read_manifest
 
     old_m = read_manifest(mm.models_dir / V0)
     for seed in range(3):
@@ -276,7 +276,7 @@ def test_health_gate_rolls_back_when_files_fail_but_ignores_bad_inputs(variants,
 
 @pytest.mark.slow
 def test_health_gate_rolls_back_a_model_the_agent_cannot_load(variants, tmp_path, data_dir):
-    from agent.daemon import Agent
+    from har_edge.agent.daemon import Agent
     from fitgen import write_imu_fit
 
     agents = []
@@ -306,7 +306,7 @@ def test_health_gate_rolls_back_a_model_the_agent_cannot_load(variants, tmp_path
 
 @pytest.mark.slow
 def test_models_pin_rollback_and_list(variants, tmp_path, data_dir, capsys):
-    from sync import cli
+    from har_edge.sync import cli
 
     install_local(data_dir / "models", V0)
     settings = _settings(data_dir, variants)

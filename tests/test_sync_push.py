@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import Outbox
-from agent.settings import load_settings
-from sync import runs
-from sync.delivery import Delivery
-from sync.errors import ServerAccessDenied, ServerUnreachable
-from sync.push import Pusher
+from har_edge.agent.outbox import Outbox
+from har_edge.agent.settings import load_settings
+from har_edge.sync import runs
+from har_edge.sync.delivery import Delivery
+from har_edge.sync.errors import ServerAccessDenied, ServerUnreachable
+from har_edge.sync.push import Pusher
 from sync_helpers import restore_mlflow_env  # noqa: F401 - autouse fixture
 from sync_helpers import BUNDLED, add_file, assert_delivered_once, history, outbox_points, sqlite_ids
 
@@ -292,7 +292,7 @@ def test_refused_credentials_stop_the_pass_and_are_never_logged(data_dir, caplog
                              username="edge", password="s3cret-pw")
         ob = Outbox(settings.outbox_path)
         add_file(ob, 1, minutes=2)
-        from sync.daemon import SyncDaemon
+        from har_edge.sync.daemon import SyncDaemon
 
         d = SyncDaemon(settings, outbox=ob)
         result = d.push_job(time.time())

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from trainer_helpers import dvc, git, synthetic_params
 
-from agent.errors import ModelValidationError
-from agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_manifest, sha256_file
-from agent.model import load_model
-from trainer.cli import EXIT_GATE, EXIT_OK, main
-from trainer.errors import GateFailed, ReleaseError
-from trainer.settings import Settings, load_settings
+from har_edge.agent.errors import ModelValidationError
+from har_edge.agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_manifest, sha256_file
+from har_edge.agent.model import load_model
+from har_edge.trainer.cli import EXIT_GATE, EXIT_OK, main
+from har_edge.trainer.errors import GateFailed, ReleaseError
+from har_edge.trainer.settings import Settings, load_settings
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def test_export_uses_int8_builtin_ops_only(pipeline):
 
 
 def test_tampered_golden_outputs_are_refused(pipeline, tmp_path):
-    from trainer.npzio import save_npz
+    from har_edge.trainer.npzio import save_npz
 
     folder = tmp_path / "m"
     shutil.copytree(pipeline.folder, folder)
@@ -201,7 +201,7 @@ def registry(tmp_path):
 def test_release_publishes_a_fetchable_version_idempotently(pipeline, registry, tmp_path, tracking_uri):
     from mlflow import MlflowClient
 
-    from trainer.release import release
+    from har_edge.trainer.release import release
 
     repo, origin, remote = registry
     s = pipeline.settings
@@ -244,7 +244,7 @@ def _edited_copy(folder: Path, dest: Path, edit) -> Path:
 
 
 def test_release_refuses_failed_gate_and_moved_tags(pipeline, registry, tmp_path):
-    from trainer.release import release
+    from har_edge.trainer.release import release
 
     repo, _origin, remote = registry
     s = pipeline.settings
@@ -272,7 +272,7 @@ def test_register_in_a_local_store_without_the_training_run(pipeline, tmp_path):
     """Releasing against another tracking store logs the folder in a release run and registers that."""
     from mlflow import MlflowClient
 
-    from trainer.release import _register
+    from har_edge.trainer.release import _register
 
     uri = f"sqlite:///{tmp_path / 'other.db'}"
     s = load_settings(pipeline.params, [f"mlflow.tracking_uri={uri}"])
@@ -296,10 +296,10 @@ def test_bundle_verifies_and_copies(pipeline, tmp_path):
 def test_seed_like_cnn_bilstm_converts_to_int8_builtins(tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
-    from agent.runtime import TFLiteRunner
-    from trainer.export import convert_int8
-    from trainer.model import build_model
-    from trainer.settings import TrainSettings
+    from har_edge.agent.runtime import TFLiteRunner
+    from har_edge.trainer.export import convert_int8
+    from har_edge.trainer.model import build_model
+    from har_edge.trainer.settings import TrainSettings
 
     model = build_model(TrainSettings(arch="cnn_bilstm", lstm_units=16), window=200, channels=6, classes=6)
     rep = np.random.default_rng(0).normal(size=(16, 200, 6)).astype(np.float32)

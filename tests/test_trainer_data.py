@@ -18,14 +18,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from trainer_helpers import pandas014_frame_pickle, synthetic_params, write_study_pair
 
-from agent.decode.types import Chunk, Recording, SensorBlock
-from agent.preprocess import recording_windows
-from trainer.data import LabelledRecording, hapt, label_runs, recording_to_windows, synthetic
-from trainer.data.garmin import Interval, label_windows, parse_time_ms, read_labels
-from trainer.data.safe_pickle import frame_columns, safe_loads
-from trainer.errors import ConfigError, DataError, GateFailed, UnsafePickle
-from trainer.gate import check_gate
-from trainer.settings import DEFAULT_LABELS, load_settings
+from har_edge.agent.decode.types import Chunk, Recording, SensorBlock
+from har_edge.agent.preprocess import recording_windows
+from har_edge.trainer.data import LabelledRecording, hapt, label_runs, recording_to_windows, synthetic
+from har_edge.trainer.data.garmin import Interval, label_windows, parse_time_ms, read_labels
+from har_edge.trainer.data.safe_pickle import frame_columns, safe_loads
+from har_edge.trainer.errors import ConfigError, DataError, GateFailed, UnsafePickle
+from har_edge.trainer.gate import check_gate
+from har_edge.trainer.settings import DEFAULT_LABELS, load_settings
 
 LABELS = DEFAULT_LABELS
 
@@ -65,7 +65,7 @@ def test_settings_overrides_and_paths(tmp_path):
 
 
 def test_check_config_exit_codes(tmp_path, capsys):
-    from trainer.cli import main
+    from har_edge.trainer.cli import main
 
     good = synthetic_params(tmp_path / "a", tracking_uri="sqlite:///x.db")
     assert main(["--params", str(good), "check-config"]) == 0
@@ -309,7 +309,7 @@ def test_garmin_source_end_to_end_through_the_agent_decoder(tmp_path):
     """Study CSV pairs + labels.csv -> prepare: windows decoded and cut by the agent's own functions."""
     from datetime import datetime, timezone
 
-    from trainer.prepare import load_prepared, prepare
+    from har_edge.trainer.prepare import load_prepared, prepare
 
     folder = tmp_path / "study"
     folder.mkdir()
@@ -346,7 +346,7 @@ def test_garmin_source_end_to_end_through_the_agent_decoder(tmp_path):
 
 
 def test_prepare_splits_by_subject_and_fits_scaler_on_training_only(tmp_path):
-    from trainer.prepare import fit_scaler, load_prepared, prepare
+    from har_edge.trainer.prepare import fit_scaler, load_prepared, prepare
 
     s = load_settings(synthetic_params(tmp_path, tracking_uri="sqlite:///unused.db"))
     meta = prepare(s)
@@ -365,7 +365,7 @@ def test_prepare_splits_by_subject_and_fits_scaler_on_training_only(tmp_path):
 
 
 def test_prepare_refuses_missing_test_subjects(tmp_path):
-    from trainer.prepare import prepare
+    from har_edge.trainer.prepare import prepare
 
     s = load_settings(synthetic_params(tmp_path, tracking_uri="sqlite:///unused.db"), ["split.test_subjects=[99]"])
     with pytest.raises(DataError, match="split.test_subjects"):
@@ -376,7 +376,7 @@ def test_prepare_refuses_missing_test_subjects(tmp_path):
 
 
 def test_gate_names_the_failing_figure():
-    from trainer.settings import GateSettings
+    from har_edge.trainer.settings import GateSettings
 
     g = GateSettings(min_int8_accuracy=0.9, min_agreement=0.99, max_size_kb=200)
     ok = check_gate({"int8_accuracy": 0.95, "agreement": 0.995, "int8_macro_f1": 0.9, "size_kb": 80}, g)

@@ -1,0 +1,148 @@
+"""The model folder contract between the trainer and the edge.
+
+A model folder holds ``model.tflite``, ``manifest.json`` and ``golden.npz``
+(a few raw windows with the outputs the exported model gave for them). The
+manifest says everything the edge needs to feed the model and to prove that the
+bytes it holds are the bytes that were released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from har_edge.agent.errors import ChecksumMismatch, ManifestError
+
+SCHEMA_VERSION = 1
+MODEL_FILE = "model.tflite"
+MANIFEST_FILE = "manifest.json"
+GOLDEN_FILE = "golden.npz"
+
+#: Channel order every har-edge model is fed in, with the units of the raw values.
+CHANNELS = (
+    ("acc_x", "m/s^2"),
+    ("acc_y", "m/s^2"),
+    ("acc_z", "m/s^2"),
+    ("gyro_x", "deg/s"),
+    ("gyro_y", "deg/s"),
+    ("gyro_z", "deg/s"),
+)
+
+
+class Channel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    unit: str
+
+
+class Scaler(BaseModel):
+    """StandardScaler parameters: ``scaled = (raw - mean) / scale`` per channel."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    mean: list[float]
+    scale: list[float]
+
+    @model_validator(mode="after")
+    def _positive(self) -> Scaler:
+        if len(self.mean) != len(self.scale):
+            raise ValueError("scaler mean and scale differ in length")
+        if any(not s > 0 for s in self.scale):
+            raise ValueError("scaler scale must be > 0 for every channel")
+        return self
+
+
+class Golden(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    file: str = GOLDEN_FILE
+    sha256: str
+    count: int = Field(gt=0)
+    #: largest allowed absolute difference of a probability (int8 runtimes may
+    #: differ by a quantum or two between builds).
+    atol: float = Field(default=0.02, ge=0, le=1)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    labels: list[str] = Field(min_length=2)
+    sample_rate_hz: float = Field(gt=0)
+    window: int = Field(gt=0)
+    step: int = Field(gt=0)
+    channels: list[Channel]
+    scaler: Scaler
+    input_dtype: str = "int8"
+    output_dtype: str = "int8"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    golden: Golden
+    data_hash: str = ""
+    mlflow_run_id: str = ""
+    created: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {self.schema_version} is not supported "
+                f"(this har-edge reads {SCHEMA_VERSION}): upgrade har-edge"
+            )
+        if len(self.channels) != len(self.scaler.mean):
+            raise ValueError("scaler has %d channels, channels lists %d" % (len(self.scaler.mean), len(self.channels)))
+        if self.step > self.window:
+            raise ValueError("step must not exceed window")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        return self
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channels)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = Path(folder) / MANIFEST_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"no {MANIFEST_FILE} in {folder}: a model folder needs model.tflite + manifest.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path} is not readable JSON: {exc}") from None
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors())
+        raise ManifestError(f"{path} is not a valid har-edge manifest: {problems}") from None
+
+
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    """Check that model.tflite and the golden file are the bytes the manifest names."""
+    folder = Path(folder)
+    for name, expected in ((MODEL_FILE, manifest.sha256), (manifest.golden.file, manifest.golden.sha256)):
+        path = folder / name
+        if not path.is_file():
+            raise ChecksumMismatch(f"{path} is missing: the model folder is incomplete")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ChecksumMismatch(
+                f"{path} has sha256 {actual[:12]}…, the manifest says {expected[:12]}…: "
+                "the file is corrupted or belongs to another model; fetch the release again"
+            )

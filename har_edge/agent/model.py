@@ -1,0 +1,91 @@
+"""A verified model folder, ready to predict.
+
+``load_model`` refuses a folder unless every check passes: the manifest is
+valid, ``model.tflite`` and ``golden.npz`` have the sha256 the manifest names,
+the runtime loads the model, its input and output agree with the manifest, and
+(when asked) the golden windows reproduce their recorded outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from har_edge.agent.errors import ModelValidationError
+from har_edge.agent.manifest import MODEL_FILE, Manifest, read_manifest, verify_files
+from har_edge.agent.preprocess import apply_scaler
+from har_edge.agent.runtime import TFLiteRunner
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+@dataclass
+class LoadedModel:
+    folder: Path
+    manifest: Manifest
+    runner: TFLiteRunner
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.name} {self.manifest.version}"
+
+    def predict(self, raw_windows: np.ndarray, timings: list[float] | None = None) -> np.ndarray:
+        """Probabilities for windows in raw SI units (the scaler is applied here)."""
+        m = self.manifest
+        return self.runner.predict(apply_scaler(raw_windows, m.scaler.mean, m.scaler.scale), timings)
+
+
+def check_golden(model: LoadedModel) -> float:
+    """Run the golden windows; return the largest deviation or raise if beyond the tolerance."""
+    g = model.manifest.golden
+    path = model.folder / g.file
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            windows, expected = data["windows"], data["probs"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelValidationError(f"{path} is not a golden file with 'windows' and 'probs': {exc}") from None
+    if len(windows) != g.count or expected.shape != (g.count, len(model.manifest.labels)):
+        raise ModelValidationError(
+            f"{path} holds {len(windows)} windows / outputs {expected.shape}, "
+            f"the manifest says {g.count} windows of {len(model.manifest.labels)} labels"
+        )
+    got = model.predict(windows)
+    dev = float(np.abs(got - expected).max())
+    flips = int((got.argmax(1) != expected.argmax(1)).sum())
+    if dev > g.atol or flips:
+        raise ModelValidationError(
+            f"{model.label} does not reproduce its golden windows in {model.runner.runtime} "
+            f"(largest deviation {dev:.4f} > {g.atol}, {flips} of {g.count} labels differ): refusing it"
+        )
+    return dev
+
+
+def load_model(folder: Path, *, threads: int = 1, batch: int = 64, check_golden_windows: bool = True) -> LoadedModel:
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    runner = TFLiteRunner(folder / MODEL_FILE, threads=threads, batch=batch)
+    problems = []
+    if (runner.window, runner.channels) != (manifest.window, manifest.n_channels):
+        problems.append(
+            f"input takes windows of {runner.window}x{runner.channels}, "
+            f"the manifest says {manifest.window}x{manifest.n_channels}"
+        )
+    if runner.output_size != len(manifest.labels):
+        problems.append(f"output has {runner.output_size} classes, the manifest lists {len(manifest.labels)} labels")
+    if runner.input_dtype.name != manifest.input_dtype:
+        problems.append(f"input is {runner.input_dtype.name}, the manifest says {manifest.input_dtype}")
+    if runner.output_dtype.name != manifest.output_dtype:
+        problems.append(f"output is {runner.output_dtype.name}, the manifest says {manifest.output_dtype}")
+    if problems:
+        raise ModelValidationError(f"{folder}: " + "; ".join(problems))
+    model = LoadedModel(folder, manifest, runner)
+    if check_golden_windows:
+        dev = check_golden(model)
+        log.debug("golden windows of %s reproduce (largest deviation %.4f)", model.label, dev)
+    return model

@@ -1,0 +1,111 @@
+"""Which model the agent runs: ``models/current`` -> ``models/<version>/``, or the bundled one.
+
+The pointer is a symlink switched atomically (a new link renamed over the old
+one), so a reader sees either the old or the new target, never half of one.
+The agent looks at the pointer between files only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from har_edge.agent.errors import ModelError
+from har_edge.agent.model import BUNDLED_MODEL_DIR, LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current"
+PREVIOUS = "previous"
+
+
+def read_pointer(models_dir: Path, name: str = CURRENT) -> str | None:
+    try:
+        return os.readlink(Path(models_dir) / name)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def set_pointer(models_dir: Path, target: str | None, name: str = CURRENT) -> None:
+    """Point ``models/<name>`` at ``models/<target>`` atomically (None removes the pointer)."""
+    models_dir = Path(models_dir)
+    link = models_dir / name
+    if target is None:
+        try:
+            link.unlink()
+        except FileNotFoundError:
+            pass
+        return
+    if "/" in target or target in ("", ".", ".."):
+        raise ValueError(f"model version {target!r} is not a folder name")
+    tmp = models_dir / f".{name}.tmp.{os.getpid()}"
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(models_dir)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new link in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ActiveModel:
+    """Holds the loaded model and reloads it when the pointer moved (call ``refresh`` between files)."""
+
+    def __init__(self, models_dir: Path, *, explicit: Path | None = None, threads: int = 1, batch: int = 64,
+                 on_load_failure=None) -> None:
+        self.models_dir = Path(models_dir)
+        self.explicit = Path(explicit) if explicit else None
+        self.threads, self.batch = threads, batch
+        self.on_load_failure = on_load_failure
+        self.model: LoadedModel | None = None
+        self._pointer: str | None = "<unset>"
+        self._failed: str | None = None  # the pointer value that last failed to load
+
+    def _wanted(self) -> tuple[str | None, Path]:
+        if self.explicit is not None:
+            return str(self.explicit), self.explicit
+        pointer = read_pointer(self.models_dir)
+        if pointer is not None:
+            return pointer, self.models_dir / pointer
+        return None, BUNDLED_MODEL_DIR
+
+    def refresh(self) -> LoadedModel:
+        pointer, folder = self._wanted()
+        if self.model is not None and pointer == self._pointer:
+            self._failed = None  # back on the loaded model: a failed version may be tried again later
+            return self.model
+        if pointer == self._failed and self.model is not None:
+            return self.model  # tried once; tried again when the pointer moves
+        try:
+            model = load_model(folder, threads=self.threads, batch=self.batch)
+        except ModelError as exc:
+            self._failed = pointer
+            log.error("cannot load model %s: %s", folder, exc)
+            if self.on_load_failure is not None:
+                self.on_load_failure(pointer, exc)
+            if self.model is not None:
+                log.warning("keeping %s", self.model.label)
+                return self.model
+            if folder != BUNDLED_MODEL_DIR and self.explicit is None:
+                log.warning("falling back to the bundled model")
+                self.model = load_model(BUNDLED_MODEL_DIR, threads=self.threads, batch=self.batch)
+                self._pointer = pointer
+                return self.model
+            raise
+        if self.model is not None:
+            log.info("model switched: %s -> %s", self.model.label, model.label)
+        else:
+            log.info("model %s loaded from %s (%s)", model.label, folder, model.runner.runtime)
+        self.model, self._pointer = model, pointer
+        self._failed = None
+        return model

@@ -1,0 +1,222 @@
+"""One frozen, validated settings object per process.
+
+Sources, later ones winning: built-in defaults, a TOML file (``--config``,
+``HAR_EDGE_CONFIG``, or ``<data_dir>/har-edge.toml`` when it exists), and
+``HAR_EDGE_*`` environment variables (``HAR_EDGE_DATA_DIR``,
+``HAR_EDGE_AGENT__SETTLE_S``: a double underscore enters a section). Unknown
+keys and wrong values are refused with one message listing each of them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from har_edge.agent.errors import ConfigError
+
+ENV_PREFIX = "HAR_EDGE_"
+CONFIG_NAME = "har-edge.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AgentSettings(_Section):
+    settle_s: float = Field(2.0, ge=0, description="a file must keep its size and mtime this long before it is taken")
+    scan_interval_s: float = Field(1.0, gt=0, description="how often the inbox is re-checked besides file events")
+    archive: bool = Field(True, description="keep processed files in archive/ (false: delete them)")
+    model_dir: Path | None = Field(None, description="use this model folder instead of models/current or the bundled one")
+    threads: int = Field(1, ge=1, le=64, description="TFLite interpreter threads")
+    batch: int = Field(64, ge=1, le=4096, description="windows per inference call")
+    max_gap_s: float = Field(1.0, gt=0, description="a longer gap between samples splits the recording")
+    low_confidence: float = Field(0.6, ge=0, le=1, description="windows under this confidence count as low-confidence")
+    outbox_max_mb: float = Field(1024.0, gt=0, description="ingestion pauses while the outbox is larger than this")
+    max_archive_mb: float = Field(512.0, gt=0, description="a zip expanding beyond this is refused")
+    max_file_mb: float = Field(2048.0, gt=0, description="a dropped file larger than this is refused")
+
+
+class SyncSettings(_Section):
+    """The sync daemon: outbox -> MLflow, model registry -> models/current."""
+
+    # -- MLflow ---------------------------------------------------------------
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server (http[s]://...); default MLFLOW_TRACKING_URI, "
+        "else a local store sqlite:///<data_dir>/mlflow/mlflow.db (no server needed)",
+    )
+    experiment: str = Field("har-edge", min_length=1, description="MLflow experiment holding the runs of this device")
+    username: str | None = Field(None, repr=False, description="overrides MLFLOW_TRACKING_USERNAME (basic auth)")
+    password: str | None = Field(None, repr=False, description="overrides MLFLOW_TRACKING_PASSWORD (basic auth)")
+    token: str | None = Field(None, repr=False, description="overrides MLFLOW_TRACKING_TOKEN (bearer auth)")
+    server_cert_path: Path | None = Field(None, description="overrides MLFLOW_TRACKING_SERVER_CERT_PATH (CA bundle)")
+    request_timeout_s: float = Field(
+        5.0, gt=0, description="time-out of one HTTP request to MLflow (MLFLOW_HTTP_REQUEST_TIMEOUT, whole seconds)"
+    )
+    http_max_retries: int = Field(
+        0, ge=0, le=10,
+        description="MLflow's own HTTP retries per request (MLFLOW_HTTP_REQUEST_MAX_RETRIES); keep it small: "
+        "the daemon backs off itself, and MLflow's default makes a refused connection take minutes",
+    )
+    batch_size: int = Field(
+        1000, ge=1, le=1000, description="metric points per log_batch request (MLflow caps it at 1000)"
+    )
+    reclaim_after_days: float = Field(
+        7.0, ge=0,
+        description="delete per-window rows (their CSV is on the server) and device points delivered this long "
+        "ago; 0 keeps them",
+    )
+    # -- schedule -------------------------------------------------------------
+    push_interval_s: float = Field(30.0, gt=0, description="how often the outbox is pushed")
+    pull_interval_s: float = Field(300.0, gt=0, description="how often the registry is asked for a newer model")
+    health_interval_s: float = Field(30.0, gt=0, description="how often a newly activated model is checked")
+    heartbeat_interval_s: float = Field(
+        300.0, gt=0, description="device heartbeat points (backlog, oldest item, disk free, model) at most this often"
+    )
+    jitter_s: float = Field(5.0, ge=0, description="random delay added to each scheduled pass (spreads a fleet's load)")
+    backoff_initial_s: float = Field(10.0, gt=0, description="wait after the first failed pass; doubles per failure")
+    backoff_max_s: float = Field(600.0, gt=0, description="longest wait between failed passes")
+    # -- model registry ---------------------------------------------------------
+    registry: str | None = Field(
+        None, description="model registry git repository (URL or absolute path) as `har-train release` writes it"
+    )
+    registry_remote_url: str | None = Field(
+        None, description="DVC storage URL to use instead of the registry's default remote (dvc get --remote-config)"
+    )
+    model_name: str = Field(
+        "har-cnn", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="released model name: tags <name>@v<version>, folder models/<name> in the registry",
+    )
+    pin: str | None = Field(
+        None, description="deploy exactly this version instead of the newest (`har-edge models pin` overrides it)"
+    )
+    allow_prerelease: bool = Field(False, description="consider versions like 2.0.0-rc1 when looking for the newest")
+    command_timeout_s: float = Field(120.0, gt=0, description="bound on each git/dvc call")
+    # -- health gate ------------------------------------------------------------
+    health_files: int = Field(3, ge=1, description="files a new model must process before it is trusted")
+    health_max_failed_share: float = Field(
+        0.5, ge=0, le=1, description="roll back when more than this share of those files failed"
+    )
+    health_min_confidence_ratio: float = Field(
+        0.7, gt=0, le=1,
+        description="roll back when their mean confidence is below this ratio of the previous model's recent files",
+    )
+    health_ignored_error_kinds: tuple[str, ...] = Field(
+        ("unknown_format", "corrupt", "no_imu_data", "unsafe_archive"),
+        description="file failures that cannot be the model's fault and do not count against it "
+        "(comma-separated in HAR_EDGE_SYNC__HEALTH_IGNORED_ERROR_KINDS)",
+    )
+
+    @field_validator("health_ignored_error_kinds", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        return tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else v
+
+
+class Settings(_Section):
+    data_dir: Path = Field(Path("var"), description="holds inbox, archive, quarantine, outbox, models, logs")
+    device_id: str = Field("", description="default: the host name")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = False
+    agent: AgentSettings = AgentSettings()
+    sync: SyncSettings = SyncSettings()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    # -- folders -----------------------------------------------------------
+
+    @property
+    def inbox(self) -> Path:
+        return self.data_dir / "inbox"
+
+    @property
+    def work(self) -> Path:
+        return self.data_dir / "work"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.data_dir / "outbox.sqlite"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def device(self) -> str:
+        return self.device_id or os.uname().nodename
+
+
+def _env_layer(env: Mapping[str, str]) -> dict:
+    """Nested dict from HAR_EDGE_* variables (``__`` enters a section)."""
+    out: dict = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        if name == "HAR_EDGE_TFLITE_RUNTIME":
+            continue  # read by agent.runtime (test and benchmark switch)
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: {part} is a value, not a section")
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_settings(config: Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings of this process, or raise ConfigError naming every problem."""
+    env = os.environ if env is None else env
+    env_values = _env_layer(env)
+    if config is None and env.get(ENV_PREFIX + "CONFIG"):
+        config = Path(env[ENV_PREFIX + "CONFIG"])
+    if config is None:
+        data_dir = Path(env_values.get("data_dir", overrides.get("data_dir", "var")))
+        candidate = data_dir / CONFIG_NAME
+        config = candidate if candidate.is_file() else None
+    file_values: dict = {}
+    if config is not None:
+        try:
+            file_values = tomllib.loads(Path(config).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config} does not exist") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {config} is not valid TOML: {exc}") from None
+    values = _merge(_merge(file_values, env_values), overrides)
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        where = f" (from {config} and HAR_EDGE_* variables)" if config else " (from HAR_EDGE_* variables)"
+        lines = []
+        for e in exc.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            msg = "unknown setting" if e["type"] == "extra_forbidden" else e["msg"]
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError("invalid settings" + where + ":\n" + "\n".join(lines)) from None

@@ -1,0 +1,239 @@
+"""``har-edge sync run|once`` and ``har-edge models list|verify|pin|rollback``.
+
+Each command is a function ``(settings, args) -> exit code``: 0 done, 1 something
+was refused or failed a check, 2 bad settings or usage (raised as ConfigError,
+turned into 2 by ``har_edge.agent.cli``), 3 a configured server or registry could not be
+reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+
+from har_edge.agent.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, stop_event
+from har_edge.agent.settings import Settings
+from har_edge.sync.errors import RegistryError, RegistryUnreachable, ServerAccessDenied, ServerUnreachable, SyncError
+
+log = logging.getLogger(__name__)
+
+
+# -- sync ------------------------------------------------------------------------------
+
+
+def cmd_sync_run(settings: Settings, args) -> int:
+    from har_edge.sync.daemon import SyncDaemon
+
+    daemon = SyncDaemon(settings)
+    if args.check_config:
+        reg = daemon.models.registry.display if daemon.models.registry else "none (sync.registry)"
+        print(f"settings OK; push to {daemon.pusher.target.display} (experiment {settings.sync.experiment}); "
+              f"models from {reg}")
+        return EXIT_OK
+    daemon.run(stop_event())
+    return EXIT_OK
+
+
+def cmd_sync_once(settings: Settings, args) -> int:
+    """One push and one pull; print what was delivered and fetched."""
+    from har_edge.sync.daemon import SyncDaemon
+
+    daemon = SyncDaemon(settings)
+    now = time.time()
+    code = EXIT_OK
+    push = daemon.push_job(now)
+    target = daemon.pusher.target
+    if push.report is not None:
+        r = push.report
+        print(f"pushed to {target.display}: {r.summary()}")
+        b = r.backlog
+        print(f"  still pending: {b['files']} files, {b['points']} points, {b['deployments']} deployments")
+        if r.refused:
+            code = EXIT_FAILED
+            for item in r.refused[:20]:
+                print(f"  refused by the server: {item}")
+    elif push.error is not None:
+        print(f"push: {push.error}")
+        if isinstance(push.error, (ServerUnreachable, ServerAccessDenied)) and target.configured:
+            code = EXIT_UNREACHABLE
+        elif not isinstance(push.error, (ServerUnreachable, ServerAccessDenied)):
+            code = EXIT_FAILED
+    pull = daemon.pull_job(now)
+    if pull.report is not None:
+        p = pull.report
+        if p.releases:
+            print(f"registry {daemon.models.registry.display}: {len(p.releases)} release(s), newest {p.releases[-1]}")
+        print(f"models: {p.summary()}")
+        if p.refused or p.rolled_back:
+            code = code or EXIT_FAILED
+    elif pull.error is not None:
+        print(f"models: {pull.error}")
+        code = EXIT_UNREACHABLE if isinstance(pull.error, RegistryError) else (code or EXIT_FAILED)
+    return code
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+def _manager(settings: Settings):
+    from har_edge.sync.models import ModelManager
+
+    return ModelManager(settings)
+
+
+def cmd_models_list(settings: Settings, args) -> int:
+    mm = _manager(settings)
+    state = mm.state()
+    cur, prev = mm.pointers()
+    cur_m, prev_m = mm.manifest_of(cur), mm.manifest_of(prev)
+    rows: dict[str, dict] = {}
+    code = EXIT_OK
+    note = ""
+    if mm.registry is not None:
+        try:
+            for r in mm.registry.releases():
+                rows[r.version] = {"version": r.version, "state": "available", "detail": f"tag {r.tag} {r.commit[:10]}"}
+        except RegistryError as exc:
+            note = f"registry not listed: {exc}"
+            code = EXIT_UNREACHABLE
+    for version, rf in state.refused.items():
+        rows[version] = {"version": version, "state": "refused", "detail": rf.reason}
+    if prev_m is not None and cur is not None:  # no previous pointer: a rollback goes to the bundled model
+        where = f"models/{prev}" if prev else "bundled with har-edge"
+        rows[prev_m.version] = {"version": prev_m.version, "state": "previous", "detail": where}
+    if cur_m is not None:
+        where = f"models/{cur}" if cur else "bundled with har-edge"
+        rows[cur_m.version] = {"version": cur_m.version, "state": "active", "detail": where}
+    pin = mm.pin(state)
+    if pin:
+        rows.setdefault(pin, {"version": pin, "state": "not released", "detail": ""})["pinned"] = True
+    if state.probation is not None and state.probation.version in rows:
+        rows[state.probation.version]["detail"] += " (on probation: health gate pending)"
+    from har_edge.sync.versions import parse_version
+
+    def key(row: dict):
+        return parse_version(row["version"])
+
+    ordered = sorted((r for r in rows.values() if key(r)), key=key, reverse=True)  # newest first
+    ordered += sorted((r for r in rows.values() if not key(r)), key=lambda r: r["version"])
+    if args.json:
+        print(json.dumps({"models": ordered, "pin": pin, "note": note}, indent=2))
+        return code
+    width = max([len(r["version"]) for r in ordered] + [7])
+    print(f"{'VERSION':<{width}}  {'STATE':<12}  DETAIL")
+    for r in ordered:
+        state_txt = r["state"] + (" pinned" if r.get("pinned") else "")
+        print(f"{r['version']:<{width}}  {state_txt:<12}  {r['detail']}")
+    if note:
+        print(note)
+    return code
+
+
+def cmd_models_verify(settings: Settings, args) -> int:
+    mm = _manager(settings)
+    if args.release:
+        return _verify_release(mm, args.release)
+    failed = 0
+    for folder, version, problem in mm.verify_installed(args.version):
+        if problem:
+            failed += 1
+            print(f"{folder}: FAILED: {problem}")
+        else:
+            print(f"{folder}: OK ({version}: sha256, shapes, labels and golden windows check out)")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _verify_release(mm, version: str) -> int:
+    from har_edge.agent.errors import ModelError
+
+    if mm.registry is None:
+        raise SyncError("no registry configured (sync.registry)")
+    try:
+        rel = next((r for r in mm.registry.releases() if r.version == version), None)
+    except RegistryError as exc:
+        print(f"registry: {exc}")
+        return EXIT_UNREACHABLE
+    if rel is None:
+        print(f"{version} is not released in {mm.registry.display}")
+        return EXIT_FAILED
+    staging = mm.models_dir / f".verify-{version}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        folder = mm.registry.fetch(rel, staging / "model")
+        mm.verify(folder, rel)
+        mm.validate(folder)
+    except RegistryError as exc:
+        print(f"{rel.tag}: {exc}")
+        return EXIT_UNREACHABLE
+    except ModelError as exc:
+        print(f"{rel.tag}: FAILED: {exc}")
+        return EXIT_FAILED
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"{rel.tag}: OK (verified and validated; not activated)")
+    return EXIT_OK
+
+
+def cmd_models_pin(settings: Settings, args) -> int:
+    mm = _manager(settings)
+    if args.clear:
+        old = mm.unpin()
+        print(f"unpinned {old}; the newest release is deployed on the next pull" if old else "nothing was pinned")
+        if settings.sync.pin:
+            print(f"note: sync.pin = {settings.sync.pin} in the settings still pins it")
+        return EXIT_OK
+    if not args.version:
+        raise SyncError("give a version to pin, or --clear")
+    try:
+        report = mm.pin_version(args.version, time.time())
+    except RegistryUnreachable as exc:
+        print(f"models: {exc}")
+        return EXIT_UNREACHABLE
+    for version, reason in report.refused:
+        print(f"refused {version}: {reason}")
+    if report.refused:
+        return EXIT_FAILED
+    print(f"pinned {args.version}: {report.summary()}")
+    return EXIT_OK
+
+
+def cmd_models_rollback(settings: Settings, args) -> int:
+    mm = _manager(settings)
+    report = mm.rollback(time.time(), reason=args.reason)
+    cur = mm.manifest_of(mm.pointers()[0])
+    print(f"rolled back {report.rolled_back}; active now: {cur.version if cur else '?'} "
+          f"({mm.pointers()[0] or 'bundled'}); {report.rolled_back} is refused until re-released or pinned")
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sync = subparsers.add_parser("sync", help="deliver the outbox to MLflow and fetch new models")
+    ssub = sync.add_subparsers(dest="sync_command", required=True)
+    run = ssub.add_parser("run", help="push and pull on a schedule until SIGTERM (finishes the current batch)")
+    run.add_argument("--check-config", action="store_true", help="print where it would push and pull, then exit 0")
+    run.set_defaults(func=cmd_sync_run)
+    once = ssub.add_parser("once", help="one push and one pull; exit 3 if a configured server could not be reached")
+    once.set_defaults(func=cmd_sync_once)
+
+    models = subparsers.add_parser("models", help="see and steer the deployed model")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    ls = msub.add_parser("list", help="released, active, previous, refused and pinned versions")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_models_list)
+    ver = msub.add_parser("verify", help="check installed models (sha256, shapes, labels, golden windows)")
+    ver.add_argument("version", nargs="?", help="only this installed version (default: active and previous)")
+    ver.add_argument("--release", metavar="VERSION", help="fetch this release and check it without activating it")
+    ver.set_defaults(func=cmd_models_verify)
+    pin = msub.add_parser("pin", help="activate exactly this version and stay on it (--clear: follow the newest)")
+    pin.add_argument("version", nargs="?")
+    pin.add_argument("--clear", action="store_true", help="remove the pin")
+    pin.set_defaults(func=cmd_models_pin)
+    rb = msub.add_parser("rollback", help="switch back to the previous model and refuse the active one")
+    rb.add_argument("--reason", default="rolled back by a person", help="recorded with the deployment")
+    rb.set_defaults(func=cmd_models_rollback)

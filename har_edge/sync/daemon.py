@@ -1,0 +1,149 @@
+"""The sync daemon: push, pull and the health gate on an APScheduler 3.11 schedule.
+
+Each job is a method taking ``now`` (seconds since the epoch) that does one
+pass and never raises: the daemon calls it with the clock, tests with a
+fixed time. Each job keeps its own :class:`~har_edge.sync.retry.Backoff`: after a pass
+that could not reach its server it waits exponentially longer (with jitter)
+before trying again, whatever the schedule says; a success resets it.
+
+Jobs run with ``max_instances=1`` and ``coalesce=True`` (a slow pass is never
+doubled, missed runs collapse into one) and the scheduler's own ``jitter``.
+SIGTERM sets the stop event: a running push finishes its current request and
+marks it, then the scheduler shuts down waiting for the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from har_edge.agent.outbox import Outbox
+from har_edge.agent.settings import Settings
+from har_edge.sync.errors import LockBusy, RegistryError, ServerAccessDenied, ServerUnreachable
+from har_edge.sync.models import ModelManager, PullReport
+from har_edge.sync.push import PushReport, Pusher, pending_summary
+from har_edge.sync.retry import Backoff
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    """What one job pass did: its report, or why it did nothing."""
+
+    ran: bool
+    report: PushReport | PullReport | None = None
+    error: Exception | None = None
+    retry_in_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def unreachable(self) -> bool:
+        return isinstance(self.error, (ServerUnreachable, ServerAccessDenied, RegistryError))
+
+
+class SyncDaemon:
+    def __init__(self, settings: Settings, *, outbox: Outbox | None = None, rng: random.Random | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.settings = settings
+        s = settings.sync
+        self.outbox = outbox or Outbox(settings.outbox_path)
+        self.stop = stop or threading.Event()
+        rng = rng or random.Random()
+        self.pusher = Pusher(settings, self.outbox)
+        self.models = ModelManager(settings, self.outbox)
+        self.push_backoff = Backoff(s.backoff_initial_s, s.backoff_max_s, rng=rng)
+        self.pull_backoff = Backoff(s.backoff_initial_s, s.backoff_max_s, rng=rng)
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def push_job(self, now: float, max_files: int | None = None) -> JobResult:
+        if not self.push_backoff.ready(now):
+            return JobResult(False)
+        try:
+            report = self.pusher.push(now, self.stop, max_files=max_files)
+        except (ServerUnreachable, ServerAccessDenied) as exc:
+            delay = self.push_backoff.failed(now)
+            level = logging.WARNING if isinstance(exc, ServerUnreachable) else logging.ERROR
+            log.log(level, "push: %s; next attempt in %.0f s (%s)", exc, delay, pending_summary(self.pusher.delivery))
+            return JobResult(True, error=exc, retry_in_s=delay)
+        except LockBusy as exc:
+            log.info("push skipped: %s", exc)
+            return JobResult(False, error=exc)
+        except Exception as exc:  # a bug or a broken outbox: keep the daemon alive, back off
+            delay = self.push_backoff.failed(now)
+            log.exception("push failed unexpectedly; next attempt in %.0f s", delay)
+            return JobResult(True, error=exc, retry_in_s=delay)
+        self.push_backoff.succeeded()
+        return JobResult(True, report=report)
+
+    def pull_job(self, now: float) -> JobResult:
+        if not self.pull_backoff.ready(now):
+            return JobResult(False)
+        try:
+            report = self.models.update(now)
+        except RegistryError as exc:
+            delay = self.pull_backoff.failed(now)
+            log.warning("pull: %s; next attempt in %.0f s", exc, delay)
+            return JobResult(True, error=exc, retry_in_s=delay)
+        except LockBusy as exc:
+            log.info("pull skipped: %s", exc)
+            return JobResult(False, error=exc)
+        except Exception as exc:
+            delay = self.pull_backoff.failed(now)
+            log.exception("pull failed unexpectedly; next attempt in %.0f s", delay)
+            return JobResult(True, error=exc, retry_in_s=delay)
+        self.pull_backoff.succeeded()
+        if report.activated or report.refused or report.rolled_back:
+            log.info("pull: %s", report.summary())
+        return JobResult(True, report=report)
+
+    def health_job(self, now: float) -> JobResult:
+        try:
+            report = self.models.check_health(now)
+        except LockBusy:
+            return JobResult(False)
+        except Exception as exc:
+            log.exception("health check failed unexpectedly")
+            return JobResult(True, error=exc)
+        return JobResult(True, report=report)
+
+    # -- schedule ----------------------------------------------------------------------------
+
+    def scheduler(self):
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        s = self.settings.sync
+        sched = BackgroundScheduler(executors={"default": {"type": "threadpool", "max_workers": 3}})
+        # one pass of each at a time; runs missed while one was busy collapse into one
+        once = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+        start = datetime.now(timezone.utc)  # the first push and pull right away, then on the interval
+        sched.add_job(lambda: self.push_job(time.time()), "interval", id="push", name="push outbox",
+                      seconds=s.push_interval_s, jitter=s.jitter_s, next_run_time=start, **once)
+        sched.add_job(lambda: self.pull_job(time.time()), "interval", id="pull", name="pull models",
+                      seconds=s.pull_interval_s, jitter=s.jitter_s, next_run_time=start, **once)
+        sched.add_job(lambda: self.health_job(time.time()), "interval", id="health", name="health gate",
+                      seconds=s.health_interval_s, jitter=min(s.jitter_s, s.health_interval_s / 2), **once)
+        return sched
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Run until ``stop`` (or this daemon's own event) is set; the running pass finishes its batch first."""
+        if stop is not None:
+            self.stop = stop
+        sched = self.scheduler()
+        sched.start()
+        log.info(
+            "sync daemon started: push every %.0f s to %s, pull every %.0f s from %s",
+            self.settings.sync.push_interval_s, self.pusher.target.display, self.settings.sync.pull_interval_s,
+            self.models.registry.display if self.models.registry else "no registry",
+        )
+        try:
+            self.stop.wait()
+        finally:
+            log.info("sync daemon stopping: waiting for the running pass to finish its batch")
+            sched.shutdown(wait=True)
+            log.info("sync daemon stopped")

@@ -1,0 +1,105 @@
+"""The health gate: does a newly activated model behave on this device's real files?
+
+Judged from what the agent stored in the outbox, against thresholds in
+``har_edge.sync.health_*``:
+
+- the agent recorded ``load_failed`` for it (it could not load the folder);
+- of the first ``health_files`` files processed under it, more than
+  ``health_max_failed_share`` failed (failures that cannot be the model's
+  fault, ``health_ignored_error_kinds``, do not count and are not judged);
+- their mean confidence fell below ``health_min_confidence_ratio`` times the
+  previous model's over its last ``health_files`` files (skipped when the
+  previous model left no files to compare with).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, or_, select
+
+from har_edge.agent.outbox import Outbox, deployments, files, metrics
+from har_edge.agent.settings import SyncSettings
+from har_edge.sync.state import Probation
+
+CONFIDENCE_KEY = "mean_confidence"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: str  # pending | healthy | failed
+    reason: str
+
+
+def _mean_confidence(conn, file_ids: list[int]) -> float | None:
+    if not file_ids:
+        return None
+    return conn.execute(
+        select(func.avg(metrics.c.value)).where(metrics.c.file_id.in_(file_ids), metrics.c.key == CONFIDENCE_KEY)
+    ).scalar()
+
+
+def judge(outbox: Outbox, p: Probation, s: SyncSettings) -> Verdict:
+    n = s.health_files
+    with outbox.engine.connect() as conn:
+        failed_load = conn.execute(
+            select(deployments)
+            .where(
+                deployments.c.outcome == "load_failed",
+                deployments.c.to_version == p.folder,
+                deployments.c.time_ms >= p.since_ms,
+            )
+            .order_by(deployments.c.id)
+        ).first()
+        if failed_load is not None:
+            return Verdict("failed", f"the agent could not load {p.folder}: {failed_load.reason}")
+        rows = conn.execute(
+            select(files.c.id, files.c.status, files.c.error_kind)
+            .where(
+                files.c.model_sha256 == p.sha256,
+                files.c.processed_ms >= p.since_ms,
+                or_(
+                    files.c.status == "processed",
+                    (files.c.status == "failed") & files.c.error_kind.not_in(s.health_ignored_error_kinds),
+                ),
+            )
+            .order_by(files.c.id)
+            .limit(n)
+        ).all()
+        if len(rows) < n:
+            return Verdict("pending", f"{len(rows)} of {n} files processed under {p.version} so far")
+        failed = sum(1 for r in rows if r.status == "failed")
+        if failed / n > s.health_max_failed_share:
+            kinds = sorted({r.error_kind for r in rows if r.status == "failed"})
+            return Verdict(
+                "failed",
+                f"{failed} of the first {n} files under {p.version} failed ({', '.join(kinds)}), "
+                f"more than sync.health_max_failed_share={s.health_max_failed_share:g}",
+            )
+        new_conf = _mean_confidence(conn, [r.id for r in rows if r.status == "processed"])
+        prev_ids = []
+        if p.previous_sha256:
+            prev_ids = list(
+                conn.execute(
+                    select(files.c.id)
+                    .where(
+                        files.c.model_sha256 == p.previous_sha256,
+                        files.c.status == "processed",
+                        files.c.processed_ms < p.since_ms,
+                    )
+                    .order_by(files.c.id.desc())
+                    .limit(n)
+                ).scalars()
+            )
+        prev_conf = _mean_confidence(conn, prev_ids)
+    if new_conf is not None and prev_conf:
+        ratio = new_conf / prev_conf
+        if ratio < s.health_min_confidence_ratio:
+            return Verdict(
+                "failed",
+                f"mean confidence under {p.version} is {new_conf:.3f}, {ratio:.0%} of {prev_conf:.3f} under "
+                f"{p.previous_version} (below sync.health_min_confidence_ratio={s.health_min_confidence_ratio:g})",
+            )
+        return Verdict("healthy", f"{n} files, mean confidence {new_conf:.3f} vs {prev_conf:.3f} before")
+    note = "" if prev_conf else "; no earlier files to compare confidence with"
+    return Verdict("healthy", f"{n} files processed, {failed} failed{note}")

@@ -1,0 +1,462 @@
+"""Outbox -> MLflow, exactly once in effect.
+
+One pass (:meth:`Pusher.push`) delivers, oldest first:
+
+1. device-level points (``metrics.file_id IS NULL``: the heartbeat) to the
+   device run, with the active model version as a tag;
+2. deployment rows, each as a small finished run nested under the device run
+   (tags ``har.deployment.from|to|outcome|reason``; start and end time = when
+   it happened), so a fleet's rollouts can be searched in MLflow;
+3. each processed file: its run (found by tags before it is created, its id
+   stored in ``files.run_id`` at once), params (model name/version, window,
+   step, rate; sent apart from metrics: a changed param is a 400 that would
+   sink a whole batch), metric points in ``log_batch`` chunks of at most
+   ``har_edge.sync.batch_size`` (each point with the timestamp and step the agent
+   stored, so a re-send after a crash is stored once by MLflow), the
+   per-window CSV artifact, and finally status FINISHED.
+
+Each row is marked delivered only after the server acknowledged it. A server
+that cannot be reached ends the pass (:class:`ServerUnreachable`, nothing
+lost); one that refuses the credentials ends it too (:class:`ServerAccessDenied`);
+a 4xx for one item is recorded in ``sync_refusals`` and the pass moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from har_edge.agent import __version__
+from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
+from har_edge.agent.settings import Settings
+from har_edge.sync import runs
+from har_edge.sync.delivery import Delivery, PendingPoint
+from har_edge.sync.errors import ServerAccessDenied, ServerRejected, SyncError
+from har_edge.sync.locks import file_lock
+from har_edge.sync.mlflow_client import Target, ensure_experiment, make_client, resolve_target
+from har_edge.sync.predictions import ARTIFACT_NAME, write_predictions_csv
+from har_edge.sync.retry import translate
+from har_edge.sync.state import active_manifest, known_models
+from har_edge.sync.versions import version_code
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".sync-push.lock"
+LOCK_WAIT_S = 120.0
+HEARTBEAT_KEYS = (
+    "backlog_files",
+    "backlog_points",
+    "backlog_deployments",
+    "oldest_undelivered_age_s",
+    "disk_free_mb",
+    "active_model_version",
+)
+MAX_TAG_VALUE = 5000
+MAX_BATCH_ITEMS = 1000  # MLflow's cap on metrics + params + tags in one log_batch
+
+
+@dataclass
+class PushReport:
+    runs_created: int = 0
+    files_finished: int = 0
+    points: int = 0
+    device_points: int = 0
+    artifacts: int = 0
+    deployments: int = 0
+    refused: list[str] = field(default_factory=list)
+    backlog: dict = field(default_factory=dict)
+    stopped: bool = False
+
+    @property
+    def delivered_anything(self) -> bool:
+        return bool(self.points or self.device_points or self.artifacts or self.deployments or self.files_finished)
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.files_finished} file run(s) finished ({self.runs_created} created)",
+            f"{self.points} metric points",
+            f"{self.artifacts} prediction CSV(s)",
+            f"{self.device_points} device points",
+            f"{self.deployments} deployment(s)",
+        ]
+        if self.refused:
+            parts.append(f"{len(self.refused)} refused by the server")
+        return ", ".join(parts)
+
+
+class _RunGone(Exception):
+    """The run of a file no longer accepts data (deleted on the server)."""
+
+
+class Pusher:
+    """Delivers one device's outbox to MLflow. Not thread-safe: one pass at a time (a lock file enforces it)."""
+
+    def __init__(self, settings: Settings, outbox: Outbox | None = None, *, target: Target | None = None) -> None:
+        self.settings = settings
+        self.sync = settings.sync
+        self.outbox = outbox or Outbox(settings.outbox_path)
+        self.delivery = Delivery(self.outbox)
+        self.target = target or resolve_target(settings)
+        self.device = settings.device
+        try:
+            runs.identity_filter({runs.DEVICE: self.device})
+        except ValueError:
+            raise SyncError(
+                f"device id {self.device!r} holds a quote or backslash: set device_id (HAR_EDGE_DEVICE_ID) "
+                "to letters, digits, '-', '_' or '.'"
+            ) from None
+        self._client = None
+        self._experiment_id: str | None = None
+        self._device_run: str | None = None
+        self._last_heartbeat_ms: int | None = None
+        self._known = None
+
+    # -- plumbing ---------------------------------------------------------------
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_client(self.settings, self.target)
+        return self._client
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        """Call MLflow, turning its exceptions into unreachable / access denied / rejected."""
+        try:
+            return fn(*args, **kwargs)
+        except SyncError:
+            raise
+        except Exception as exc:
+            err = translate(exc, what, self.target.display)
+            if err is None:
+                raise
+            raise err from exc
+
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = ensure_experiment(self.client, self.target, self.sync.experiment)
+        return self._experiment_id
+
+    def _run(self, what: str, identity: dict[str, str], **kwargs) -> tuple[str, bool]:
+        try:
+            return self._call(what, runs.find_or_create_run, self.client, self.experiment_id(), identity, **kwargs)
+        except ServerRejected as exc:
+            # not about one item: the experiment or the account is wrong, and every file would fail alike
+            raise ServerAccessDenied(f"{exc}: check sync.experiment and the account's permissions") from exc
+
+    # -- the pass -----------------------------------------------------------------
+
+    def push(self, now: float, stop: threading.Event | None = None, max_files: int | None = None) -> PushReport:
+        """Deliver what is pending (at most ``max_files`` files); stop between requests when ``stop`` is set."""
+        report = PushReport()
+        with file_lock(Path(self.settings.data_dir) / LOCK_NAME, LOCK_WAIT_S):
+            self.maybe_heartbeat(now)
+            backlog = self.delivery.backlog()
+            if backlog["points"] or backlog["files"] or backlog["deployments"]:
+                self._push_device(report, stop)
+                self._push_deployments(report, stop)
+                for f in self.delivery.pending_files(limit=max_files):
+                    if stop is not None and stop.is_set():
+                        report.stopped = True
+                        break
+                    self._push_file(f, report, stop)
+            self._reclaim(now)
+            report.backlog = self.delivery.backlog()
+        if report.delivered_anything:
+            log.info("pushed to %s: %s", self.target.display, report.summary())
+        return report
+
+    def _stopped(self, stop: threading.Event | None, report: PushReport) -> bool:
+        if stop is not None and stop.is_set():
+            report.stopped = True
+            return True
+        return False
+
+    # -- heartbeat and device run ---------------------------------------------------
+
+    def maybe_heartbeat(self, now: float, force: bool = False) -> bool:
+        """Store heartbeat points (device-level, timestamp ``now``) when the last ones are old enough."""
+        now_ms_ = int(now * 1000)
+        if self._last_heartbeat_ms is None:
+            self._last_heartbeat_ms = self.delivery.last_device_point_ms(HEARTBEAT_KEYS[0])
+        last = self._last_heartbeat_ms
+        if not force and last is not None and 0 <= now_ms_ - last < self.sync.heartbeat_interval_s * 1000:
+            return False
+        b = self.delivery.backlog()
+        values = {
+            "backlog_files": b["files"],
+            "backlog_points": b["points"],
+            "backlog_deployments": b["deployments"],
+            "oldest_undelivered_age_s": max(0.0, (now_ms_ - b["oldest_ms"]) / 1000) if b["oldest_ms"] else 0.0,
+            "disk_free_mb": shutil.disk_usage(self.settings.data_dir).free / 1e6,
+        }
+        m = active_manifest(self.settings.models_dir, self.settings.agent.model_dir)
+        code = version_code(m.version) if m else None
+        if code is not None:
+            values["active_model_version"] = code
+        self.outbox.add_metrics([MetricPoint(k, float(v), now_ms_, 0) for k, v in values.items()], file_id=None)
+        self._last_heartbeat_ms = now_ms_
+        return True
+
+    def device_run(self) -> str:
+        if self._device_run is None:
+            self._device_run, created = self._run(
+                f"finding the run of device {self.device}",
+                {runs.KIND: "device", runs.DEVICE: self.device},
+                tags={runs.AGENT_VERSION: __version__},
+                run_name=f"device {self.device}",
+            )
+            if created:
+                log.info("created the device run %s for %s", self._device_run, self.device)
+        return self._device_run
+
+    def _push_device(self, report: PushReport, stop) -> None:
+        first = True
+        while not self._stopped(stop, report):
+            pts = self.delivery.pending_points(None, self.sync.batch_size)
+            if not pts:
+                return
+            run_id = self.device_run()
+            if first:
+                m = active_manifest(self.settings.models_dir, self.settings.agent.model_dir)
+                if m is not None:
+                    self._send_tags(run_id, {runs.ACTIVE_MODEL: f"{m.name} {m.version}",
+                                             runs.AGENT_VERSION: __version__}, "device tags", None)
+                first = False
+            try:
+                ok, bad = self._send_points(run_id, pts, f"device points of {self.device}")
+            except _RunGone:
+                self._device_run = None  # someone deleted it: the next pass makes a new one
+                raise SyncError(
+                    f"the device run of {self.device} was deleted on the server; a new one is made next pass"
+                ) from None
+            self._mark(ok, bad, None, report, device=True)
+
+    # -- deployments ------------------------------------------------------------------
+
+    def _push_deployments(self, report: PushReport, stop) -> None:
+        for d in self.delivery.pending_deployments():
+            if self._stopped(stop, report):
+                return
+            parent = self.device_run()
+            key = f"{self.device}/{d.id}/{d.time_ms}"
+            tags = {
+                runs.DEVICE: self.device,
+                runs.PARENT: parent,
+                "har.deployment.from": d.from_version or "",
+                "har.deployment.to": d.to_version or "",
+                "har.deployment.outcome": d.outcome,
+                "har.deployment.reason": (d.reason or "")[:MAX_TAG_VALUE],
+            }
+            run_id, _ = self._run(
+                f"finding the run of deployment {key}",
+                {runs.KIND: "deployment", runs.DEPLOYMENT_KEY: key},
+                tags=tags,
+                run_name=f"{d.outcome} {d.to_version or ''}".strip(),
+                start_time=d.time_ms,
+            )
+            try:
+                self._call(f"finishing the run of deployment {key}", self.client.set_terminated, run_id, "FINISHED",
+                           end_time=d.time_ms)
+            except ServerRejected as exc:
+                self._refuse("deployment", None, f"deployment {key}", exc, report)
+            self.delivery.mark_deployment(d.id)
+            report.deployments += 1
+
+    # -- files ----------------------------------------------------------------------------
+
+    def _file_identity(self, f) -> dict[str, str]:
+        return {runs.KIND: "file", runs.DEVICE: self.device, runs.FILE_SHA: f.sha256}
+
+    def _file_tags(self, f) -> dict[str, str]:
+        tags = {
+            runs.FILE_NAME: f.name[:MAX_TAG_VALUE],
+            runs.FILE_FORMAT: f.format or "",
+            runs.MODEL_NAME: f.model_name or "",
+            runs.MODEL_VERSION: f.model_version or "",
+            runs.MODEL_SHA: f.model_sha256 or "",
+            runs.AGENT_VERSION: f.agent_version,
+        }
+        return {k: v for k, v in tags.items() if v}
+
+    def _file_params(self, f) -> dict[str, str]:
+        params = {"model_name": f.model_name, "model_version": f.model_version}
+        if self._known is None:
+            self._known = known_models(self.settings.models_dir)
+        known = self._known.get(f.model_sha256 or "")
+        if known is not None:
+            params.update(window=str(known.window), step=str(known.step), sample_rate_hz=f"{known.sample_rate_hz:g}")
+        else:
+            log.warning(
+                "%s: the manifest of model %s %s (sha256 %s) is not known here any more: "
+                "window/step params are left out of its run",
+                f.name, f.model_name, f.model_version, (f.model_sha256 or "?")[:12],
+            )
+        return {k: v for k, v in params.items() if v}
+
+    def _push_file(self, f, report: PushReport, stop) -> None:
+        run_id, created = f.run_id, False
+        if run_id is None:
+            run_id, created = self._run(
+                f"finding or creating the run of {f.name}",
+                self._file_identity(f),
+                tags=self._file_tags(f),
+                run_name=f.name,
+                start_time=f.received_ms,
+            )
+            self.delivery.set_run_id(f.id, run_id)  # before anything else: no retry may create a second one
+            if created:
+                report.runs_created += 1
+                log.debug("created run %s for %s", run_id, f.name)
+            else:  # made by an interrupted pass (or by hand): make sure of its descriptive tags
+                self._send_tags(run_id, self._file_tags(f), f"the tags of {f.name}", f.id)
+        try:
+            if not (created and self._params_with_first_points(f, run_id, report)):
+                self._push_params(f, run_id, report)
+            while not self._stopped(stop, report):
+                pts = self.delivery.pending_points(f.id, self.sync.batch_size)
+                if not pts:
+                    break
+                ok, bad = self._send_points(run_id, pts, f"metric points of {f.name}")
+                self._mark(ok, bad, f.id, report)
+            if self._stopped(stop, report):
+                return
+            if f.artifact_delivered_ms is None:
+                self._push_artifact(f, run_id, report)
+            if self.delivery.pending_points(f.id, 1):
+                return
+            try:
+                self._call(f"finishing the run of {f.name}", self.client.set_terminated, run_id, "FINISHED",
+                           end_time=f.processed_ms)
+            except ServerRejected as exc:
+                self._refuse("finish", f.id, f"run {run_id}", exc, report)
+            self.delivery.mark_finished(f.id)
+            report.files_finished += 1
+        except _RunGone as exc:
+            msg = (
+                f"the run {run_id} of {f.name} no longer accepts data ({exc}); it was probably deleted on the "
+                "server: the file's remaining results are given up (listed in sync_refusals)"
+            )
+            log.error("%s", msg)
+            self.delivery.refuse_file(f.id, msg)
+            report.refused.append(f"file {f.name}")
+
+    def _params_with_first_points(self, f, run_id: str, report: PushReport) -> bool:
+        """On a run just created (it has no params to conflict with) params ride with the first points.
+
+        Saves a request per file. False when that batch was refused: then params and points go apart.
+        """
+        from mlflow.entities import Metric, Param
+
+        params = [Param(k, v) for k, v in self._file_params(f).items()]
+        pts = self.delivery.pending_points(f.id, min(self.sync.batch_size, MAX_BATCH_ITEMS - len(params)))
+        try:
+            self._call(f"logging the params and {len(pts)} metric points of {f.name}", self.client.log_batch,
+                       run_id, metrics=[Metric(p.key, p.value, p.timestamp_ms, p.step) for p in pts], params=params)
+        except ServerRejected:
+            return False
+        self._mark(pts, [], f.id, report)
+        return True
+
+    def _push_params(self, f, run_id: str, report: PushReport) -> None:
+        if self.delivery.refused("params", f.id):
+            return
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in self._file_params(f).items()]
+        try:
+            self._call(f"logging the params of {f.name}", self.client.log_batch, run_id, params=params)
+        except ServerRejected as exc:
+            if self._run_gone(run_id):
+                raise _RunGone(str(exc)) from exc
+            self._refuse("params", f.id, f"params of {f.name}", exc, report)
+
+    def _push_artifact(self, f, run_id: str, report: PushReport) -> None:
+        if f.windows:
+            names, starts, probs = self.outbox.file_windows(f.id)
+            tmp_root = Path(self.settings.data_dir) / ".sync-tmp"
+            tmp_root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+                path = Path(tmp) / ARTIFACT_NAME
+                write_predictions_csv(path, names, starts, probs)
+                try:
+                    self._call(f"uploading the predictions of {f.name}", self.client.log_artifact, run_id, str(path))
+                    report.artifacts += 1
+                except ServerRejected as exc:
+                    if self._run_gone(run_id):
+                        raise _RunGone(str(exc)) from exc
+                    self._refuse("artifact", f.id, f"predictions of {f.name}", exc, report)
+        self.delivery.mark_artifact(f.id)
+
+    # -- points --------------------------------------------------------------------------
+
+    def _send_points(self, run_id: str, pts: list[PendingPoint], what: str, top: bool = True):
+        """(acknowledged, [(point, error)]) for a chunk; a rejected chunk is split to find the bad points."""
+        from mlflow.entities import Metric
+
+        batch = [Metric(p.key, p.value, p.timestamp_ms, p.step) for p in pts]
+        try:
+            self._call(f"logging {len(pts)} {what}", self.client.log_batch, run_id, metrics=batch)
+            return pts, []
+        except ServerRejected as exc:
+            if top and self._run_gone(run_id):
+                raise _RunGone(str(exc)) from exc
+            if len(pts) == 1:
+                return [], [(pts[0], str(exc))]
+            mid = len(pts) // 2
+            ok1, bad1 = self._send_points(run_id, pts[:mid], what, top=False)
+            ok2, bad2 = self._send_points(run_id, pts[mid:], what, top=False)
+            return ok1 + ok2, bad1 + bad2
+
+    def _run_gone(self, run_id: str) -> bool:
+        try:
+            run = self._call(f"checking run {run_id}", self.client.get_run, run_id)
+        except ServerRejected:
+            return True
+        return run.info.lifecycle_stage == "deleted"
+
+    def _mark(self, ok: list[PendingPoint], bad, file_id: int | None, report: PushReport, device: bool = False) -> None:
+        self.delivery.mark_points([p.id for p in ok])
+        if device:
+            report.device_points += len(ok)
+        else:
+            report.points += len(ok)
+        for p, err in bad:
+            obj = f"point {p.key}={p.value!r} step {p.step} at {p.timestamp_ms}"
+            log.warning("MLflow refused %s (%s): not retried, listed in sync_refusals", obj, err)
+            self.delivery.record_refusal("metrics", file_id, obj, err)
+            report.refused.append(obj)
+        self.delivery.mark_points([p.id for p, _ in bad])
+
+    def _send_tags(self, run_id: str, tags: dict[str, str], what: str, file_id: int | None) -> None:
+        from mlflow.entities import RunTag
+
+        try:
+            self._call(f"setting {what}", self.client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except ServerRejected as exc:
+            log.warning("%s: not retried", exc)
+
+    def _refuse(self, kind: str, file_id: int | None, obj: str, exc: Exception, report: PushReport) -> None:
+        log.warning("%s: %s is given up and listed in sync_refusals; the other results go on", exc, obj)
+        self.delivery.record_refusal(kind, file_id, obj, str(exc))
+        report.refused.append(obj)
+
+    # -- space -------------------------------------------------------------------------------
+
+    def _reclaim(self, now: float) -> None:
+        days = self.sync.reclaim_after_days
+        if days <= 0:
+            return
+        n_windows, n_points = self.delivery.reclaim(int(now * 1000 - days * 86_400_000))
+        if n_windows or n_points:
+            log.info("reclaimed %d window rows and %d device points delivered over %g days ago",
+                     n_windows, n_points, days)
+
+
+def pending_summary(delivery: Delivery) -> str:
+    b = delivery.backlog()
+    age = "" if b["oldest_ms"] is None else f", oldest from {max(0, now_ms() - b['oldest_ms']) / 1000:.0f} s ago"
+    return f"{b['files']} files, {b['points']} metric points, {b['deployments']} deployments pending{age}"

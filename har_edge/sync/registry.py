@@ -1,0 +1,120 @@
+"""The model registry as ``har-train release`` writes it: a git repository plus a DVC remote.
+
+A release of model ``<name>`` version ``<v>`` is the git tag ``<name>@v<v>``
+on a commit holding ``models/<name>.dvc``; the files (model.tflite,
+manifest.json, golden.npz) are in the DVC remote. Discovering releases is one
+ls-remote (no clone) done by dulwich, the pure-Python git that DVC already
+brings, so no git binary is needed; fetching one is ``dvc get`` (no clone or
+cache either). Both run as child processes with a hard time-out: a thread
+cannot be stopped when an HTTP remote hangs, a process group can be killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from har_edge.sync.commands import CommandTimeout, dvc_command, redact, run, tool_env
+from har_edge.sync.errors import RegistryError, RegistryUnreachable
+from har_edge.sync.versions import VersionKey, parse_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    version: str
+    tag: str
+    #: the commit the tag names (peeled): a re-release moves the tag and changes it
+    commit: str
+    key: VersionKey
+
+
+def tag_name(name: str, version: str) -> str:
+    return f"{name}@v{version}"
+
+
+def parse_ls_remote(text: str, name: str) -> list[Release]:
+    """Releases of ``name`` in ``git ls-remote --tags`` output (as ``har_edge.sync.ls_remote`` writes it), oldest first.
+
+    Unparseable versions are skipped.
+    """
+    prefix = f"refs/tags/{name}@v"
+    objects: dict[str, str] = {}
+    peeled: dict[str, str] = {}
+    for line in text.splitlines():
+        sha, _, ref = line.strip().partition("\t")
+        if not ref.startswith(prefix):
+            continue
+        if ref.endswith("^{}"):
+            peeled[ref[len(prefix) : -3]] = sha
+        else:
+            objects[ref[len(prefix) :]] = sha
+    out = []
+    for version, sha in objects.items():
+        key = parse_version(version)
+        if key is None:
+            log.debug("tag %s@v%s does not hold a release version: ignored", name, version)
+            continue
+        out.append(Release(name, version, tag_name(name, version), peeled.get(version, sha), key))
+    return sorted(out, key=lambda r: r.key)
+
+
+class Registry:
+    def __init__(self, url: str, name: str, *, data_dir: Path, timeout_s: float,
+                 remote_url: str | None = None) -> None:
+        self.url = url
+        self.name = name
+        self.timeout_s = timeout_s
+        self.remote_url = remote_url
+        self.env = tool_env(data_dir)
+        self.site_cache = Path(self.env["DVC_SITE_CACHE_DIR"])
+
+    @property
+    def display(self) -> str:
+        return redact(self.url)
+
+    def releases(self) -> list[Release]:
+        """Every release of the model, oldest first. Raises RegistryUnreachable when the tags cannot be listed."""
+        args = [sys.executable, "-I", "-m", "har_edge.sync.ls_remote", self.url, f"refs/tags/{self.name}@v"]
+        try:
+            res = run(args, timeout_s=self.timeout_s, env=self.env)
+        except CommandTimeout as exc:
+            raise RegistryUnreachable(
+                f"registry {self.display}: ls-remote did not finish within {exc.timeout_s:.0f} s "
+                "(sync.command_timeout_s)"
+            ) from None
+        if res.returncode != 0:
+            raise RegistryUnreachable(
+                f"registry {self.display} could not be listed (ls-remote exit {res.returncode}: {res.tail()}): "
+                "check sync.registry and the network"
+            )
+        releases = parse_ls_remote(res.stdout, self.name)
+        log.debug("registry %s: %d releases of %s in %.2f s", self.display, len(releases), self.name, res.seconds)
+        return releases
+
+    def fetch(self, release: Release, dest: Path) -> Path:
+        """Download ``models/<name>`` at the release's tag into ``dest`` (which must not exist)."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        args = [*dvc_command(), "get", self.url, f"models/{self.name}", "--rev", release.tag, "-o", str(dest)]
+        if self.remote_url:
+            args += ["--remote-config", f"url={self.remote_url}"]
+        self.site_cache.mkdir(parents=True, exist_ok=True)
+        try:
+            res = run(args, timeout_s=self.timeout_s, env=self.env, cwd=dest.parent)
+        except CommandTimeout as exc:
+            raise RegistryUnreachable(
+                f"fetching {release.tag} from {self.display}: {exc}: the DVC remote may be unreachable "
+                "(sync.command_timeout_s bounds it)"
+            ) from None
+        if res.returncode != 0 or not dest.is_dir():
+            raise RegistryError(
+                f"dvc get of {release.tag} from {self.display} failed (exit {res.returncode}: {res.tail()}): "
+                "check that the release was pushed (dvc push) and the DVC remote is reachable"
+            )
+        log.debug("fetched %s in %.2f s", release.tag, res.seconds)
+        return dest

@@ -1,0 +1,334 @@
+"""Publish a verified model folder: DVC (files) + git tag (version) + MLflow Model Registry.
+
+The model registry is a git repository with DVC initialised in it:
+
+    models/<name>.dvc        DVC's pointer to the folder (committed)
+    models/<name>/           model.tflite, manifest.json, golden.npz (DVC-tracked, git-ignored)
+    .dvc/config              the default remote holding the files (committed, so `dvc get` finds it)
+
+Tag scheme: ``<name>@v<version>`` (e.g. ``har-cnn@v1.0.0``), an annotated tag on
+the commit that adds that version's ``.dvc`` file; its message carries
+``sha256=<model.tflite sha256>``. Versions come from ``export.version`` in
+params.yaml and are never moved: a tag that already holds another model is an
+error (bump the version). The edge finds versions with an ``ls-remote`` of the
+registry's tags (dulwich) and fetches one with ``dvc get <registry> models/<name> --rev <tag>
+-o <staging>``, then checks the sha256s against the manifest.
+
+Releasing is idempotent: when the tag already holds this very model, the DVC
+push (a no-op when the remote has the files), the git push and the MLflow
+registration (found by its ``sha256`` tag) are only made sure of. A model whose
+manifest says it failed the gate, or whose figures are below the thresholds, is
+refused, and so is a folder that does not load and reproduce its golden windows.
+Every git/dvc call is bounded by ``release.timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from har_edge.agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, read_manifest, verify_files
+from har_edge.trainer import tracking
+from har_edge.trainer.errors import GateFailed, ReleaseError, ToolFailed
+from har_edge.trainer.export import verify_folder
+from har_edge.trainer.gate import check_gate
+from har_edge.trainer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REMOTE_NAME = "storage"
+_FALLBACK_IDENTITY = {"user.name": "har-train", "user.email": "har-train@localhost"}
+
+
+def tag_name(name: str, version: str) -> str:
+    return f"{name}@v{version}"
+
+
+def parse_tag(tag: str) -> tuple[str, str] | None:
+    """``(name, version)`` of a release tag, None for other tags."""
+    m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)@v([A-Za-z0-9][A-Za-z0-9._+-]*)", tag)
+    return (m.group(1), m.group(2)) if m else None
+
+
+@dataclass
+class ReleaseResult:
+    name: str
+    version: str
+    tag: str
+    commit: str
+    sha256: str
+    registry: str
+    remote: str
+    created: bool
+    git_pushed: bool
+    mlflow_version: str | None
+    mlflow_created: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Tools:
+    """git and dvc in one working repository, each call bounded by a timeout."""
+
+    def __init__(self, repo: Path, *, timeout_s: float, site_cache: Path) -> None:
+        self.repo = repo
+        self.timeout_s = timeout_s
+        self.env = {
+            **os.environ,
+            "DVC_NO_ANALYTICS": "1",
+            "DVC_SITE_CACHE_DIR": str(site_cache),
+            "GIT_TERMINAL_PROMPT": "0",
+        }
+        site_cache.mkdir(parents=True, exist_ok=True)
+        self._identity: list[str] | None = None
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        try:
+            proc = subprocess.run(
+                list(cmd), cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=self.timeout_s
+            )
+        except subprocess.TimeoutExpired:
+            raise ToolFailed(
+                f"`{' '.join(cmd[:4])}` in {self.repo} did not finish in {self.timeout_s:.0f} s: "
+                "check that the remote is reachable (or raise release.timeout_s)"
+            ) from None
+        except FileNotFoundError:
+            raise ToolFailed(f"{cmd[0]} is not installed: install git (and the trainer extra for dvc)") from None
+        if check and proc.returncode != 0:
+            raise ToolFailed(
+                f"`{' '.join(cmd[:6])}` failed in {self.repo} (exit {proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip()[-800:]}"
+            )
+        return proc
+
+    def git(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run("git", *self.identity(), *args, check=check)
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+
+    def identity(self) -> list[str]:
+        """``-c user.name=… -c user.email=…`` only where git has none configured."""
+        if self._identity is None:
+            self._identity = []
+            for key, value in _FALLBACK_IDENTITY.items():
+                got = self.run("git", "config", key, check=False)
+                if got.returncode != 0 or not got.stdout.strip():
+                    self._identity += ["-c", f"{key}={value}"]
+        return self._identity
+
+
+def check_release_gate(manifest: Manifest, settings: Settings) -> None:
+    """Refuse a model that failed (or never went through) the gate, or is below today's thresholds."""
+    what = f"{manifest.name} {manifest.version}"
+    gate = manifest.training.get("gate")
+    if not isinstance(gate, dict) or gate.get("passed") is not True:
+        raise GateFailed(f"{what}: its manifest does not record a passed gate: export it again with `har-train export`")
+    for source, thresholds in (("the manifest's", gate.get("thresholds", {})), ("params.yaml", settings.gate)):
+        result = check_gate(manifest.metrics, thresholds)
+        if not result.passed:
+            raise GateFailed(
+                f"{what} is below {source} thresholds: " + "; ".join(result.failures) + ": refusing to release it"
+            )
+
+
+def _remote_url(remote: str) -> str:
+    """Absolute form of a DVC remote (local paths made absolute; URLs as given)."""
+    parsed = urlparse(remote)
+    if parsed.scheme and len(parsed.scheme) > 1 and parsed.scheme != "file":
+        return remote
+    path = Path(parsed.path if parsed.scheme == "file" else remote).expanduser()
+    return str(path.resolve())
+
+
+def _ensure_dvc(t: Tools, remote: str) -> str:
+    """DVC initialised with ``remote`` as the committed default; return the remote URL in use."""
+    changed: list[str] = []
+    if not (t.repo / ".dvc").is_dir():
+        t.dvc("init", "-q")
+        changed.append(".dvc")
+        changed.append(".dvcignore")
+    current = t.dvc("config", "core.check_update", check=False).stdout.strip()
+    if current != "false":
+        t.dvc("config", "core.check_update", "false")
+        changed.append(".dvc/config")
+    default = t.dvc("remote", "default", check=False).stdout.strip()
+    url = t.dvc("config", f"remote.{default}.url", check=False).stdout.strip() if default else ""
+    if remote:
+        remote = _remote_url(remote)
+        if url != remote:
+            t.dvc("remote", "add", "-d", "-f", REMOTE_NAME, remote)
+            changed.append(".dvc/config")
+            url = remote
+    if not url:
+        raise ReleaseError(f"{t.repo} has no DVC remote: pass --remote <url> (an absolute path or URL)")
+    if changed:
+        t.git("add", *sorted(set(changed)))
+        if t.git("diff", "--cached", "--quiet", check=False).returncode != 0:
+            t.git("commit", "-q", "-m", "dvc: registry remote and settings")
+    return url
+
+
+def _tag_sha256(t: Tools, tag: str) -> str | None:
+    """sha256 recorded in an existing tag's message; '' when the tag has none; None without the tag."""
+    if t.git("rev-parse", "-q", "--verify", f"refs/tags/{tag}", check=False).returncode != 0:
+        return None
+    msg = t.git("tag", "-l", "--format=%(contents)", tag).stdout
+    m = re.search(r"sha256=([0-9a-f]{64})", msg)
+    return m.group(1) if m else ""
+
+
+def _copy_model(folder: Path, dest: Path) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in (MODEL_FILE, MANIFEST_FILE, GOLDEN_FILE):
+        shutil.copyfile(folder / name, dest / name)
+
+
+def _git_remote(t: Tools) -> str | None:
+    remotes = t.git("remote", check=False).stdout.split()
+    return "origin" if "origin" in remotes else (remotes[0] if remotes else None)
+
+
+def release(
+    settings: Settings, folder: Path, *, registry: str, remote: str = "", push_git: bool = True
+) -> ReleaseResult:
+    folder = Path(folder)
+    if not registry:
+        raise ReleaseError("no registry given: pass --registry <git working repository> (or set release.registry)")
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    check_release_gate(manifest, settings)
+    verify_folder(folder)
+    repo = Path(registry).expanduser().resolve()
+    t = Tools(repo, timeout_s=settings.release.timeout_s, site_cache=settings.cache_dir / "dvc-site")
+    if not repo.is_dir() or t.run("git", "rev-parse", "--show-toplevel", check=False).returncode != 0:
+        raise ReleaseError(f"{repo} is not a git working repository: `git init` it or clone the model registry")
+    if t.git("diff", "--cached", "--quiet", check=False).returncode != 0:
+        raise ReleaseError(f"{repo} has staged changes: commit or unstage them before releasing into it")
+    remote_url = _ensure_dvc(t, remote)
+    name, version = manifest.name, manifest.version
+    tag = tag_name(name, version)
+    rel = Path("models") / name
+    recorded = _tag_sha256(t, tag)
+    if recorded is not None and recorded != manifest.sha256:
+        raise ReleaseError(
+            f"tag {tag} in {repo} already holds another model (sha256 {recorded[:12] or '?'}…, this one "
+            f"{manifest.sha256[:12]}…): versions are never moved; bump export.version in params.yaml and export again"
+        )
+    created = recorded is None
+    if created:
+        _copy_model(folder, repo / rel)
+        t.dvc("add", "-q", str(rel))
+        t.dvc("push", "-q", f"{rel}.dvc")
+        t.git("add", f"{rel}.dvc", str(rel.parent / ".gitignore"))
+        if t.git("diff", "--cached", "--quiet", check=False).returncode != 0:
+            t.git("commit", "-q", "-m", f"release {name} {version}")
+        message = f"{name} {version}\n\nsha256={manifest.sha256}\ndata_hash={manifest.data_hash}\n"
+        t.git("tag", "-a", tag, "-m", message)
+        log.info("released %s as tag %s in %s (files pushed to %s)", name, tag, repo, remote_url)
+    else:
+        # make sure the remote holds the files of the tagged version (a no-op when it does)
+        same = t.git("diff", "--quiet", tag, "HEAD", "--", f"{rel}.dvc", check=False).returncode == 0
+        if same and (repo / rel).is_dir():
+            t.dvc("push", "-q", f"{rel}.dvc")
+        log.info("%s is already released as %s in %s: nothing to change", name, tag, repo)
+    commit = t.git("rev-list", "-n", "1", tag).stdout.strip()
+    git_pushed = False
+    origin = _git_remote(t)
+    if push_git and origin:
+        branch = t.git("rev-parse", "--abbrev-ref", "HEAD").stdout.strip()
+        t.git("push", "-q", origin, branch)
+        t.git("push", "-q", origin, f"refs/tags/{tag}")
+        git_pushed = True
+    mlflow_version, mlflow_created = _register(
+        settings, folder, manifest, tag=tag, commit=commit, registry=str(repo), remote=remote_url
+    )
+    return ReleaseResult(
+        name,
+        version,
+        tag,
+        commit,
+        manifest.sha256,
+        str(repo),
+        remote_url,
+        created,
+        git_pushed,
+        mlflow_version,
+        mlflow_created,
+    )
+
+
+def _version_key(v: str) -> tuple:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (1, Version(v))
+    except InvalidVersion:
+        return (0, v)
+
+
+def _register(
+    settings: Settings, folder: Path, manifest: Manifest, *, tag: str, commit: str, registry: str, remote: str
+) -> tuple[str, bool]:
+    """A registry version for the release (found by sha256, else created from the training run's artifact)."""
+    c = tracking.client(settings)
+    run_id = manifest.mlflow_run_id
+    has_artifact = False
+    if tracking.run_exists(settings, run_id):
+        has_artifact = any(a.path.endswith(MODEL_FILE) for a in c.list_artifacts(run_id, "model"))
+    if not has_artifact:
+        existing = c.search_model_versions(f"name = '{manifest.name}' and tag.sha256 = '{manifest.sha256}'")
+        if existing:
+            run_id = existing[0].run_id
+        else:
+            run_id = tracking.start_run(settings, kind="release", extra_tags={"har.sha256": manifest.sha256})
+            tracking.log_artifacts(settings, run_id, [folder], "model")
+            tracking.end_run(settings, run_id)
+    newest = tracking.alias_version(settings, manifest.name, settings.mlflow.alias)
+    alias: str | None = settings.mlflow.alias
+    if newest is not None:
+        held = c.get_model_version(manifest.name, newest).tags.get("model_version", "")
+        if _version_key(held) > _version_key(manifest.version):
+            alias = None  # a newer version holds the alias
+    version, created = tracking.register_version(
+        settings,
+        name=manifest.name,
+        run_id=run_id,
+        artifact_path="model",
+        sha256=manifest.sha256,
+        tags={
+            "dvc_rev": commit,
+            "git_tag": tag,
+            "model_version": manifest.version,
+            "data_hash": manifest.data_hash,
+            "registry": registry,
+            "dvc_remote": remote,
+        },
+        description=f"{manifest.name} {manifest.version}: dvc get {registry} models/{manifest.name} --rev {tag}",
+        alias=alias,
+    )
+    log.info("MLflow registry: %s version %s (%s)", manifest.name, version, "created" if created else "existing")
+    return version, created
+
+
+def bundle(folder: Path, dest: Path, settings: Settings) -> Path:
+    """Verify a model folder (files, gate, golden windows) and copy it to ``dest`` (replacing it)."""
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    check_release_gate(manifest, settings)
+    verify_folder(folder)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _copy_model(folder, dest)
+    verify_folder(dest)
+    return dest
