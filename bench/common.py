@@ -105,7 +105,9 @@ class Report:
             if r.note:
                 notes.append(r.note)
                 figure += f" [{len(notes)}]"
-            body.append((r.section, figure, r.value, r.baseline, r.ratio, r.target, {True: "yes", False: "NO", None: ""}[r.ok]))
+            body.append(
+                (r.section, figure, r.value, r.baseline, r.ratio, r.target, {True: "yes", False: "NO", None: ""}[r.ok])
+            )
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
         line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
         out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -115,15 +117,16 @@ class Report:
         return "\n".join(out)
 
     def to_json(self) -> str:
-        return json.dumps({"rows": [asdict(r) for r in self.rows], "raw": self.raw, "notes": self.notes}, indent=2,
-                          default=str)
+        return json.dumps(
+            {"rows": [asdict(r) for r in self.rows], "raw": self.raw, "notes": self.notes}, indent=2, default=str
+        )
 
 
 def fmt(x: float, digits: int = 3) -> str:
     """A figure with ``digits`` significant digits and thousands separators."""
     if x != x:  # NaN
         return "n/a"
-    if abs(x) >= 10 ** digits:
+    if abs(x) >= 10**digits:
         return f"{x:,.0f}"
     return f"{x:,.{digits}g}" if abs(x) >= 1 else f"{x:.{digits}g}"
 
@@ -223,7 +226,7 @@ def machine() -> dict:
 
     try:
         from ai_edge_litert import __version__ as litert  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - only for the report
+    except Exception:
         litert = "?"
     return {
         "cpu": cpu,

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -32,11 +31,10 @@ T0_MS = 1_742_802_739_000  # 2025-03-24 07:52:19 UTC, the fixtures' start
 
 def fill_outbox(outbox, points: int) -> tuple[int, int]:
     """Files of 24 h of windows until ``points`` metric points are queued; (files, points)."""
-    from har_edge.agent.outbox import FileRecord, now_ms
-    from har_edge.agent.summary import iter_minute_points, summary_points
-
     from har_edge.agent.manifest import read_manifest
     from har_edge.agent.model import BUNDLED_MODEL_DIR
+    from har_edge.agent.outbox import FileRecord, now_ms
+    from har_edge.agent.summary import iter_minute_points, summary_points
 
     model = read_manifest(BUNDLED_MODEL_DIR)  # a model the device knows: its params go with each run
     rng = np.random.default_rng(0)
@@ -72,7 +70,10 @@ def raw_ceiling(client, experiment_id: str, outbox, batches: int, offset: int) -
             "SELECT key, value, timestamp_ms, step FROM metrics WHERE file_id IS NOT NULL ORDER BY id LIMIT ? OFFSET ?",
             (batches * 1000, offset * 1000),
         ).all()
-    chunks = [[Metric(k, float(v), int(ts), int(st)) for k, v, ts, st in rows[i : i + 1000]] for i in range(0, len(rows), 1000)]
+    chunks = [
+        [Metric(k, float(v), int(ts), int(st)) for k, v, ts, st in rows[i : i + 1000]]
+        for i in range(0, len(rows), 1000)
+    ]
     run_id = client.create_run(experiment_id, tags={"bench": "log_batch"}).info.run_id
     t0 = time.perf_counter()
     for chunk in chunks:

@@ -89,7 +89,10 @@ def decode_sdk(path: Path) -> int:
     if errors:
         raise RuntimeError(f"garmin-fit-sdk: {errors[0]}")
     n = 0
-    for key, field in (("accelerometer_data_mesgs", "calibrated_accel_x"), ("gyroscope_data_mesgs", "calibrated_gyro_x")):
+    for key, field in (
+        ("accelerometer_data_mesgs", "calibrated_accel_x"),
+        ("gyroscope_data_mesgs", "calibrated_gyro_x"),
+    ):
         n += sum(len(m.get(field) or ()) for m in messages.get(key, ()))
     return n
 
@@ -152,12 +155,14 @@ def run(report: Report, *, model_dir: Path | None, repeats: int = REPEATS, quick
     sdk_n, sdk = timed(lambda: decode_sdk(small))
     fd_n, fd = timed(lambda: decode_fitdecode(small))
     if not (sdk_n == fd_n == n_small):
-        report.notes.append(f"decoders disagree on the sample count of {small.name}: ours {n_small}, SDK {sdk_n}, fitdecode {fd_n}")
+        report.notes.append(
+            f"decoders disagree on the sample count of {small.name}: ours {n_small}, SDK {sdk_n}, fitdecode {fd_n}"
+        )
     scale = n_day / n_small
     ours_rate = median([n_small / s.cpu for _, s in ours])
     day_rate = median([n_day / s.cpu for _, s in ours_day])
     label = f"{small_hours:g} h"
-    report.add(S, f"decode, ours (24 h file: scan+CRC, then chunks)", f"{fmt(day_rate / 1e6)} M samples/s",
+    report.add(S, "decode, ours (24 h file: scan+CRC, then chunks)", f"{fmt(day_rate / 1e6)} M samples/s",
                note=f"{fmt(n_day)} samples in {median([s.cpu for _, s in ours_day]):.2f} s CPU "
                     f"({median([s.wall for _, s in ours_day]):.2f} s wall)")  # fmt: skip
     report.add(S, f"decode, garmin-fit-sdk defaults ({label} file)", f"{fmt(sdk_n / sdk.cpu / 1e3)} k samples/s",

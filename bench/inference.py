@@ -52,7 +52,7 @@ def tflite_macs(model_path: Path) -> tuple[int, dict[str, int]]:
     interp.allocate_tensors()
     shapes = {t["index"]: tuple(int(s) for s in t["shape"]) for t in interp.get_tensor_details()}
     total, by_op = 0, {}
-    for op in interp._get_ops_details():  # noqa: SLF001 - the only way to list ops from Python
+    for op in interp._get_ops_details():
         name = op["op_name"]
         ins = [i for i in op["inputs"] if i >= 0]
         if not op["outputs"] or len(ins) < 2:
@@ -89,7 +89,9 @@ class Peak:
         else:
             self._limits = threadpool_limits
             pools = [p for p in threadpool_info() if p.get("internal_api") == "openblas"]
-            self.info = {"architecture": pools[0].get("architecture"), "version": pools[0].get("version")} if pools else {}
+            self.info = (
+                {"architecture": pools[0].get("architecture"), "version": pools[0].get("version")} if pools else {}
+            )
         rng = np.random.default_rng(0)
         self.a = rng.random((512, 512), dtype=np.float32)
         self.b = rng.random((512, 512), dtype=np.float32)
@@ -182,10 +184,10 @@ class KerasWorker:
 
 
 def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, rounds: int = ROUNDS) -> None:
+    from bench.keras_worker import default_keras_path
     from har_edge.agent.model import BUNDLED_MODEL_DIR, load_model
     from har_edge.agent.preprocess import apply_scaler
     from har_edge.agent.settings import AgentSettings
-    from bench.keras_worker import default_keras_path
 
     S = "1 inference"
     model_dir = Path(model_dir or BUNDLED_MODEL_DIR)
@@ -203,7 +205,12 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
     keras_from_file = keras_file is not None and Path(keras_file).is_file()
     if keras_path is not None and not keras_from_file:
         raise FileNotFoundError(f"--keras {keras_path} does not exist")
-    log.info("inference: %s (%d MACs/window), Keras from %s", m.name, macs, keras_file if keras_from_file else "trainer.model")
+    log.info(
+        "inference: %s (%d MACs/window), Keras from %s",
+        m.name,
+        macs,
+        keras_file if keras_from_file else "trainer.model",
+    )
     worker = KerasWorker(windows_file, Path(keras_file) if keras_from_file else None, len(m.labels))
     kinfo = worker.info
     same_arch = macs > 0 and abs(kinfo["macs"] - macs) <= 0.05 * max(macs, 1)
@@ -266,7 +273,9 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
             peak_note = "peak measured once in a worker (threadpoolctl missing): not interleaved"
         elif best > max(peaks):
             peaks = [max(p, best) for p in peaks]
-            peak_note = f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is slower here: peak from a run without it"
+            peak_note = (
+                f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is slower here: peak from a run without it"
+            )
         report.raw["inference_peak_workers"] = {"as_set": sub, "unset": alt}
     floors = [p * 1e9 / (2 * macs) if macs else float("nan") for p in peaks]  # windows/s/core at the peak
 
@@ -291,9 +300,13 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
                    ratio=f"{median(speedup):.2f}x 1 thread" if speedup else "",
                    note=f"{fmt(median(per_cpu(two)))} w/s per CPU-second")  # fmt: skip
     kb = median(keras_call)
-    arch_note = "" if same_arch else (
-        f"n/a: the int8 model ({fmt(macs / 1e6)} M MACs) is not trainer.model's architecture "
-        f"({fmt(kinfo['macs'] / 1e6)} M MACs)"
+    arch_note = (
+        ""
+        if same_arch
+        else (
+            f"n/a: the int8 model ({fmt(macs / 1e6)} M MACs) is not trainer.model's architecture "
+            f"({fmt(kinfo['macs'] / 1e6)} M MACs)"
+        )
     )
     ratio_keras = [a / b for a, b in zip(per_cpu(best_key), keras_call)]
     ratio_predict = [a / b for a, b in zip(per_cpu(best_key), keras_predict)]
@@ -321,5 +334,9 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
     if agreement is not None:
         report.add(S, "argmax agreement int8 vs Keras float", f"{agreement * 100:.2f}%", note=agree_note)
     else:
-        why = "Keras model built from trainer.model with random weights" if not keras_from_file else "different architectures"
+        why = (
+            "Keras model built from trainer.model with random weights"
+            if not keras_from_file
+            else "different architectures"
+        )
         report.add(S, "argmax agreement int8 vs Keras float", "n/a", note=why)

@@ -41,7 +41,7 @@ def default_keras_path() -> Path | None:
 
         params = root / "params.yaml"
         return load_settings(params if params.is_file() else None).train_dir / MODEL_FILE
-    except Exception:  # noqa: BLE001 - the trainer is optional here
+    except Exception:
         return root / "build" / "trainer" / "train" / "model.keras"
 
 
@@ -52,7 +52,9 @@ def keras_macs(model) -> int:
     total = 0
     for layer in model.layers:
         if isinstance(layer, layers.Conv1D):
-            total += layer.output.shape[1] * layer.kernel_size[0] * layer.input.shape[-1] // layer.groups * layer.filters
+            total += (
+                layer.output.shape[1] * layer.kernel_size[0] * layer.input.shape[-1] // layer.groups * layer.filters
+            )
         elif isinstance(layer, layers.Conv2D):
             oh, ow = layer.output.shape[1:3]
             kh, kw = layer.kernel_size
@@ -127,7 +129,9 @@ def main() -> int:
             model(tensors(cmd["batch"])[0], training=False)
             model.predict(x[: cmd["batch"]], batch_size=cmd["batch"], verbose=0)
             model.predict(x[:1], verbose=0)
-        out.write(json.dumps({"op": op, "n": n, "wall": time.perf_counter() - w, "cpu": time.process_time() - c}) + "\n")
+        out.write(
+            json.dumps({"op": op, "n": n, "wall": time.perf_counter() - w, "cpu": time.process_time() - c}) + "\n"
+        )
         out.flush()
     return 0
 

@@ -36,8 +36,11 @@ def measure(n: int = 512, repeats: int = 300) -> dict:
 
         pools = [p for p in threadpool_info() if p.get("internal_api") == "openblas"]
         if pools:
-            info.update(architecture=pools[0].get("architecture"), threads=pools[0].get("num_threads"),
-                        version=pools[0].get("version"))
+            info.update(
+                architecture=pools[0].get("architecture"),
+                threads=pools[0].get("num_threads"),
+                version=pools[0].get("version"),
+            )
     except ImportError:
         pass
     return {"gflops_best": max(rates), "gflops_median": statistics.median(rates), "openblas": info}

@@ -33,8 +33,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and repeats: a smoke run, not figures")
     ap.add_argument("--model-dir", type=Path, help="model folder to measure (default: the bundled model)")
-    ap.add_argument("--keras", type=Path, help="the float Keras model of the same architecture "
-                    "(default: build/trainer/train/model.keras when it exists, else trainer.model's architecture)")
+    ap.add_argument(
+        "--keras",
+        type=Path,
+        help="the float Keras model of the same architecture "
+        "(default: build/trainer/train/model.keras when it exists, else trainer.model's architecture)",
+    )
     ap.add_argument("--sync-points", type=int, default=100_000, help="metric points queued for the sync section")
     ap.add_argument("--write-docs", action="store_true", help=f"rewrite the figures block of {DOCS.relative_to(ROOT)}")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -64,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         if "inference" in wanted:
             from bench import inference
 
-            inference.run(report, model_dir=args.model_dir, keras_path=args.keras, rounds=3 if args.quick else inference.ROUNDS)
+            inference.run(
+                report, model_dir=args.model_dir, keras_path=args.keras, rounds=3 if args.quick else inference.ROUNDS
+            )
         if "e2e" in wanted:
             from bench import e2e
 

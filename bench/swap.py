@@ -44,7 +44,9 @@ def expected_windows(path: Path, manifest) -> int:
     from har_edge.agent.decode.fit import decode_fit
     from har_edge.agent.preprocess import recording_windows
 
-    ws = recording_windows(decode_fit(path), rate_hz=manifest.sample_rate_hz, window=manifest.window, step=manifest.step)
+    ws = recording_windows(
+        decode_fit(path), rate_hz=manifest.sample_rate_hz, window=manifest.window, step=manifest.step
+    )
     return len(ws)
 
 

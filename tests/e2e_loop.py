@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -58,8 +58,11 @@ def make_registry(root: Path, log=print) -> tuple[Path, Path, Path]:
 
 def train_small_model(root: Path, tracking_uri: str, log=print) -> Path:
     params = {
-        "data": {"source": "synthetic", "cache_dir": "cache",
-                 "synthetic": {"subjects": 8, "seconds_per_activity": 40, "seed": 3}},
+        "data": {
+            "source": "synthetic",
+            "cache_dir": "cache",
+            "synthetic": {"subjects": 8, "seconds_per_activity": 40, "seed": 3},
+        },
         "split": {"test_subjects": [], "val_subjects": 2, "seed": 1},
         "train": {"epochs": 6, "patience": 6, "threads": 2, "filters": [16, 32, 48], "dense": 32},
         "export": {"name": MODEL, "version": VERSION, "representative_windows": 64, "golden_per_class": 2},
@@ -93,8 +96,22 @@ def run_loop(work: Path, tracking_uri: str, log=print) -> dict:
     log("== 1. train a small model and release it")
     repo, origin, remote = make_registry(work, log=log)
     folder = train_small_model(work / "trainer", tracking_uri, log=log)
-    _run([BIN / "har-train", "--params", work / "trainer" / "params.yaml", "release",
-          "--registry", repo, "--remote", remote, folder], cwd=work / "trainer", env=env, log=log)
+    _run(
+        [
+            BIN / "har-train",
+            "--params",
+            work / "trainer" / "params.yaml",
+            "release",
+            "--registry",
+            repo,
+            "--remote",
+            remote,
+            folder,
+        ],
+        cwd=work / "trainer",
+        env=env,
+        log=log,
+    )
 
     log("== 2. the device pulls, verifies and activates it")
     data = work / "device"
@@ -115,7 +132,7 @@ def run_loop(work: Path, tracking_uri: str, log=print) -> dict:
 
     log("== 3. the agent processes a Garmin FIT export")
     export = work / "walk.fit"
-    write_imu_fit(export, rate_hz=50, seconds=180, start=datetime(2025, 3, 24, 7, 52, 19, tzinfo=timezone.utc))
+    write_imu_fit(export, rate_hz=50, seconds=180, start=datetime(2025, 3, 24, 7, 52, 19, tzinfo=UTC))
     log(_run([BIN / "har-edge", "agent", "process", export], cwd=work, env=edge_env, log=log).strip())
 
     log("== 4. the device pushes its outbox")
@@ -124,7 +141,9 @@ def run_loop(work: Path, tracking_uri: str, log=print) -> dict:
     log("== 5. MLflow holds exactly what the outbox holds")
     ob = Outbox(data / "outbox.sqlite")
     with ob.engine.connect() as c:
-        row = c.exec_driver_sql("SELECT id, sha256, run_id, model_version, finished_ms FROM files WHERE status='processed'").one()
+        row = c.exec_driver_sql(
+            "SELECT id, sha256, run_id, model_version, finished_ms FROM files WHERE status='processed'"
+        ).one()
     client = MlflowClient(tracking_uri)
     run = client.get_run(row.run_id)
     problems = []
@@ -150,10 +169,14 @@ def run_loop(work: Path, tracking_uri: str, log=print) -> dict:
     if problems:
         raise AssertionError("MLflow and the outbox disagree:\n  " + "\n  ".join(problems))
     result = {
-        "run_id": row.run_id, "model_version": VERSION, "windows": len(rows), "metric_keys": len(expected),
+        "run_id": row.run_id,
+        "model_version": VERSION,
+        "windows": len(rows),
+        "metric_keys": len(expected),
         "metric_points": sum(sum(c.values()) for c in expected.values()),
         "minutes": len(expected.get("minute_confidence", ())),
-        "release_to_activation_s": round(pull_s, 2), "total_s": round(time.monotonic() - t0, 1),
+        "release_to_activation_s": round(pull_s, 2),
+        "total_s": round(time.monotonic() - t0, 1),
     }
     log("OK: " + json.dumps(result))
     return result

@@ -21,7 +21,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,10 @@ from garmin_fit_sdk import fit as FIT
 from garmin_fit_sdk.crc_calculator import CrcCalculator
 from garmin_fit_sdk.profile import Profile
 
-FIT_EPOCH = datetime(1989, 12, 31, tzinfo=timezone.utc)
-UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+FIT_EPOCH = datetime(1989, 12, 31, tzinfo=UTC)
+UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FIT_EPOCH_S = 631065600
-DEFAULT_START = datetime(2025, 3, 24, 7, 52, 19, tzinfo=timezone.utc)
+DEFAULT_START = datetime(2025, 3, 24, 7, 52, 19, tzinfo=UTC)
 GENERATOR_VERSION = 1  # bump when the bytes written for given parameters change
 
 #: signal(t_seconds, rng) -> (accel in milli-g (n, 3), gyro in deg/s (n, 3))
@@ -453,7 +453,7 @@ class _FastEncoder:
         self.f.write(header)
         self.f.flush()
         self.f.seek(0)
-        from har_edge.agent.decode.fitfast import Crc16  # noqa: PLC0415 (checked against the SDK decoder by a test)
+        from har_edge.agent.decode.fitfast import Crc16
 
         crc = Crc16()
         while block := self.f.read(4 << 20):
@@ -504,9 +504,7 @@ class _FastEncoder:
                 bdef = FIT.BASE_TYPE_DEFINITIONS[base]
                 out += struct.pack("<BBB", fnum, count * bdef["size"], base | bdef["endian_flag"])
         by_name = {f[0]: f for f in fields}
-        fmt = "<B" + "".join(
-            f"{by_name[n][3]}{FIT.BASE_TYPE_DEFINITIONS[by_name[n][2]]['type_code']}" for n in order
-        )
+        fmt = "<B" + "".join(f"{by_name[n][3]}{FIT.BASE_TYPE_DEFINITIONS[by_name[n][2]]['type_code']}" for n in order)
         return local, struct.Struct(fmt), order, ident
 
 

@@ -104,7 +104,10 @@ def install_local(models_dir: Path, version: str, *, previous: str | None = None
 def _git(*args: str, cwd: Path) -> str:
     return subprocess.run(
         ["git", "-c", "user.name=trainer", "-c", "user.email=trainer@example.org", *args],
-        cwd=cwd, check=True, capture_output=True, text=True,
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
 
 
@@ -174,11 +177,21 @@ class RegistryRepo:
             make_model_folder(folder, version, name=self.name, variant=variant)
             self.folders[version] = folder
             releases.append({"tag": f"{self.name}@v{version}", "folder": str(folder)})
-        job = {"work": str(self.work), "store": str(self.store), "name": self.name, "init": not self._initialized,
-               "releases": releases}
+        job = {
+            "work": str(self.work),
+            "store": str(self.store),
+            "name": self.name,
+            "init": not self._initialized,
+            "releases": releases,
+        }
         env = dict(os.environ, DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(self.root / "dvc-site"))
-        res = subprocess.run([sys.executable, "-c", _RELEASE_SCRIPT, json.dumps(job)], env=env,
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [sys.executable, "-c", _RELEASE_SCRIPT, json.dumps(job)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if res.returncode != 0:
             raise RuntimeError(f"release failed: {res.stderr[-3000:]}")
         self._initialized = True
@@ -226,11 +239,19 @@ def add_file(
     rng = np.random.default_rng(seed)
     processed_ms = processed_ms if processed_ms is not None else now_ms()
     rec = FileRecord(
-        sha256=hashlib.sha256(f"file-{seed}".encode()).hexdigest(), name=f"rec-{seed:04d}.fit", size=1000 + seed,
-        status=status, received_ms=processed_ms - 500, processed_ms=processed_ms, agent_version="test",
-        format="fit", model_name=model_name or BUNDLED.name, model_version=model_version or BUNDLED.version,
+        sha256=hashlib.sha256(f"file-{seed}".encode()).hexdigest(),
+        name=f"rec-{seed:04d}.fit",
+        size=1000 + seed,
+        status=status,
+        received_ms=processed_ms - 500,
+        processed_ms=processed_ms,
+        agent_version="test",
+        format="fit",
+        model_name=model_name or BUNDLED.name,
+        model_version=model_version or BUNDLED.version,
         model_sha256=model_sha256 or BUNDLED.sha256,
-        error_kind=error_kind, error_message=error_kind and f"{error_kind} (test)",
+        error_kind=error_kind,
+        error_message=error_kind and f"{error_kind} (test)",
     )
     if status != "processed":
         return ob.record_file(rec)
@@ -241,8 +262,13 @@ def add_file(
         probs[np.arange(n), rng.integers(0, len(labels), n)] = confidence
     starts = T0_MS + seed * 86_400_000 + np.arange(n, dtype=np.int64) * 2000
     points = summary_points(
-        label_names=labels, probs=probs, step_s=2.0, low_confidence=0.6, per_window_s=[0.001] * n,
-        timings={"decode": 0.1, "preprocess": 0.05, "inference": 0.02}, quality={"coverage": 1.0},
+        label_names=labels,
+        probs=probs,
+        step_s=2.0,
+        low_confidence=0.6,
+        per_window_s=[0.001] * n,
+        timings={"decode": 0.1, "preprocess": 0.05, "inference": 0.02},
+        quality={"coverage": 1.0},
         timestamp_ms=processed_ms,
     ) + minute_points(label_names=labels, start_ms=starts, probs=probs)
     return ob.record_file(rec, label_names=labels, start_ms=starts, probs=probs, points=points)

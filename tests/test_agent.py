@@ -11,18 +11,18 @@ import sys
 import threading
 import time
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fitgen import write_activity_fit, write_imu_fit
 
 from har_edge.agent.daemon import Agent
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import load_settings
-from fitgen import write_activity_fit, write_imu_fit
 
-START = datetime(2025, 3, 24, 7, 52, 19, tzinfo=timezone.utc)
+START = datetime(2025, 3, 24, 7, 52, 19, tzinfo=UTC)
 
 
 def _drop(agent: Agent, src: Path, name: str | None = None) -> Path:
@@ -57,8 +57,17 @@ def test_a_fit_export_becomes_windows_and_metrics(settings, walk_fit):
     assert starts[0] == int(START.timestamp() * 1000) and np.all(np.diff(starts) == 2000)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=0.05)
     keys = {p.key for p in agent.outbox.file_metrics(outcome.file_id)}
-    assert {"windows", "mean_confidence", "low_confidence_share", "inference_time_p50_ms", "inference_time_p95_ms",
-            "decode_time_s", "quality_native_rate_hz", "quality_gaps", "minute_confidence"} <= keys
+    assert {
+        "windows",
+        "mean_confidence",
+        "low_confidence_share",
+        "inference_time_p50_ms",
+        "inference_time_p95_ms",
+        "decode_time_s",
+        "quality_native_rate_hz",
+        "quality_gaps",
+        "minute_confidence",
+    } <= keys
     assert any(k.startswith("seconds_") for k in keys) and any(k.startswith("minute_share_") for k in keys)
     row = agent.outbox.file(outcome.file_id)
     assert row.model_sha256 == agent.models.model.manifest.sha256 and row.format == "fit"
@@ -236,8 +245,14 @@ def test_a_model_that_fails_to_load_is_recorded_and_the_old_one_kept(settings, w
 
 def _cli(*args, data_dir: Path, timeout=120, **kw):
     env = dict(os.environ, HAR_EDGE_DATA_DIR=str(data_dir), HAR_EDGE_AGENT__SETTLE_S="0.2")
-    return subprocess.run([sys.executable, "-m", "har_edge.agent.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "har_edge.agent.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def test_process_command_equals_the_daemon(settings, walk_fit, tmp_path):
@@ -327,8 +342,13 @@ def test_kill_9_mid_file_then_restart_processes_it_exactly_once(tmp_path, fixtur
 def test_sigterm_stops_the_daemon_cleanly(tmp_path, walk_fit):
     data_dir = tmp_path / "var"
     env = dict(os.environ, HAR_EDGE_DATA_DIR=str(data_dir), HAR_EDGE_AGENT__SETTLE_S="0.2")
-    proc = subprocess.Popen([sys.executable, "-m", "har_edge.agent.cli", "agent", "run"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "har_edge.agent.cli", "agent", "run"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert _wait(lambda: (data_dir / "inbox").is_dir(), 60)
     shutil.copy(walk_fit, data_dir / "inbox" / "walk.fit")
     assert _wait(lambda: list((data_dir / "archive").rglob("walk.fit")), 60)

@@ -37,7 +37,9 @@ def test_offsets_runs_equal_the_plain_list():
             assert o.take(i, n).tolist() == ref[i : i + n]
 
 
-@pytest.mark.parametrize("n,window,step", [(1000, 200, 100), (199, 200, 100), (200, 200, 100), (1234, 200, 37), (9, 3, 1)])
+@pytest.mark.parametrize(
+    "n,window,step", [(1000, 200, 100), (199, 200, 100), (200, 200, 100), (1234, 200, 37), (9, 3, 1)]
+)
 def test_contiguous_windows_equal_the_sliding_view(n, window, step):
     x = np.random.default_rng(1).standard_normal((n, 6)).astype(np.float32)
     got = _contiguous_windows(x, window, step)
@@ -68,9 +70,9 @@ def test_fit_name_tables_are_the_sdks():
     """The fast reader's names (kept to avoid importing the SDK's profile) equal the pinned SDK's."""
     from garmin_fit_sdk.profile import Profile
 
-    assert fitnames.MESSAGES == {k: v["name"] for k, v in Profile["messages"].items()}
-    assert fitnames.MANUFACTURERS == Profile["types"]["manufacturer"]
-    assert fitnames.GARMIN_PRODUCTS == Profile["types"]["garmin_product"]
+    assert {k: v["name"] for k, v in Profile["messages"].items()} == fitnames.MESSAGES
+    assert Profile["types"]["manufacturer"] == fitnames.MANUFACTURERS
+    assert Profile["types"]["garmin_product"] == fitnames.GARMIN_PRODUCTS
 
 
 def test_tflite_macs_of_the_bundled_model():

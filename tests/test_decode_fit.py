@@ -9,19 +9,12 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import fitdecode
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from har_edge.agent.decode import fitfast
-from har_edge.agent.decode.fit import decode_fit, fit_file_complete
-from har_edge.agent.decode.types import FIT_EPOCH_S, SensorBlock
-from har_edge.agent.errors import CorruptFile, InputError, NoImuData, UnknownFormat
 from fitgen import (
     ACCEL_CALIBRATION,
     ImuFixture,
@@ -29,6 +22,13 @@ from fitgen import (
     write_activity_fit,
     write_imu_fit,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from har_edge.agent.decode import fitfast
+from har_edge.agent.decode.fit import decode_fit, fit_file_complete
+from har_edge.agent.decode.types import FIT_EPOCH_S, SensorBlock
+from har_edge.agent.errors import CorruptFile, InputError, NoImuData, UnknownFormat
 
 ENGINES = ("fast", "sdk")
 
@@ -325,7 +325,7 @@ def imu_files(draw):
         extra_messages=draw(st.booleans()),
         developer_field=draw(st.booleans()),
         big_endian=draw(st.booleans()),
-        start=datetime(2024, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=draw(st.integers(0, 10**9))),
+        start=datetime(2024, 1, 1, tzinfo=UTC) + timedelta(milliseconds=draw(st.integers(0, 10**9))),
     )
 
 

@@ -6,7 +6,7 @@ import csv
 import json
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,7 @@ def expected(msgs: list[Msg], *, unix_base_s: int | None = None) -> SensorBlock:
 
 
 def fit_date(ts: int, fmt: str = "%m/%d/%Y, %I:%M:%S %p") -> str:
-    return (datetime(1989, 12, 31, tzinfo=timezone.utc) + timedelta(seconds=ts)).strftime(fmt)
+    return (datetime(1989, 12, 31, tzinfo=UTC) + timedelta(seconds=ts)).strftime(fmt)
 
 
 def fmt_list(values, style: str) -> str:
@@ -198,7 +198,7 @@ def test_study_csv_pair_with_fit_seconds_decodes_exactly(tmp_path, style):
     assert_block(got_a, expected(acc))
     assert_block(got_g, expected(gyr))
     assert got_a.t_ms[0] == (FIT0 + FIT_EPOCH_S) * 1000  # 2025, not 1970 or 2055
-    assert datetime.fromtimestamp(got_a.t_ms[0] / 1000, timezone.utc).year == 2025
+    assert datetime.fromtimestamp(got_a.t_ms[0] / 1000, UTC).year == 2025
     assert rec.meta["time_base"] == "fit_s"
     assert rec.meta["samples"] == {"accelerometer": 100, "gyroscope": 100}
 
@@ -216,8 +216,8 @@ def test_study_csv_with_date_strings_is_utc(tmp_path):
         w.writerow(["03/24/2025, 07:52:19 AM", 5, '["0","10"]', '["1","2"]', '["3","4"]', '["1000","1001"]'])
         w.writerow(["03/24/2025, 01:05:00 PM", 0, '["0"]', '["1"]', '["3"]', '["1000"]'])
     got, _, _ = collect(decode_study_tables(p, None, "r"))
-    t0 = int(datetime(2025, 3, 24, 7, 52, 19, tzinfo=timezone.utc).timestamp() * 1000)
-    t1 = int(datetime(2025, 3, 24, 13, 5, 0, tzinfo=timezone.utc).timestamp() * 1000)
+    t0 = int(datetime(2025, 3, 24, 7, 52, 19, tzinfo=UTC).timestamp() * 1000)
+    t1 = int(datetime(2025, 3, 24, 13, 5, 0, tzinfo=UTC).timestamp() * 1000)
     assert got.t_ms.tolist() == [t0 + 5, t0 + 15, t1]
     assert got.xyz.tolist() == [[1, 3, 1000], [2, 4, 1001], [1, 3, 1000]]
 

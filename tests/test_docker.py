@@ -20,7 +20,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -138,13 +138,18 @@ def agent_run(podman: Podman, tmp_path_factory) -> AgentRun:
     root = tmp_path_factory.mktemp("edge")
     data = data_volume(root / "data")
     export = root / "walk.fit"
-    write_imu_fit(export, rate_hz=50, seconds=60, start=datetime(2025, 3, 24, 7, 52, 19, tzinfo=timezone.utc))
+    write_imu_fit(export, rate_hz=50, seconds=60, start=datetime(2025, 3, 24, 7, 52, 19, tzinfo=UTC))
 
     name = podman.name("agent")
     t0 = time.monotonic()
-    podman("run", "-d", "--name", name,
-           *podman.run_args(data, env={"HAR_EDGE_AGENT__SETTLE_S": "0.5", "HAR_EDGE_DEVICE_ID": "podman-test"}),
-           podman.image)
+    podman(
+        "run",
+        "-d",
+        "--name",
+        name,
+        *podman.run_args(data, env={"HAR_EDGE_AGENT__SETTLE_S": "0.5", "HAR_EDGE_DEVICE_ID": "podman-test"}),
+        podman.image,
+    )
     podman.wait_for_log(name, "watching /data/inbox")
     start_s = time.monotonic() - t0
 
@@ -176,10 +181,13 @@ def agent_run(podman: Podman, tmp_path_factory) -> AgentRun:
     stop = podman("stop", "-t", "30", name, check=False, timeout=90)
     stop_s = time.monotonic() - t2
     exit_code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
-    print(f"agent container: started in {start_s:.1f} s, processed the export in {process_s:.1f} s, "
-          f"stopped in {stop_s:.1f} s")
-    return AgentRun(data, export, start_s, uid, opt_write, tmp_write, health, process_s, stop, stop_s, exit_code,
-                    podman.logs(name))
+    print(
+        f"agent container: started in {start_s:.1f} s, processed the export in {process_s:.1f} s, "
+        f"stopped in {stop_s:.1f} s"
+    )
+    return AgentRun(
+        data, export, start_s, uid, opt_write, tmp_write, health, process_s, stop, stop_s, exit_code, podman.logs(name)
+    )
 
 
 # -- the image -----------------------------------------------------------------------------------------
@@ -277,8 +285,17 @@ def test_health_check_fails_without_a_usable_model(podman: Podman, tmp_path, bro
         _broken_current(data)
     name = podman.name("health")
     # the image's HEALTHCHECK, run by podman in a container kept alive by a sleep
-    podman("run", "-d", "--name", name, *podman.run_args(data, env=env), podman.image,
-           "python3", "-c", "import time; time.sleep(600)")
+    podman(
+        "run",
+        "-d",
+        "--name",
+        name,
+        *podman.run_args(data, env=env),
+        podman.image,
+        "python3",
+        "-c",
+        "import time; time.sleep(600)",
+    )
     res = podman("healthcheck", "run", name, check=False, timeout=60)
     assert res.returncode == 1 and "unhealthy" in res.stdout, res.stdout + res.stderr
     direct = podman("exec", name, "har-edge", "health", check=False)
@@ -289,23 +306,37 @@ def test_health_check_fails_without_a_usable_model(podman: Podman, tmp_path, bro
 # -- the sync daemon in the image --------------------------------------------------------------------------
 
 needs_sync = pytest.mark.skipif(
-    not (ROOT / "har_edge" / "sync" / "cli.py").exists(), reason="sync/cli.py is not written yet: no `har-edge sync` command"
+    not (ROOT / "har_edge" / "sync" / "cli.py").exists(),
+    reason="sync/cli.py is not written yet: no `har-edge sync` command",
 )
 
 
 @needs_sync
 @pytest.mark.server
-def test_sync_once_delivers_the_outbox_to_mlflow_on_the_host_loopback(podman: Podman, agent_run: AgentRun,
-                                                                       mlflow_server, tmp_path):
+def test_sync_once_delivers_the_outbox_to_mlflow_on_the_host_loopback(
+    podman: Podman, agent_run: AgentRun, mlflow_server, tmp_path
+):
     from mlflow.tracking import MlflowClient
 
     from har_edge.agent.pipeline import export_sha256
 
     experiment = f"docker-{uuid.uuid4().hex[:8]}"
-    env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "HAR_EDGE_SYNC__EXPERIMENT": experiment,
-           "HAR_EDGE_DEVICE_ID": "podman-test"}
-    res = podman("run", "--rm", *podman.run_args(agent_run.data, network="host", env=env), podman.image,
-                 "har-edge", "sync", "once", check=False, timeout=300)
+    env = {
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "HAR_EDGE_SYNC__EXPERIMENT": experiment,
+        "HAR_EDGE_DEVICE_ID": "podman-test",
+    }
+    res = podman(
+        "run",
+        "--rm",
+        *podman.run_args(agent_run.data, network="host", env=env),
+        podman.image,
+        "har-edge",
+        "sync",
+        "once",
+        check=False,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=mlflow_server.url)
@@ -355,17 +386,29 @@ def test_sync_once_pulls_verifies_and_activates_a_release_inside_the_image(podma
 # -- the trainer image (optional: TensorFlow is large) -------------------------------------------------------
 
 
-@pytest.mark.skipif(os.environ.get("HAR_EDGE_TEST_TRAINER_IMAGE") != "1",
-                    reason="builds the TensorFlow trainer image (~2 GB, several minutes): set HAR_EDGE_TEST_TRAINER_IMAGE=1")
+@pytest.mark.skipif(
+    os.environ.get("HAR_EDGE_TEST_TRAINER_IMAGE") != "1",
+    reason="builds the TensorFlow trainer image (~2 GB, several minutes): set HAR_EDGE_TEST_TRAINER_IMAGE=1",
+)
 def test_trainer_image_builds_and_runs(podman: Podman):
-    res = subprocess.run([str(BUILD), "trainer", "--tag", "localhost/har-train:test"], capture_output=True,
-                         text=True, timeout=3600)
+    res = subprocess.run(
+        [str(BUILD), "trainer", "--tag", "localhost/har-train:test"], capture_output=True, text=True, timeout=3600
+    )
     assert res.returncode == 0, res.stderr[-5000:]
     print(res.stdout.strip())
     out = podman("run", "--rm", "--network", "none", "--read-only", "localhost/har-train:test", "--help")
     assert "release" in out.stdout
-    tf = podman("run", "--rm", "--network", "none", "--entrypoint", "python3", "localhost/har-train:test",
-                "-c", "import tensorflow as tf, trainer.cli; print(tf.__version__)")
+    tf = podman(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "python3",
+        "localhost/har-train:test",
+        "-c",
+        "import tensorflow as tf, trainer.cli; print(tf.__version__)",
+    )
     assert tf.stdout.strip().startswith("2.")
 
 
@@ -380,14 +423,15 @@ def _podman_compose() -> str | None:
 
 
 @pytest.mark.server
-@pytest.mark.skipif(os.environ.get("HAR_EDGE_TEST_COMPOSE") != "1" or _podman_compose() is None,
-                    reason="runs docker/compose.yaml with podman-compose (pip install podman-compose) and builds "
-                           "the MLflow server image: set HAR_EDGE_TEST_COMPOSE=1")
+@pytest.mark.skipif(
+    os.environ.get("HAR_EDGE_TEST_COMPOSE") != "1" or _podman_compose() is None,
+    reason="runs docker/compose.yaml with podman-compose (pip install podman-compose) and builds "
+    "the MLflow server image: set HAR_EDGE_TEST_COMPOSE=1",
+)
 def test_compose_stack_shows_a_dropped_export_in_mlflow(podman: Podman, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     from conftest import free_port
     from fitgen import write_imu_fit
+    from mlflow.tracking import MlflowClient
 
     res = subprocess.run([str(BUILD), "mlflow"], capture_output=True, text=True, timeout=2400)
     assert res.returncode == 0, res.stderr[-5000:]
@@ -401,7 +445,7 @@ def test_compose_stack_shows_a_dropped_export_in_mlflow(podman: Podman, tmp_path
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
         client = MlflowClient(tracking_uri=url)
         export = tmp_path / "walk.fit"
-        write_imu_fit(export, rate_hz=50, seconds=60, start=datetime(2025, 3, 24, 9, 0, tzinfo=timezone.utc))
+        write_imu_fit(export, rate_hz=50, seconds=60, start=datetime(2025, 3, 24, 9, 0, tzinfo=UTC))
         podman.wait_for_log(f"{project}_agent_1", "watching /data/inbox")
         # what a person does: docker compose cp walk.fit agent:/data/inbox/
         podman("cp", str(export), f"{project}_agent_1:/data/inbox/walk.fit")
@@ -411,7 +455,7 @@ def test_compose_stack_shows_a_dropped_export_in_mlflow(podman: Podman, tmp_path
             try:
                 exp = client.get_experiment_by_name("har-edge")
                 runs = exp and client.search_runs([exp.experiment_id], "tags.`har.file_name` = 'walk.fit'")
-            except Exception:  # noqa: BLE001 - the server is still starting
+            except Exception:
                 runs = []
         logs = podman.logs(f"{project}_sync_1")
         assert runs, f"no run for walk.fit in {url} after 300 s; sync said:\n{logs[-3000:]}"

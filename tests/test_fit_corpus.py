@@ -36,9 +36,8 @@ def test_corpus_file_is_refused_with_a_reason(entry: dict | None, caplog: pytest
     path = CORPUS / entry["file"]
     expected = EXPECTED[entry["file"].split("/", 1)[0]]
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="har_edge.agent.decode"):
-        with pytest.raises(InputError) as info:
-            decode_fit(path)
+    with caplog.at_level(logging.WARNING, logger="har_edge.agent.decode"), pytest.raises(InputError) as info:
+        decode_fit(path)
     assert isinstance(info.value, expected), f"{entry['file']} ({entry['problem']}): {info.value!r}"
     message = str(info.value)
     assert path.name in message

@@ -22,7 +22,10 @@ def test_file_with_windows_and_metrics_round_trips(tmp_path):
     ob = Outbox(tmp_path / "o.sqlite")
     probs = np.array([[0.1, 0.9], [0.7, 0.3]], np.float32)
     fid = ob.record_file(
-        _rec(), label_names=["a", "b"], start_ms=np.array([1000, 3000]), probs=probs,
+        _rec(),
+        label_names=["a", "b"],
+        start_ms=np.array([1000, 3000]),
+        probs=probs,
         points=[MetricPoint("windows", 2, 5), MetricPoint("minute_confidence", 0.8, 60_000, 1)],
     )
     names, starts, got = ob.file_windows(fid)
@@ -45,8 +48,13 @@ def test_pragmas_are_set(tmp_path):
 def test_a_failing_write_leaves_nothing(tmp_path):
     ob = Outbox(tmp_path / "o.sqlite")
     with pytest.raises(Exception):
-        ob.record_file(_rec(), label_names=["a"], start_ms=np.array([1]), probs=np.array([[1.0]], np.float32),
-                       points=[MetricPoint("bad", float("nan"), None)])  # timestamp NOT NULL fails last
+        ob.record_file(
+            _rec(),
+            label_names=["a"],
+            start_ms=np.array([1]),
+            probs=np.array([[1.0]], np.float32),
+            points=[MetricPoint("bad", float("nan"), None)],
+        )  # timestamp NOT NULL fails last
     assert ob.status_counts()["files"] == {}
     with ob.engine.connect() as c:
         assert c.exec_driver_sql("SELECT count(*) FROM windows").scalar() == 0

@@ -140,7 +140,9 @@ def test_streaming_equals_whole(chunk, rate, shift, gap_at, gap_ms):
     t, acc, gyr = _signal(n, rate, seed=chunk)
     t = np.where(np.arange(n) >= gap_at, t + gap_ms, t)
     whole = recording_windows(_recording(t, acc, gyr, gyro_shift_ms=shift), rate_hz=50, window=200, step=100)
-    parts = recording_windows(_recording(t, acc, gyr, chunk=chunk, gyro_shift_ms=shift), rate_hz=50, window=200, step=100)
+    parts = recording_windows(
+        _recording(t, acc, gyr, chunk=chunk, gyro_shift_ms=shift), rate_hz=50, window=200, step=100
+    )
     np.testing.assert_array_equal(whole.start_ms, parts.start_ms)
     np.testing.assert_array_equal(whole.windows, parts.windows)
 

@@ -120,7 +120,9 @@ def test_garbage_model_bytes_are_refused(folder: Path):
         load_model(folder)
 
 
-@pytest.mark.parametrize("changes, named", [({"schema_version": 99}, "schema_version 99"), ({"surprise": 1}, "surprise")])
+@pytest.mark.parametrize(
+    "changes, named", [({"schema_version": 99}, "schema_version 99"), ({"surprise": 1}, "surprise")]
+)
 def test_manifest_problems_are_named(folder: Path, changes, named):
     _edit_manifest(folder, **changes)
     with pytest.raises(ManifestError, match=named):

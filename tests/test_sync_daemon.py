@@ -13,6 +13,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sync_helpers import (
+    RegistryRepo,
+    add_file,
+    assert_delivered_once,
+    release_version,
+    restore_mlflow_env,  # noqa: F401 - autouse fixture
+    sqlite_ids,
+)
 
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import load_settings
@@ -20,8 +28,6 @@ from har_edge.sync.daemon import SyncDaemon
 from har_edge.sync.errors import ServerUnreachable
 from har_edge.sync.push import Pusher
 from har_edge.sync.retry import Backoff
-from sync_helpers import restore_mlflow_env  # noqa: F401 - autouse fixture
-from sync_helpers import RegistryRepo, add_file, assert_delivered_once, release_version, sqlite_ids
 
 
 def _closed_port() -> int:
@@ -42,8 +48,12 @@ def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets():
 
 
 def test_push_job_backs_off_while_the_server_is_unreachable(data_dir):
-    settings = load_settings(env={}, data_dir=data_dir, device_id="dev-backoff",
-                             sync={"tracking_uri": f"http://127.0.0.1:{_closed_port()}", "backoff_initial_s": 10})
+    settings = load_settings(
+        env={},
+        data_dir=data_dir,
+        device_id="dev-backoff",
+        sync={"tracking_uri": f"http://127.0.0.1:{_closed_port()}", "backoff_initial_s": 10},
+    )
     ob = Outbox(settings.outbox_path)
     add_file(ob, 1, minutes=2)
     d = SyncDaemon(settings, outbox=ob, rng=random.Random(1))
@@ -57,8 +67,9 @@ def test_push_job_backs_off_while_the_server_is_unreachable(data_dir):
 
 
 def test_jobs_are_scheduled_one_instance_at_a_time_coalesced_with_jitter(data_dir):
-    settings = load_settings(env={}, data_dir=data_dir,
-                             sync={"push_interval_s": 20, "pull_interval_s": 600, "jitter_s": 3})
+    settings = load_settings(
+        env={}, data_dir=data_dir, sync={"push_interval_s": 20, "pull_interval_s": 600, "jitter_s": 3}
+    )
     sched = SyncDaemon(settings).scheduler()
     jobs = {j.id: j for j in sched.get_jobs()}
     assert set(jobs) == {"push", "pull", "health"}
@@ -79,13 +90,19 @@ def _env(data_dir: Path, **settings: str) -> dict[str, str]:
 
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "har_edge.agent.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "har_edge.agent.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _start(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "har_edge.agent.cli", *args], env=env, stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "har_edge.agent.cli", *args],
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _delivered(ob: Outbox) -> int:
@@ -105,10 +122,17 @@ def _wait_for(cond, proc: subprocess.Popen, log: Path, timeout: float = 120) -> 
 def test_kill_9_mid_push_then_sigterm_then_once_delivers_everything_once(mlflow_server, data_dir, tmp_path):
     device = f"dev-{uuid.uuid4().hex[:6]}"
     experiment = f"test-kill-{uuid.uuid4().hex[:6]}"
-    env = _env(data_dir, device_id=device, sync__tracking_uri=mlflow_server.url, sync__experiment=experiment,
-               sync__request_timeout_s="30",
-               sync__push_interval_s="0.5", sync__jitter_s="0", sync__batch_size="25",
-               sync__pull_interval_s="3600")
+    env = _env(
+        data_dir,
+        device_id=device,
+        sync__tracking_uri=mlflow_server.url,
+        sync__experiment=experiment,
+        sync__request_timeout_s="30",
+        sync__push_interval_s="0.5",
+        sync__jitter_s="0",
+        sync__batch_size="25",
+        sync__pull_interval_s="3600",
+    )
     ob = Outbox(data_dir / "outbox.sqlite")
     for seed in range(8):
         add_file(ob, seed, minutes=40)
@@ -140,8 +164,9 @@ def test_kill_9_mid_push_then_sigterm_then_once_delivers_everything_once(mlflow_
     assert res.returncode == 0, res.stdout + res.stderr
     assert "pushed to http://127.0.0.1" in res.stdout and "still pending: 0 files, 0 points" in res.stdout
 
-    settings = load_settings(env={}, data_dir=data_dir, device_id=device,
-                             sync={"tracking_uri": mlflow_server.url, "experiment": experiment})
+    settings = load_settings(
+        env={}, data_dir=data_dir, device_id=device, sync={"tracking_uri": mlflow_server.url, "experiment": experiment}
+    )
     p = Pusher(settings, ob)
     # one run per file, every history equal to the outbox: nothing twice
     assert_delivered_once(p, mlflow_server.root / "mlflow.db")
@@ -165,8 +190,11 @@ def test_sync_once_on_a_fresh_machine_pushes_locally_and_pulls_a_release(data_di
 
 def test_sync_once_exits_3_when_the_configured_server_cannot_be_reached(data_dir):
     Outbox(data_dir / "outbox.sqlite").close()
-    env = _env(data_dir, sync__tracking_uri=f"http://127.0.0.1:{_closed_port()}",
-               sync__registry=str(data_dir / "missing-registry.git"))
+    env = _env(
+        data_dir,
+        sync__tracking_uri=f"http://127.0.0.1:{_closed_port()}",
+        sync__registry=str(data_dir / "missing-registry.git"),
+    )
     res = _cli("sync", "once", env=env, timeout=120)
     assert res.returncode == 3, res.stdout + res.stderr
     assert "could not be reached" in res.stdout and "could not be listed" in res.stdout

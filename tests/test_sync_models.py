@@ -9,6 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
+from sync_helpers import (
+    BUNDLED,
+    MODEL_NAME,
+    RegistryRepo,
+    add_file,
+    install_local,
+    release_version,
+    restore_mlflow_env,  # noqa: F401 - autouse fixture
+    sqlite_ids,
+)
 
 from har_edge.agent.modelstore import read_pointer
 from har_edge.agent.outbox import Outbox
@@ -18,8 +28,6 @@ from har_edge.sync.models import ModelManager
 from har_edge.sync.registry import parse_ls_remote
 from har_edge.sync.state import ModelState
 from har_edge.sync.versions import parse_version
-from sync_helpers import restore_mlflow_env  # noqa: F401 - autouse fixture
-from sync_helpers import BUNDLED, MODEL_NAME, RegistryRepo, add_file, install_local, release_version, sqlite_ids
 
 V0, V1, V2 = release_version(0), release_version(1), release_version(2)
 
@@ -35,16 +43,18 @@ BAD = {
 
 def _settings(data_dir: Path, registry: RegistryRepo | str | None, **sync):
     url = registry.url if isinstance(registry, RegistryRepo) else registry
-    return load_settings(env={}, data_dir=data_dir, device_id="dev-models", agent={"settle_s": 0.0},
-                         sync={"registry": url, **sync})
+    return load_settings(
+        env={}, data_dir=data_dir, device_id="dev-models", agent={"settle_s": 0.0}, sync={"registry": url, **sync}
+    )
 
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> RegistryRepo:
     """Two good releases (V0, V1) and one release per way of being wrong (pinned by the tests)."""
     reg = RegistryRepo(tmp_path_factory.mktemp("registry"))
-    reg.release_many([(v, "good" if kind == "corrupt" else kind) for v, kind in BAD.items()]
-                     + [(V0, "good"), (V1, "good")])
+    reg.release_many(
+        [(v, "good" if kind == "corrupt" else kind) for v, kind in BAD.items()] + [(V0, "good"), (V1, "good")]
+    )
     for version, kind in BAD.items():
         if kind == "corrupt":
             reg.corrupt(version)
@@ -67,13 +77,15 @@ def test_versions_order_like_semver():
 
 
 def test_ls_remote_output_is_parsed_with_peeled_commits():
-    out = "\n".join([
-        "aaa\trefs/tags/har-cnn@v1.10.0",
-        "bbb\trefs/tags/har-cnn@v1.10.0^{}",
-        "ccc\trefs/tags/har-cnn@v1.9.0",
-        "ddd\trefs/tags/other@v9.0.0",
-        "eee\trefs/tags/har-cnn@vnext",
-    ])
+    out = "\n".join(
+        [
+            "aaa\trefs/tags/har-cnn@v1.10.0",
+            "bbb\trefs/tags/har-cnn@v1.10.0^{}",
+            "ccc\trefs/tags/har-cnn@v1.9.0",
+            "ddd\trefs/tags/other@v9.0.0",
+            "eee\trefs/tags/har-cnn@vnext",
+        ]
+    )
     rel = parse_ls_remote(out, "har-cnn")
     assert [(r.version, r.commit) for r in rel] == [("1.9.0", "ccc"), ("1.10.0", "bbb")]
 
@@ -83,8 +95,9 @@ def test_ls_remote_output_is_parsed_with_peeled_commits():
 
 @pytest.mark.slow
 def test_a_new_release_is_fetched_verified_activated_and_used_by_the_agent(tmp_path, data_dir, capsys):
-    from har_edge.agent.daemon import Agent
     from fitgen import write_imu_fit
+
+    from har_edge.agent.daemon import Agent
 
     reg = RegistryRepo(tmp_path / "registry")
     reg.release(V0)
@@ -104,8 +117,10 @@ def test_a_new_release_is_fetched_verified_activated_and_used_by_the_agent(tmp_p
     assert report.activated == V1 and report.replaced == V0
     assert read_pointer(settings.models_dir) == V1 and read_pointer(settings.models_dir, "previous") == V0
     with capsys.disabled():
-        print(f"\n[measure] release {V1} (dvc add+push, commit, tag, push) {t_tagged - t_release:.2f} s; "
-              f"pull pass to activation {t_active - t_tagged:.2f} s")
+        print(
+            f"\n[measure] release {V1} (dvc add+push, commit, tag, push) {t_tagged - t_release:.2f} s; "
+            f"pull pass to activation {t_active - t_tagged:.2f} s"
+        )
 
     write_imu_fit(agent.folder.inbox / "walk.fit", rate_hz=50, seconds=60, seed=11)
     (outcome,) = agent.step(now=1e9)
@@ -115,8 +130,11 @@ def test_a_new_release_is_fetched_verified_activated_and_used_by_the_agent(tmp_p
 
     reg.release(V2)
     assert mm.update(time.time()).activated == V2
-    kept = sorted(p.name for p in settings.models_dir.iterdir() if p.is_dir() and not p.is_symlink()
-                  and not p.name.startswith("."))
+    kept = sorted(
+        p.name
+        for p in settings.models_dir.iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    )
     assert kept == [V1, V2]  # active + previous; V0 was removed
     assert [d[1:] for d in _deployments(agent.outbox)] == [(V0, "activated"), (V1, "activated"), (V2, "activated")]
 
@@ -218,8 +236,15 @@ def _activate_on_probation(variants, tmp_path, data_dir, before=None, **sync):
 
     old_m = read_manifest(mm.models_dir / V0)
     for seed in range(3):
-        add_file(mm.outbox, 100 + seed, minutes=2, model_name=MODEL_NAME, model_version=V0,
-                 model_sha256=old_m.sha256, confidence=0.9)
+        add_file(
+            mm.outbox,
+            100 + seed,
+            minutes=2,
+            model_name=MODEL_NAME,
+            model_version=V0,
+            model_sha256=old_m.sha256,
+            confidence=0.9,
+        )
     assert mm.update(time.time()).activated == V1
     p = ModelState.load(mm.models_dir).probation
     assert p is not None and p.version == V1 and p.previous_version == V0 and not old.probation
@@ -229,12 +254,20 @@ def _activate_on_probation(variants, tmp_path, data_dir, before=None, **sync):
 @pytest.mark.slow
 def test_health_gate_passes_a_model_that_behaves(variants, tmp_path, data_dir):
     settings, mm, p = _activate_on_probation(variants, tmp_path, data_dir)
-    add_file(mm.outbox, 1, minutes=2, model_name=MODEL_NAME, model_version=p.version, model_sha256=p.sha256,
-             confidence=0.85)
+    add_file(
+        mm.outbox, 1, minutes=2, model_name=MODEL_NAME, model_version=p.version, model_sha256=p.sha256, confidence=0.85
+    )
     assert mm.check_health(time.time()).health == "pending"
     for seed in (2, 3):
-        add_file(mm.outbox, seed, minutes=2, model_name=MODEL_NAME, model_version=p.version,
-                 model_sha256=p.sha256, confidence=0.85)
+        add_file(
+            mm.outbox,
+            seed,
+            minutes=2,
+            model_name=MODEL_NAME,
+            model_version=p.version,
+            model_sha256=p.sha256,
+            confidence=0.85,
+        )
     assert mm.check_health(time.time()).health == "healthy"
     assert ModelState.load(mm.models_dir).probation is None
     assert read_pointer(settings.models_dir) == p.folder
@@ -244,8 +277,15 @@ def test_health_gate_passes_a_model_that_behaves(variants, tmp_path, data_dir):
 def test_health_gate_rolls_back_when_confidence_collapses(variants, tmp_path, data_dir):
     settings, mm, p = _activate_on_probation(variants, tmp_path, data_dir)
     for seed in range(3):
-        add_file(mm.outbox, seed, minutes=2, model_name=MODEL_NAME, model_version=p.version,
-                 model_sha256=p.sha256, confidence=0.4)
+        add_file(
+            mm.outbox,
+            seed,
+            minutes=2,
+            model_name=MODEL_NAME,
+            model_version=p.version,
+            model_sha256=p.sha256,
+            confidence=0.4,
+        )
     report = mm.check_health(time.time())
     assert report.rolled_back == p.folder
     assert read_pointer(settings.models_dir) == V0 and read_pointer(settings.models_dir, "previous") is None
@@ -261,14 +301,29 @@ def test_health_gate_rolls_back_when_confidence_collapses(variants, tmp_path, da
 def test_health_gate_rolls_back_when_files_fail_but_ignores_bad_inputs(variants, tmp_path, data_dir):
     settings, mm, p = _activate_on_probation(variants, tmp_path, data_dir)
     for seed in range(3):  # not the model's fault: not judged
-        add_file(mm.outbox, 50 + seed, model_name=MODEL_NAME, model_version=p.version, model_sha256=p.sha256,
-                 status="failed", error_kind="no_imu_data")
+        add_file(
+            mm.outbox,
+            50 + seed,
+            model_name=MODEL_NAME,
+            model_version=p.version,
+            model_sha256=p.sha256,
+            status="failed",
+            error_kind="no_imu_data",
+        )
     assert mm.check_health(time.time()).health == "pending"
-    add_file(mm.outbox, 1, minutes=2, model_name=MODEL_NAME, model_version=p.version, model_sha256=p.sha256,
-             confidence=0.9)
+    add_file(
+        mm.outbox, 1, minutes=2, model_name=MODEL_NAME, model_version=p.version, model_sha256=p.sha256, confidence=0.9
+    )
     for seed in (2, 3):
-        add_file(mm.outbox, seed, model_name=MODEL_NAME, model_version=p.version, model_sha256=p.sha256,
-                 status="failed", error_kind="too_short")
+        add_file(
+            mm.outbox,
+            seed,
+            model_name=MODEL_NAME,
+            model_version=p.version,
+            model_sha256=p.sha256,
+            status="failed",
+            error_kind="too_short",
+        )
     report = mm.check_health(time.time())
     assert report.rolled_back == p.folder
     assert "2 of the first 3 files" in ModelState.load(mm.models_dir).refused[p.version].reason
@@ -276,8 +331,9 @@ def test_health_gate_rolls_back_when_files_fail_but_ignores_bad_inputs(variants,
 
 @pytest.mark.slow
 def test_health_gate_rolls_back_a_model_the_agent_cannot_load(variants, tmp_path, data_dir):
-    from har_edge.agent.daemon import Agent
     from fitgen import write_imu_fit
+
+    from har_edge.agent.daemon import Agent
 
     agents = []
 

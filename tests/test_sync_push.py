@@ -12,6 +12,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sync_helpers import (
+    BUNDLED,
+    add_file,
+    assert_delivered_once,
+    history,
+    outbox_points,
+    restore_mlflow_env,  # noqa: F401 - autouse fixture
+    sqlite_ids,
+)
 
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import load_settings
@@ -19,15 +28,17 @@ from har_edge.sync import runs
 from har_edge.sync.delivery import Delivery
 from har_edge.sync.errors import ServerAccessDenied, ServerUnreachable
 from har_edge.sync.push import Pusher
-from sync_helpers import restore_mlflow_env  # noqa: F401 - autouse fixture
-from sync_helpers import BUNDLED, add_file, assert_delivered_once, history, outbox_points, sqlite_ids
 
 
 def _settings(data_dir: Path, uri: str | None, **sync):
     # each test its own experiment and device: the session server is shared
     sync.setdefault("experiment", f"test-{uuid.uuid4().hex[:8]}")
-    return load_settings(env={}, data_dir=data_dir, device_id=f"dev-{uuid.uuid4().hex[:6]}",
-                         sync={"tracking_uri": uri, "request_timeout_s": 30, **sync})
+    return load_settings(
+        env={},
+        data_dir=data_dir,
+        device_id=f"dev-{uuid.uuid4().hex[:6]}",
+        sync={"tracking_uri": uri, "request_timeout_s": 30, **sync},
+    )
 
 
 # -- against the session's server ---------------------------------------------------------------------------
@@ -49,9 +60,13 @@ def test_full_delivery_matches_the_outbox_and_a_resend_changes_nothing(mlflow_se
     assert_delivered_once(p, mlflow_server.root / "mlflow.db")
 
     run = p.client.get_run(ob.file(ids[0]).run_id)
-    assert run.data.params == {"model_name": BUNDLED.name, "model_version": BUNDLED.version,
-                               "window": str(BUNDLED.window), "step": str(BUNDLED.step),
-                               "sample_rate_hz": f"{BUNDLED.sample_rate_hz:g}"}
+    assert run.data.params == {
+        "model_name": BUNDLED.name,
+        "model_version": BUNDLED.version,
+        "window": str(BUNDLED.window),
+        "step": str(BUNDLED.step),
+        "sample_rate_hz": f"{BUNDLED.sample_rate_hz:g}",
+    }
     assert {runs.MODEL_SHA, runs.AGENT_VERSION, runs.FILE_SHA}.issubset(run.data.tags)
     steps = sorted(m.step for m in p.client.get_metric_history(run.info.run_id, "minute_confidence"))
     assert steps == list(range(len(steps))) and len(steps) >= 5  # step = minute index
@@ -182,7 +197,7 @@ def test_server_stopped_mid_backlog_then_restarted_everything_arrives_once(mlflo
     def push():
         try:
             result["report"] = p.push(time.time())
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
+        except Exception as exc:
             result["error"] = exc
 
     t = threading.Thread(target=push)
@@ -288,8 +303,9 @@ def test_refused_credentials_stop_the_pass_and_are_never_logged(data_dir, caplog
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        settings = _settings(data_dir, f"http://127.0.0.1:{httpd.server_address[1]}",
-                             username="edge", password="s3cret-pw")
+        settings = _settings(
+            data_dir, f"http://127.0.0.1:{httpd.server_address[1]}", username="edge", password="s3cret-pw"
+        )
         ob = Outbox(settings.outbox_path)
         add_file(ob, 1, minutes=2)
         from har_edge.sync.daemon import SyncDaemon

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import tarfile
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -307,7 +308,7 @@ def test_garmin_labels_csv(tmp_path):
 
 def test_garmin_source_end_to_end_through_the_agent_decoder(tmp_path):
     """Study CSV pairs + labels.csv -> prepare: windows decoded and cut by the agent's own functions."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from har_edge.trainer.prepare import load_prepared, prepare
 
@@ -321,7 +322,7 @@ def test_garmin_source_end_to_end_through_the_agent_decoder(tmp_path):
         sit = synthetic.activity_signal("sitting", 30, rng)
         start = t0 + k * 3_600_000
         acc, gyr = write_study_pair(folder, subject, np.concatenate([walk, sit]), start)
-        iso = lambda ms: datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat()  # noqa: E731
+        iso = lambda ms: datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()  # noqa: E731
         rows.append(f"{acc}|{gyr},{subject},walking,{iso(start)},{iso(start + 30_000)}")
         rows.append(f"{acc}|{gyr},{subject},sitting,{start + 30_000},{start + 60_000}")
     (folder / "labels.csv").write_text("\n".join(rows) + "\n")

@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ class _NewIndex:
         return (_new_Index, (self.cls, self.state))
 
 
-def _new_Index(cls: type, state: dict) -> Any:  # noqa: N802 - pandas' name
+def _new_Index(cls: type, state: dict) -> Any:
     raise AssertionError("only pickled, never called")
 
 
@@ -126,7 +127,7 @@ def write_study_pair(
     folder: Path, prefix: str, samples: np.ndarray, t0_ms: int, *, per_message: int = 25, rate_hz: float = 50.0
 ) -> tuple[str, str]:
     """``<prefix>-accelerometer_data.csv`` (milli-g) and ``<prefix>-gyroscope_data.csv`` (deg/s) of SI samples."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     names = []
     for sensor, cols, values in (
@@ -140,7 +141,7 @@ def write_study_pair(
         lines = ["timestamp,timestamp_ms,sample_time_offset," + ",".join(cols)]
         for i in range(0, len(values), per_message):
             t_ms = t0_ms + int(round(i * 1000 / rate_hz))
-            stamp = datetime.fromtimestamp(t_ms // 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            stamp = datetime.fromtimestamp(t_ms // 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             part = values[i : i + per_message]
             offsets = [int(round(k * 1000 / rate_hz)) for k in range(len(part))]
             cells = ['"[' + ", ".join(f"{v:.4f}" for v in part[:, a]) + ']"' for a in range(3)]

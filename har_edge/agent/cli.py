@@ -115,7 +115,12 @@ def cmd_status(settings: Settings, args) -> int:
         st = ob.status_counts()
     try:
         m = ActiveModel(settings.models_dir, explicit=settings.agent.model_dir).refresh()
-        st["model"] = {"name": m.manifest.name, "version": m.manifest.version, "sha256": m.manifest.sha256, "folder": str(m.folder)}
+        st["model"] = {
+            "name": m.manifest.name,
+            "version": m.manifest.version,
+            "sha256": m.manifest.sha256,
+            "folder": str(m.folder),
+        }
     except HarEdgeError as exc:
         st["model"] = {"error": str(exc)}
     st["data_dir"] = str(settings.data_dir)
@@ -127,7 +132,10 @@ def cmd_status(settings: Settings, args) -> int:
     print(f"files:     {files}")
     print(f"pending:   {st['windows_pending_delivery']} windows, {st['metric_points_pending']} metric points")
     mdl = st["model"]
-    print("model:     " + (f"{mdl['name']} {mdl['version']} (sha256 {mdl['sha256'][:12]}…)" if "sha256" in mdl else mdl["error"]))
+    print(
+        "model:     "
+        + (f"{mdl['name']} {mdl['version']} (sha256 {mdl['sha256'][:12]}…)" if "sha256" in mdl else mdl["error"])
+    )
     last = st["last_file"]
     if last:
         detail = f"{last['windows']} windows" if last["status"] == "processed" else (last["error"] or "")
@@ -175,7 +183,9 @@ def read_pointer_failed(settings: Settings, model) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="har-edge", description="Edge human-activity recognition on Garmin IMU exports.")
     p.add_argument("--version", action="version", version=f"har-edge {__version__}")
-    p.add_argument("--config", type=Path, help="TOML settings file (default: HAR_EDGE_CONFIG or <data dir>/har-edge.toml)")
+    p.add_argument(
+        "--config", type=Path, help="TOML settings file (default: HAR_EDGE_CONFIG or <data dir>/har-edge.toml)"
+    )
     p.add_argument("--data-dir", type=Path, help="the data folder (default: HAR_EDGE_DATA_DIR or ./var)")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -26,7 +26,10 @@ class Agent:
         self.outbox = outbox or Outbox(settings.outbox_path)
         self.folder = DropFolder(settings.data_dir, settle_s=a.settle_s, archive=a.archive)
         self.models = ActiveModel(
-            settings.models_dir, explicit=a.model_dir, threads=a.threads, batch=a.batch,
+            settings.models_dir,
+            explicit=a.model_dir,
+            threads=a.threads,
+            batch=a.batch,
             on_load_failure=self._model_failed,
         )
         self.processor = Processor(a, self.outbox, settings.work / ".scratch")
@@ -51,7 +54,8 @@ class Agent:
             log.warning(
                 "outbox is %.0f MB, over its budget of %.0f MB: ingestion paused, files wait in the inbox "
                 "until sync delivers and reclaims space (or raise agent.outbox_max_mb)",
-                size_mb, self.settings.agent.outbox_max_mb,
+                size_mb,
+                self.settings.agent.outbox_max_mb,
             )
         elif not over and self._paused:
             log.info("outbox back under budget: ingestion resumed")
@@ -102,7 +106,7 @@ class Agent:
         wake = threading.Event()
 
         class _Wake(FileSystemEventHandler):
-            def on_any_event(self, event):  # noqa: D401 - watchdog hook
+            def on_any_event(self, event):
                 wake.set()
 
         self.models.refresh()

@@ -7,7 +7,18 @@ import logging
 import sys
 import time
 
-NOISY = ("watchdog", "urllib3", "mlflow", "alembic", "git", "dvc", "fsspec", "asyncio", "filelock", "apscheduler.executors")
+NOISY = (
+    "watchdog",
+    "urllib3",
+    "mlflow",
+    "alembic",
+    "git",
+    "dvc",
+    "fsspec",
+    "asyncio",
+    "filelock",
+    "apscheduler.executors",
+)
 
 
 class JsonFormatter(logging.Formatter):

@@ -123,7 +123,9 @@ def read_manifest(folder: Path) -> Manifest:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ManifestError(f"no {MANIFEST_FILE} in {folder}: a model folder needs model.tflite + manifest.json") from None
+        raise ManifestError(
+            f"no {MANIFEST_FILE} in {folder}: a model folder needs model.tflite + manifest.json"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not readable JSON: {exc}") from None
     try:

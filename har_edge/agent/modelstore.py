@@ -61,8 +61,9 @@ def fsync_dir(path: Path) -> None:
 class ActiveModel:
     """Holds the loaded model and reloads it when the pointer moved (call ``refresh`` between files)."""
 
-    def __init__(self, models_dir: Path, *, explicit: Path | None = None, threads: int = 1, batch: int = 64,
-                 on_load_failure=None) -> None:
+    def __init__(
+        self, models_dir: Path, *, explicit: Path | None = None, threads: int = 1, batch: int = 64, on_load_failure=None
+    ) -> None:
         self.models_dir = Path(models_dir)
         self.explicit = Path(explicit) if explicit else None
         self.threads, self.batch = threads, batch

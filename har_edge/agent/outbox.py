@@ -309,7 +309,15 @@ class Outbox:
             finally:
                 cur.close()
 
-    def record_deployment(self, *, from_version: str | None, to_version: str | None, outcome: str, reason: str = "", time_ms: int | None = None) -> int:
+    def record_deployment(
+        self,
+        *,
+        from_version: str | None,
+        to_version: str | None,
+        outcome: str,
+        reason: str = "",
+        time_ms: int | None = None,
+    ) -> int:
         with self.transaction() as conn:
             return conn.execute(
                 insert(deployments).values(
@@ -335,7 +343,9 @@ class Outbox:
     def file_windows(self, file_id: int) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(label names, start_ms (n,), probabilities (n, k)) of a file."""
         with self.engine.connect() as conn:
-            names = [r.label for r in conn.execute(select(labels).where(labels.c.file_id == file_id).order_by(labels.c.idx))]
+            names = [
+                r.label for r in conn.execute(select(labels).where(labels.c.file_id == file_id).order_by(labels.c.idx))
+            ]
             rows = conn.execute(
                 select(windows.c.start_ms, windows.c.probs).where(windows.c.file_id == file_id).order_by(windows.c.idx)
             ).all()
@@ -386,7 +396,10 @@ class Outbox:
     def size_bytes(self) -> int:
         """Bytes the outbox holds: used pages (space freed by delivered rows counts as free) plus the WAL."""
         with self.engine.connect() as conn:
-            pages = conn.exec_driver_sql("PRAGMA page_count").scalar() - conn.exec_driver_sql("PRAGMA freelist_count").scalar()
+            pages = (
+                conn.exec_driver_sql("PRAGMA page_count").scalar()
+                - conn.exec_driver_sql("PRAGMA freelist_count").scalar()
+            )
             used = pages * conn.exec_driver_sql("PRAGMA page_size").scalar()
         wal = Path(str(self.path) + "-wal")
         return used + (wal.stat().st_size if wal.exists() else 0)

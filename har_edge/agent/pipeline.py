@@ -94,7 +94,9 @@ class Processor:
         prior = self.outbox.processed_file(sha)
         if prior is not None:
             fid = self.outbox.record_file(
-                FileRecord(**base, status="duplicate", processed_ms=now_ms(), error_message=f"same content as {prior.name}")
+                FileRecord(
+                    **base, status="duplicate", processed_ms=now_ms(), error_message=f"same content as {prior.name}"
+                )
             )
             log.info("%s: duplicate of %s (file %d), not processed again", name, prior.name, prior.id)
             return Outcome("duplicate", fid, name)
@@ -109,8 +111,14 @@ class Processor:
         except InputError as exc:
             fid = self.outbox.record_file(
                 FileRecord(
-                    **base, status="failed", processed_ms=now_ms(), error_kind=exc.kind, error_message=str(exc),
-                    model_name=m.name, model_version=m.version, model_sha256=m.sha256,
+                    **base,
+                    status="failed",
+                    processed_ms=now_ms(),
+                    error_kind=exc.kind,
+                    error_message=str(exc),
+                    model_name=m.name,
+                    model_version=m.version,
+                    model_sha256=m.sha256,
                 )
             )
             log.warning("%s: %s", name, exc)
@@ -130,9 +138,16 @@ class Processor:
         )
         points = itertools.chain(points, iter_minute_points(label_names=m.labels, start_ms=starts, probs=probs))
         rec = FileRecord(
-            **base, status="processed", processed_ms=processed_ms, format=fmt,
-            decode_s=timings["decode"], preprocess_s=timings["preprocess"], inference_s=timings["inference"],
-            model_name=m.name, model_version=m.version, model_sha256=m.sha256,
+            **base,
+            status="processed",
+            processed_ms=processed_ms,
+            format=fmt,
+            decode_s=timings["decode"],
+            preprocess_s=timings["preprocess"],
+            inference_s=timings["inference"],
+            model_name=m.name,
+            model_version=m.version,
+            model_sha256=m.sha256,
         )
         fid = self.outbox.record_file(rec, label_names=m.labels, start_ms=starts, probs=probs, points=points)
         store_s = time.perf_counter() - t_store
@@ -145,7 +160,14 @@ class Processor:
         release_free_memory()
         log.info(
             "%s: %d windows with %s in %.2f s (decode %.2f, preprocess %.2f, inference %.2f, store %.2f)",
-            name, len(probs), model.label, total, timings["decode"], timings["preprocess"], timings["inference"], store_s,
+            name,
+            len(probs),
+            model.label,
+            total,
+            timings["decode"],
+            timings["preprocess"],
+            timings["inference"],
+            store_s,
         )
         return Outcome("processed", fid, name, windows=len(probs), seconds=total)
 
@@ -165,8 +187,12 @@ class Processor:
                 )
             for rec in recordings:
                 sw = StreamWindower(
-                    rate_hz=m.sample_rate_hz, window=m.window, step=m.step, max_gap_s=self.settings.max_gap_s,
-                    has_gyro=rec.has_gyro, accel_unit=rec.accel_unit,
+                    rate_hz=m.sample_rate_hz,
+                    window=m.window,
+                    step=m.step,
+                    max_gap_s=self.settings.max_gap_s,
+                    has_gyro=rec.has_gyro,
+                    accel_unit=rec.accel_unit,
                 )
                 # decoded, windowed and inferred a chunk (~3 min) at a time: memory stays flat whatever the
                 # file's length. (A decode thread running ahead of inference was measured: no faster here, as
@@ -182,7 +208,11 @@ class Processor:
                             progress(len(starts))
                 q = sw.quality()
                 for k, v in q.items():  # several recordings (a zip): sums, and the last rate
-                    quality[k] = quality.get(k, 0.0) + v if k not in ("native_rate_hz", "coverage", "gyro_present", "saturated_share") else v
+                    quality[k] = (
+                        quality.get(k, 0.0) + v
+                        if k not in ("native_rate_hz", "coverage", "gyro_present", "saturated_share")
+                        else v
+                    )
             fmt = ",".join(sorted({r.format for r in recordings}))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -143,13 +143,16 @@ class TFLiteRunner:
 
         scaled = np.asarray(scaled, dtype=np.float32)
         if scaled.ndim != 3 or scaled.shape[1:] != (self.window, self.channels):
-            raise ValueError(f"windows of shape {scaled.shape[1:]} given, the model takes {(self.window, self.channels)}")
+            raise ValueError(
+                f"windows of shape {scaled.shape[1:]} given, the model takes {(self.window, self.channels)}"
+            )
         n = len(scaled)
         out = np.empty((n, self.output_size), np.float32)
         idx_in, idx_out = self._in["index"], self._out["index"]
         interp = self._interp
-        buf = np.zeros((self.batch if n >= self.batch else _tail_size(n, self.batch), self.window, self.channels),
-                       self.input_dtype)
+        buf = np.zeros(
+            (self.batch if n >= self.batch else _tail_size(n, self.batch), self.window, self.channels), self.input_dtype
+        )
         tmp = np.empty(buf.shape, np.float32)
         for i in range(0, n, self.batch):
             part = scaled[i : i + self.batch]

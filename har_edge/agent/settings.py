@@ -31,7 +31,9 @@ class AgentSettings(_Section):
     settle_s: float = Field(2.0, ge=0, description="a file must keep its size and mtime this long before it is taken")
     scan_interval_s: float = Field(1.0, gt=0, description="how often the inbox is re-checked besides file events")
     archive: bool = Field(True, description="keep processed files in archive/ (false: delete them)")
-    model_dir: Path | None = Field(None, description="use this model folder instead of models/current or the bundled one")
+    model_dir: Path | None = Field(
+        None, description="use this model folder instead of models/current or the bundled one"
+    )
     threads: int = Field(1, ge=1, le=64, description="TFLite interpreter threads")
     batch: int = Field(64, ge=1, le=4096, description="windows per inference call")
     max_gap_s: float = Field(1.0, gt=0, description="a longer gap between samples splits the recording")
@@ -59,7 +61,9 @@ class SyncSettings(_Section):
         5.0, gt=0, description="time-out of one HTTP request to MLflow (MLFLOW_HTTP_REQUEST_TIMEOUT, whole seconds)"
     )
     http_max_retries: int = Field(
-        0, ge=0, le=10,
+        0,
+        ge=0,
+        le=10,
         description="MLflow's own HTTP retries per request (MLFLOW_HTTP_REQUEST_MAX_RETRIES); keep it small: "
         "the daemon backs off itself, and MLflow's default makes a refused connection take minutes",
     )
@@ -67,7 +71,8 @@ class SyncSettings(_Section):
         1000, ge=1, le=1000, description="metric points per log_batch request (MLflow caps it at 1000)"
     )
     reclaim_after_days: float = Field(
-        7.0, ge=0,
+        7.0,
+        ge=0,
         description="delete per-window rows (their CSV is on the server) and device points delivered this long "
         "ago; 0 keeps them",
     )
@@ -89,7 +94,9 @@ class SyncSettings(_Section):
         None, description="DVC storage URL to use instead of the registry's default remote (dvc get --remote-config)"
     )
     model_name: str = Field(
-        "har-cnn", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        "har-cnn",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="released model name: tags <name>@v<version>, folder models/<name> in the registry",
     )
     pin: str | None = Field(
@@ -103,7 +110,9 @@ class SyncSettings(_Section):
         0.5, ge=0, le=1, description="roll back when more than this share of those files failed"
     )
     health_min_confidence_ratio: float = Field(
-        0.7, gt=0, le=1,
+        0.7,
+        gt=0,
+        le=1,
         description="roll back when their mean confidence is below this ratio of the previous model's recent files",
     )
     health_ignored_error_kinds: tuple[str, ...] = Field(

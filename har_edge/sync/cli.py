@@ -30,8 +30,10 @@ def cmd_sync_run(settings: Settings, args) -> int:
     daemon = SyncDaemon(settings)
     if args.check_config:
         reg = daemon.models.registry.display if daemon.models.registry else "none (sync.registry)"
-        print(f"settings OK; push to {daemon.pusher.target.display} (experiment {settings.sync.experiment}); "
-              f"models from {reg}")
+        print(
+            f"settings OK; push to {daemon.pusher.target.display} (experiment {settings.sync.experiment}); "
+            f"models from {reg}"
+        )
         return EXIT_OK
     daemon.run(stop_event())
     return EXIT_OK
@@ -204,8 +206,10 @@ def cmd_models_rollback(settings: Settings, args) -> int:
     mm = _manager(settings)
     report = mm.rollback(time.time(), reason=args.reason)
     cur = mm.manifest_of(mm.pointers()[0])
-    print(f"rolled back {report.rolled_back}; active now: {cur.version if cur else '?'} "
-          f"({mm.pointers()[0] or 'bundled'}); {report.rolled_back} is refused until re-released or pinned")
+    print(
+        f"rolled back {report.rolled_back}; active now: {cur.version if cur else '?'} "
+        f"({mm.pointers()[0] or 'bundled'}); {report.rolled_back} is refused until re-released or pinned"
+    )
     return EXIT_OK
 
 

@@ -70,14 +70,21 @@ def dvc_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dvc"]
 
 
-def run(args: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | None = None,
-        cwd: Path | None = None) -> Result:
+def run(
+    args: Sequence[str], *, timeout_s: float, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Result:
     """Run a command to completion or kill its process group after ``timeout_s``; never raises on exit status."""
     args = tuple(str(a) for a in args)
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout_s)

@@ -19,13 +19,13 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import Settings
 from har_edge.sync.errors import LockBusy, RegistryError, ServerAccessDenied, ServerUnreachable
 from har_edge.sync.models import ModelManager, PullReport
-from har_edge.sync.push import PushReport, Pusher, pending_summary
+from har_edge.sync.push import Pusher, PushReport, pending_summary
 from har_edge.sync.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,14 @@ class JobResult:
 
 
 class SyncDaemon:
-    def __init__(self, settings: Settings, *, outbox: Outbox | None = None, rng: random.Random | None = None,
-                 stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        outbox: Outbox | None = None,
+        rng: random.Random | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.settings = settings
         s = settings.sync
         self.outbox = outbox or Outbox(settings.outbox_path)
@@ -121,13 +127,36 @@ class SyncDaemon:
         sched = BackgroundScheduler(executors={"default": {"type": "threadpool", "max_workers": 3}})
         # one pass of each at a time; runs missed while one was busy collapse into one
         once = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
-        start = datetime.now(timezone.utc)  # the first push and pull right away, then on the interval
-        sched.add_job(lambda: self.push_job(time.time()), "interval", id="push", name="push outbox",
-                      seconds=s.push_interval_s, jitter=s.jitter_s, next_run_time=start, **once)
-        sched.add_job(lambda: self.pull_job(time.time()), "interval", id="pull", name="pull models",
-                      seconds=s.pull_interval_s, jitter=s.jitter_s, next_run_time=start, **once)
-        sched.add_job(lambda: self.health_job(time.time()), "interval", id="health", name="health gate",
-                      seconds=s.health_interval_s, jitter=min(s.jitter_s, s.health_interval_s / 2), **once)
+        start = datetime.now(UTC)  # the first push and pull right away, then on the interval
+        sched.add_job(
+            lambda: self.push_job(time.time()),
+            "interval",
+            id="push",
+            name="push outbox",
+            seconds=s.push_interval_s,
+            jitter=s.jitter_s,
+            next_run_time=start,
+            **once,
+        )
+        sched.add_job(
+            lambda: self.pull_job(time.time()),
+            "interval",
+            id="pull",
+            name="pull models",
+            seconds=s.pull_interval_s,
+            jitter=s.jitter_s,
+            next_run_time=start,
+            **once,
+        )
+        sched.add_job(
+            lambda: self.health_job(time.time()),
+            "interval",
+            id="health",
+            name="health gate",
+            seconds=s.health_interval_s,
+            jitter=min(s.jitter_s, s.health_interval_s / 2),
+            **once,
+        )
         return sched
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -138,7 +167,9 @@ class SyncDaemon:
         sched.start()
         log.info(
             "sync daemon started: push every %.0f s to %s, pull every %.0f s from %s",
-            self.settings.sync.push_interval_s, self.pusher.target.display, self.settings.sync.pull_interval_s,
+            self.settings.sync.push_interval_s,
+            self.pusher.target.display,
+            self.settings.sync.pull_interval_s,
             self.models.registry.display if self.models.registry else "no registry",
         )
         try:

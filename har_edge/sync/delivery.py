@@ -68,11 +68,7 @@ class Delivery:
 
     def pending_files(self, limit: int | None = None) -> list:
         """Processed files whose run is not finished yet, oldest first."""
-        q = (
-            select(files)
-            .where(files.c.status == "processed", files.c.finished_ms.is_(None))
-            .order_by(files.c.id)
-        )
+        q = select(files).where(files.c.status == "processed", files.c.finished_ms.is_(None)).order_by(files.c.id)
         if limit is not None:
             q = q.limit(limit)
         with self.outbox.engine.connect() as conn:
@@ -193,8 +189,11 @@ class Delivery:
                     finished_ms=at,
                 )
             )
-            conn.execute(insert(refusals).values(time_ms=at, kind="file", file_id=file_id, object=f"file {file_id}",
-                                                 error=error[:4000]))
+            conn.execute(
+                insert(refusals).values(
+                    time_ms=at, kind="file", file_id=file_id, object=f"file {file_id}", error=error[:4000]
+                )
+            )
 
     def reclaim(self, delivered_before_ms: int) -> tuple[int, int]:
         """Delete what is on the server since before the given time: per-window rows of finished files (their
@@ -204,7 +203,10 @@ class Delivery:
                 and_(files.c.finished_ms.is_not(None), files.c.finished_ms < delivered_before_ms)
             )
             n_windows = conn.execute(delete(windows).where(windows.c.file_id.in_(done))).rowcount or 0
-            n_points = conn.execute(
-                delete(metrics).where(metrics.c.file_id.is_(None), metrics.c.delivered_ms < delivered_before_ms)
-            ).rowcount or 0
+            n_points = (
+                conn.execute(
+                    delete(metrics).where(metrics.c.file_id.is_(None), metrics.c.delivered_ms < delivered_before_ms)
+                ).rowcount
+                or 0
+            )
         return n_windows, n_points

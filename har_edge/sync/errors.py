@@ -12,14 +12,14 @@ from har_edge.agent.errors import ConfigError, HarEdgeError, ModelError
 
 __all__ = [
     "ConfigError",
-    "SyncError",
-    "ServerUnreachable",
-    "ServerRejected",
-    "ServerAccessDenied",
+    "LockBusy",
+    "ModelRefused",
     "RegistryError",
     "RegistryUnreachable",
-    "ModelRefused",
-    "LockBusy",
+    "ServerAccessDenied",
+    "ServerRejected",
+    "ServerUnreachable",
+    "SyncError",
 ]
 
 

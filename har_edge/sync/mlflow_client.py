@@ -118,8 +118,9 @@ def ensure_experiment(client, target: Target, name: str) -> str:
         exp = client.get_experiment_by_name(name)
         if exp is None:
             try:
-                exp_id = client.create_experiment(name, artifact_location=target.artifact_location,
-                                                  tags={"har.created_by": "har-edge sync"})
+                exp_id = client.create_experiment(
+                    name, artifact_location=target.artifact_location, tags={"har.created_by": "har-edge sync"}
+                )
                 log.info("created MLflow experiment %r at %s", name, target.display)
                 return exp_id
             except Exception as exc:  # another device created it at the same moment

@@ -80,8 +80,11 @@ class ModelManager:
         self.outbox = outbox or Outbox(settings.outbox_path)
         if registry is None and self.sync.registry:
             registry = Registry(
-                self.sync.registry, self.sync.model_name, data_dir=settings.data_dir,
-                timeout_s=self.sync.command_timeout_s, remote_url=self.sync.registry_remote_url,
+                self.sync.registry,
+                self.sync.model_name,
+                data_dir=settings.data_dir,
+                timeout_s=self.sync.command_timeout_s,
+                remote_url=self.sync.registry_remote_url,
             )
         self.registry = registry
 
@@ -130,8 +133,10 @@ class ModelManager:
                 return None, f"pinned version {pin} is active"
             refusal = self.is_refused(rel, state)
             if refusal:
-                return None, (f"pinned version {pin} was refused ({refusal.reason}): re-release it, "
-                              f"or run `har-edge models pin {pin}` to try again")
+                return None, (
+                    f"pinned version {pin} was refused ({refusal.reason}): re-release it, "
+                    f"or run `har-edge models pin {pin}` to try again"
+                )
             return rel, f"pinned version {pin}"
         usable = [r for r in releases if self.sync.allow_prerelease or not r.key.prerelease]
         usable = [r for r in usable if not self.is_refused(r, state)]
@@ -220,8 +225,10 @@ class ModelManager:
             except ModelError as exc:
                 reason = str(exc).replace(str(folder) + "/", "").replace(str(folder), release.tag)
                 if isinstance(exc, ChecksumMismatch):
-                    reason += (f" (DVC does not verify remote objects: check the DVC remote, then run "
-                               f"`har-edge models pin {release.version}` to try again)")
+                    reason += (
+                        f" (DVC does not verify remote objects: check the DVC remote, then run "
+                        f"`har-edge models pin {release.version}` to try again)"
+                    )
                 self._refuse(release, m.sha256 if m else "", f"{release.tag}: {reason}", now, report, state)
                 return
             log.info("%s verified and validated (fetched in %.1f s)", release.tag, t_fetch)
@@ -229,8 +236,9 @@ class ModelManager:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _refuse(self, release: Release, sha256: str, reason: str, now: float, report: PullReport,
-                state: ModelState) -> None:
+    def _refuse(
+        self, release: Release, sha256: str, reason: str, now: float, report: PullReport, state: ModelState
+    ) -> None:
         cur = self.manifest_of(self.pointers()[0])
         log.error("refusing %s: %s (keeping %s)", release.tag, reason, cur.version if cur else "the bundled model")
         state.refused[release.version] = Refusal(
@@ -238,13 +246,25 @@ class ModelManager:
         )
         state.save(self.models_dir)
         self.outbox.record_deployment(
-            from_version=cur.version if cur else None, to_version=release.version, outcome="refused",
-            reason=reason, time_ms=int(now * 1000),
+            from_version=cur.version if cur else None,
+            to_version=release.version,
+            outcome="refused",
+            reason=reason,
+            time_ms=int(now * 1000),
         )
         report.refused.append((release.version, reason))
 
-    def _activate(self, folder: Path, m: Manifest, release: Release | None, now: float, report: PullReport,
-                  *, outcome: str, reason: str) -> None:
+    def _activate(
+        self,
+        folder: Path,
+        m: Manifest,
+        release: Release | None,
+        now: float,
+        report: PullReport,
+        *,
+        outcome: str,
+        reason: str,
+    ) -> None:
         cur, prev = self.pointers()
         old = self.manifest_of(cur)
         if folder.parent == self.models_dir:  # already installed (the previous version, pinned again)
@@ -263,8 +283,10 @@ class ModelManager:
         state = self.state()
         known = state.installed.get(name)
         state.installed[name] = Installed(
-            version=m.version, commit=release.commit if release else (known.commit if known else ""),
-            sha256=m.sha256, time_ms=int(now * 1000),
+            version=m.version,
+            commit=release.commit if release else (known.commit if known else ""),
+            sha256=m.sha256,
+            time_ms=int(now * 1000),
         )
         state.remember(m)
         if old is not None and old.sha256 not in state.known:
@@ -273,8 +295,12 @@ class ModelManager:
         if rf is not None and rf.sha256 != m.sha256:
             del state.refused[m.version]
         state.probation = Probation(
-            folder=name, version=m.version, sha256=m.sha256, since_ms=int(now * 1000),
-            previous_folder=cur, previous_version=old.version if old else None,
+            folder=name,
+            version=m.version,
+            sha256=m.sha256,
+            since_ms=int(now * 1000),
+            previous_folder=cur,
+            previous_version=old.version if old else None,
             previous_sha256=old.sha256 if old else None,
         )
         state.save(self.models_dir)
@@ -282,8 +308,11 @@ class ModelManager:
         set_pointer(self.models_dir, name, CURRENT)  # the switch: the agent takes it between files
         detail = f"{release.tag} (commit {release.commit[:10]}), " if release else ""
         self.outbox.record_deployment(
-            from_version=old.version if old else None, to_version=name, outcome=outcome,
-            reason=f"{reason}: {detail}sha256 {m.sha256[:12]}", time_ms=int(now * 1000),
+            from_version=old.version if old else None,
+            to_version=name,
+            outcome=outcome,
+            reason=f"{reason}: {detail}sha256 {m.sha256[:12]}",
+            time_ms=int(now * 1000),
         )
         log.info("activated %s %s (was %s); previous kept for rollback", m.name, name, old.version if old else None)
         report.activated, report.replaced = name, (old.version if old else None)
@@ -332,8 +361,11 @@ class ModelManager:
         if refuse:
             inst = state.installed.get(cur)
             state.refused[version] = Refusal(
-                version=version, commit=inst.commit if inst else "", sha256=bad.sha256 if bad else "",
-                reason=reason, time_ms=int(now * 1000),
+                version=version,
+                commit=inst.commit if inst else "",
+                sha256=bad.sha256 if bad else "",
+                reason=reason,
+                time_ms=int(now * 1000),
             )
         if state.pin == version:
             state.pin = None
@@ -342,8 +374,11 @@ class ModelManager:
         state.save(self.models_dir)
         to = target or (f"{good.version} (bundled)" if good else "bundled")
         self.outbox.record_deployment(
-            from_version=cur, to_version=target or (good.version if good else None), outcome="rolled_back",
-            reason=reason, time_ms=int(now * 1000),
+            from_version=cur,
+            to_version=target or (good.version if good else None),
+            outcome="rolled_back",
+            reason=reason,
+            time_ms=int(now * 1000),
         )
         log.warning("rolled back %s -> %s: %s", cur, to, reason)
         if self.sync.pin == version:

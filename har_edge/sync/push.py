@@ -223,8 +223,12 @@ class Pusher:
             if first:
                 m = active_manifest(self.settings.models_dir, self.settings.agent.model_dir)
                 if m is not None:
-                    self._send_tags(run_id, {runs.ACTIVE_MODEL: f"{m.name} {m.version}",
-                                             runs.AGENT_VERSION: __version__}, "device tags", None)
+                    self._send_tags(
+                        run_id,
+                        {runs.ACTIVE_MODEL: f"{m.name} {m.version}", runs.AGENT_VERSION: __version__},
+                        "device tags",
+                        None,
+                    )
                 first = False
             try:
                 ok, bad = self._send_points(run_id, pts, f"device points of {self.device}")
@@ -259,8 +263,13 @@ class Pusher:
                 start_time=d.time_ms,
             )
             try:
-                self._call(f"finishing the run of deployment {key}", self.client.set_terminated, run_id, "FINISHED",
-                           end_time=d.time_ms)
+                self._call(
+                    f"finishing the run of deployment {key}",
+                    self.client.set_terminated,
+                    run_id,
+                    "FINISHED",
+                    end_time=d.time_ms,
+                )
             except ServerRejected as exc:
                 self._refuse("deployment", None, f"deployment {key}", exc, report)
             self.delivery.mark_deployment(d.id)
@@ -293,7 +302,10 @@ class Pusher:
             log.warning(
                 "%s: the manifest of model %s %s (sha256 %s) is not known here any more: "
                 "window/step params are left out of its run",
-                f.name, f.model_name, f.model_version, (f.model_sha256 or "?")[:12],
+                f.name,
+                f.model_name,
+                f.model_version,
+                (f.model_sha256 or "?")[:12],
             )
         return {k: v for k, v in params.items() if v}
 
@@ -329,8 +341,13 @@ class Pusher:
             if self.delivery.pending_points(f.id, 1):
                 return
             try:
-                self._call(f"finishing the run of {f.name}", self.client.set_terminated, run_id, "FINISHED",
-                           end_time=f.processed_ms)
+                self._call(
+                    f"finishing the run of {f.name}",
+                    self.client.set_terminated,
+                    run_id,
+                    "FINISHED",
+                    end_time=f.processed_ms,
+                )
             except ServerRejected as exc:
                 self._refuse("finish", f.id, f"run {run_id}", exc, report)
             self.delivery.mark_finished(f.id)
@@ -354,8 +371,13 @@ class Pusher:
         params = [Param(k, v) for k, v in self._file_params(f).items()]
         pts = self.delivery.pending_points(f.id, min(self.sync.batch_size, MAX_BATCH_ITEMS - len(params)))
         try:
-            self._call(f"logging the params and {len(pts)} metric points of {f.name}", self.client.log_batch,
-                       run_id, metrics=[Metric(p.key, p.value, p.timestamp_ms, p.step) for p in pts], params=params)
+            self._call(
+                f"logging the params and {len(pts)} metric points of {f.name}",
+                self.client.log_batch,
+                run_id,
+                metrics=[Metric(p.key, p.value, p.timestamp_ms, p.step) for p in pts],
+                params=params,
+            )
         except ServerRejected:
             return False
         self._mark(pts, [], f.id, report)
@@ -452,8 +474,9 @@ class Pusher:
             return
         n_windows, n_points = self.delivery.reclaim(int(now * 1000 - days * 86_400_000))
         if n_windows or n_points:
-            log.info("reclaimed %d window rows and %d device points delivered over %g days ago",
-                     n_windows, n_points, days)
+            log.info(
+                "reclaimed %d window rows and %d device points delivered over %g days ago", n_windows, n_points, days
+            )
 
 
 def pending_summary(delivery: Delivery) -> str:

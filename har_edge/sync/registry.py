@@ -64,8 +64,7 @@ def parse_ls_remote(text: str, name: str) -> list[Release]:
 
 
 class Registry:
-    def __init__(self, url: str, name: str, *, data_dir: Path, timeout_s: float,
-                 remote_url: str | None = None) -> None:
+    def __init__(self, url: str, name: str, *, data_dir: Path, timeout_s: float, remote_url: str | None = None) -> None:
         self.url = url
         self.name = name
         self.timeout_s = timeout_s

@@ -53,8 +53,10 @@ def find_run(client, experiment_id: str, identity: Mapping[str, str]) -> str | N
         return None
     if len(runs) > 1:
         log.warning(
-            "%d runs carry %s; using the oldest, %s", len(runs),
-            ", ".join(f"{k}={v}" for k, v in identity.items()), runs[0].info.run_id,
+            "%d runs carry %s; using the oldest, %s",
+            len(runs),
+            ", ".join(f"{k}={v}" for k, v in identity.items()),
+            runs[0].info.run_id,
         )
     return runs[0].info.run_id
 
@@ -72,7 +74,5 @@ def find_or_create_run(
     found = find_run(client, experiment_id, identity)
     if found is not None:
         return found, False
-    run = client.create_run(
-        experiment_id, start_time=start_time, tags={**tags, **identity}, run_name=run_name
-    )
+    run = client.create_run(experiment_id, start_time=start_time, tags={**tags, **identity}, run_name=run_name)
     return run.info.run_id, True

@@ -117,7 +117,6 @@ def known_models(models_dir: Path) -> dict[str, KnownModel]:
     return out
 
 
-
 def active_folder(models_dir: Path, explicit: Path | None = None) -> Path:
     """The folder the agent runs: ``har_edge.agent.model_dir``, else ``models/current``, else the bundled model."""
     from har_edge.agent.modelstore import read_pointer

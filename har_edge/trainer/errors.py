@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from har_edge.agent.errors import ConfigError, HarEdgeError
 
-__all__ = ["ConfigError", "TrainerError", "DataError", "UnsafePickle", "GateFailed", "ReleaseError", "ToolFailed"]
+__all__ = ["ConfigError", "DataError", "GateFailed", "ReleaseError", "ToolFailed", "TrainerError", "UnsafePickle"]
 
 
 class TrainerError(HarEdgeError):

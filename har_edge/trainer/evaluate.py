@@ -147,7 +147,7 @@ def evaluate(settings: Settings) -> dict[str, float]:
     doc = {
         "metrics": metrics,
         "tflite_sha256": sha256_file(tflite),
-        "representative_windows": int(len(x_rep)),
+        "representative_windows": len(x_rep),
         "tensorflow": tf.__version__,
         "runtime": runner.runtime,
     }

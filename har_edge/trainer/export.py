@@ -18,13 +18,21 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from har_edge.agent.manifest import CHANNELS, GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, SCHEMA_VERSION, Manifest, sha256_file
+from har_edge.agent.manifest import (
+    CHANNELS,
+    GOLDEN_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SCHEMA_VERSION,
+    Manifest,
+    sha256_file,
+)
 from har_edge.agent.preprocess import apply_scaler
 from har_edge.agent.runtime import TFLiteRunner
 from har_edge.trainer import __version__, tracking
@@ -167,7 +175,7 @@ def write_model_folder(
             },
             data_hash=data_hash,
             mlflow_run_id=run_id,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
             metrics=metrics,
             training=training,
         )

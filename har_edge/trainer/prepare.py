@@ -158,7 +158,7 @@ def prepare(settings: Settings, progress: Progress = iter) -> dict[str, Any]:
         "step": d.step,
         "train_step": d.train_step,
         "subjects": split,
-        "windows": {name: int(len(ws)) for name, ws in sets.items()},
+        "windows": {name: len(ws) for name, ws in sets.items()},
         "per_class": {
             name: {d.labels[i]: int((ws.labels == i).sum()) for i in range(len(d.labels))} for name, ws in sets.items()
         },
@@ -209,4 +209,3 @@ def load_prepared(settings: Settings) -> Prepared:
         scale=arrays["scaler_scale"],
         meta=meta,
     )
-

@@ -15,7 +15,7 @@ from har_edge.agent.errors import InputError, UnknownFormat
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Chunk", "Recording", "SensorBlock", "sniff", "open_export", "is_complete", "pair_key"]
+__all__ = ["Chunk", "Recording", "SensorBlock", "is_complete", "open_export", "pair_key", "sniff"]
 
 TABLE_SUFFIXES = (".csv", ".xlsx", ".xlsm")
 
@@ -90,7 +90,9 @@ def _table_recordings(paths: list[Path], label: str) -> list[Recording]:
     return out
 
 
-def open_export(paths: list[Path], scratch: Path, *, max_archive_bytes: int, name: str | None = None) -> list[Recording]:
+def open_export(
+    paths: list[Path], scratch: Path, *, max_archive_bytes: int, name: str | None = None
+) -> list[Recording]:
     """Recordings of one dropped export (one file, a table pair, or a zip), in the order found.
 
     ``scratch`` is an empty folder the caller removes afterwards (zips are extracted there).

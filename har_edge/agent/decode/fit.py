@@ -170,7 +170,7 @@ def _sdk_error(name: str, error: Exception) -> InputError:
 
 
 def _sdk_messages(path: Path, name: str) -> _SdkCollector:
-    from garmin_fit_sdk import Decoder, Stream  # noqa: PLC0415 (heavy import, fallback only)
+    from garmin_fit_sdk import Decoder, Stream
 
     # the same header / size / CRC checks as the fast path, so the errors read the same
     fitfast.verify(path, name)
@@ -398,4 +398,3 @@ def _meta(
     if notes:
         meta["notes"] = notes
     return meta
-

@@ -316,7 +316,9 @@ def verify(path: Path, name: str | None = None) -> list[FitHeader]:
             while remaining:
                 got = f.readinto(view[: min(BLOCK_SIZE, remaining)])
                 if not got:
-                    raise CorruptFile(f"{name} is truncated at byte {header.data_end - remaining}: the copy is incomplete")
+                    raise CorruptFile(
+                        f"{name} is truncated at byte {header.data_end - remaining}: the copy is incomplete"
+                    )
                 crc.update(view[:got])
                 remaining -= got
             stored = f.read(2)
@@ -432,7 +434,7 @@ class Offsets:
     runs (``add_run``); readers take slices (``take``) or iterate.
     """
 
-    __slots__ = ("_singles", "_run_start", "_run_step", "_run_count", "_run_at", "append", "_segments")
+    __slots__ = ("_run_at", "_run_count", "_run_start", "_run_step", "_segments", "_singles", "append")
 
     def __init__(self) -> None:
         self._singles = array("q")
@@ -972,7 +974,7 @@ def _no_imu_message(index: FitIndex, notes: list[str]) -> str:
 @lru_cache(maxsize=1)
 def sdk_profile() -> dict:
     """garmin-fit-sdk's profile (message and type names), imported on first use."""
-    from garmin_fit_sdk.profile import Profile  # noqa: PLC0415 (a large module)
+    from garmin_fit_sdk.profile import Profile
 
     return Profile
 
@@ -1071,7 +1073,7 @@ def _structured(buf: bytes, rel: np.ndarray, mdef: MesgDef) -> np.ndarray:
     """The records at offsets ``rel`` of ``buf`` as a structured array (zero copy when evenly spaced)."""
     dtype = mdef.dtype()
     size = mdef.record_size
-    if len(rel) == 1 or ((step := np.diff(rel)) == step[0]).all() and step[0] >= size:
+    if len(rel) == 1 or (((step := np.diff(rel)) == step[0]).all() and step[0] >= size):
         stride = int(rel[1] - rel[0]) if len(rel) > 1 else size
         return np.ndarray((len(rel),), dtype, buffer=buf, offset=int(rel[0]), strides=(stride,))
     raw = np.frombuffer(buf, np.uint8)[rel[:, None] + np.arange(size)]
@@ -1148,9 +1150,7 @@ def _sensor_samples(
     return ordered(t, v)
 
 
-def iter_chunks(
-    index: FitIndex, imu: ImuPlan, *, max_samples: int = MAX_CHUNK_SAMPLES
-) -> Iterator[Chunk]:
+def iter_chunks(index: FitIndex, imu: ImuPlan, *, max_samples: int = MAX_CHUNK_SAMPLES) -> Iterator[Chunk]:
     """Read the IMU records in file order, a group of at most ``max_samples`` per sensor at a time."""
     sizes = np.array([d.record_size for d in index.defs], np.int64)
     with open(index.path, "rb") as f:

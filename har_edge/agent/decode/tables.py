@@ -85,7 +85,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -521,9 +521,7 @@ def _scalar(value: object) -> float | None:
         return None
     if isinstance(value, bool):
         raise ValueError("a boolean is not a number")
-    if isinstance(value, (int, float)):
-        v = float(value)
-    elif isinstance(value, str) and _FINITE_RE.fullmatch(value):
+    if isinstance(value, (int, float)) or (isinstance(value, str) and _FINITE_RE.fullmatch(value)):
         v = float(value)
     else:
         raise ValueError("not a number")
@@ -629,7 +627,7 @@ class _Clock:
 
 def _datetime_ms(d: datetime) -> int:
     if d.tzinfo is None:
-        d = d.replace(tzinfo=timezone.utc)
+        d = d.replace(tzinfo=UTC)
     return int(round(d.timestamp() * 1000))
 
 

@@ -26,7 +26,7 @@ import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,7 @@ def parse_time_ms(text: str, where: str) -> int:
     except ValueError:
         raise DataError(f"{where}: {text!r} is neither epoch milliseconds nor an ISO 8601 time") from None
     if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
+        t = t.replace(tzinfo=UTC)
     return int(round(t.timestamp() * 1000))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from har_edge.trainer.errors import DataError, UnsafePickle
 
-__all__ = ["Record", "safe_load", "safe_loads", "frame_columns"]
+__all__ = ["Record", "frame_columns", "safe_load", "safe_loads"]
 
 #: Python 2 module names a protocol-2 pickle uses.
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
