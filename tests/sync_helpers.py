@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from har_edge.agent.manifest import read_manifest, sha256_file
+from har_edge.agent.manifest import read_manifest
 from har_edge.agent.model import BUNDLED_MODEL_DIR
 from har_edge.agent.outbox import FileRecord, Outbox
 from har_edge.agent.summary import minute_points, summary_points
+from har_edge.common.hashing import sha256_file
 from har_edge.sync import runs
 from har_edge.sync.versions import parse_version
 

@@ -227,7 +227,7 @@ def test_image_holds_no_installer_tests_or_trainer(podman: Podman):
 
 
 def test_an_export_in_the_mounted_inbox_ends_as_rows_in_the_mounted_outbox(agent_run: AgentRun, tmp_path):
-    from har_edge.agent.pipeline import export_sha256
+    from har_edge.common.hashing import export_sha256
 
     with outbox_copy(agent_run.data, tmp_path / "ob") as ob:
         rec = ob.processed_file(export_sha256([agent_run.export]))
@@ -318,7 +318,7 @@ def test_sync_once_delivers_the_outbox_to_mlflow_on_the_host_loopback(
 ):
     from mlflow.tracking import MlflowClient
 
-    from har_edge.agent.pipeline import export_sha256
+    from har_edge.common.hashing import export_sha256
 
     experiment = f"docker-{uuid.uuid4().hex[:8]}"
     env = {

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from har_edge.agent.errors import ChecksumMismatch, ManifestError, ModelValidationError
-from har_edge.agent.manifest import read_manifest, sha256_file
+from har_edge.agent.manifest import read_manifest
 from har_edge.agent.model import BUNDLED_MODEL_DIR, check_golden, load_model
 from har_edge.agent.runtime import TFLiteRunner, runtime_name
+from har_edge.common.hashing import sha256_file
 
 EXPECTED_RUNTIME = os.environ.get("HAR_EDGE_TFLITE_RUNTIME") or "ai_edge_litert"
 

@@ -17,8 +17,9 @@ import pytest
 from trainer_helpers import dvc, git, synthetic_params
 
 from har_edge.agent.errors import ModelValidationError
-from har_edge.agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_manifest, sha256_file
+from har_edge.agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_manifest
 from har_edge.agent.model import load_model
+from har_edge.common.hashing import sha256_file
 from har_edge.trainer.cli import EXIT_GATE, EXIT_OK, main
 from har_edge.trainer.errors import GateFailed, ReleaseError
 from har_edge.trainer.settings import Settings, load_settings

@@ -10,9 +10,10 @@ from pathlib import Path
 from har_edge.agent.errors import InputError
 from har_edge.agent.modelstore import ActiveModel
 from har_edge.agent.outbox import Outbox
-from har_edge.agent.pipeline import Outcome, Processor, export_sha256
+from har_edge.agent.pipeline import Outcome, Processor
 from har_edge.agent.settings import Settings
 from har_edge.agent.watcher import DropFolder
+from har_edge.common.hashing import export_sha256
 
 log = logging.getLogger(__name__)
 

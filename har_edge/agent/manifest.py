@@ -8,7 +8,6 @@ bytes it holds are the bytes that were released.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from har_edge.agent.errors import ChecksumMismatch, ManifestError
+from har_edge.common.hashing import sha256_file
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.tflite"
@@ -108,14 +108,6 @@ class Manifest(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(folder: Path) -> Manifest:

@@ -7,7 +7,6 @@ per-window predictions, per-file and per-minute metrics -> outbox.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import itertools
 import logging
 import shutil
@@ -27,6 +26,7 @@ from har_edge.agent.outbox import FileRecord, Outbox, now_ms
 from har_edge.agent.preprocess import StreamWindower
 from har_edge.agent.settings import AgentSettings
 from har_edge.agent.summary import iter_minute_points, summary_points
+from har_edge.common.hashing import export_sha256
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +39,6 @@ class Outcome:
     windows: int = 0
     seconds: float = 0.0
     error: HarEdgeError | None = None
-
-
-def export_sha256(paths: list[Path]) -> str:
-    """sha256 of a file; of a group (a table pair), sha256 over the members' sorted hashes."""
-    hashes = []
-    view = memoryview(bytearray(1 << 20))  # one buffer, reused
-    for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb", buffering=0) as f:
-            while got := f.readinto(view):
-                h.update(view[:got])
-        hashes.append(h.hexdigest())
-    if len(hashes) == 1:
-        return hashes[0]
-    return hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()
 
 
 class Processor:

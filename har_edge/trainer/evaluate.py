@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from har_edge.agent.manifest import sha256_file
 from har_edge.agent.preprocess import apply_scaler
 from har_edge.agent.runtime import TFLiteRunner
+from har_edge.common.hashing import sha256_file
 from har_edge.trainer import tracking
 from har_edge.trainer.errors import TrainerError
 from har_edge.trainer.export import convert_int8, representative_windows

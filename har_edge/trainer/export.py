@@ -31,10 +31,10 @@ from har_edge.agent.manifest import (
     MODEL_FILE,
     SCHEMA_VERSION,
     Manifest,
-    sha256_file,
 )
 from har_edge.agent.preprocess import apply_scaler
 from har_edge.agent.runtime import TFLiteRunner
+from har_edge.common.hashing import sha256_file
 from har_edge.trainer import __version__, tracking
 from har_edge.trainer.errors import TrainerError
 from har_edge.trainer.gate import GateResult, check_gate

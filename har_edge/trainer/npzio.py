@@ -7,7 +7,6 @@ time instead, which makes their sha256 (and DVC's md5) a hash of the content.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,11 +30,3 @@ def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
     tmp.replace(path)
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()

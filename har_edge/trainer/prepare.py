@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from har_edge.common.hashing import file_digest
 from har_edge.trainer.data import LabelledWindows
 from har_edge.trainer.errors import DataError
-from har_edge.trainer.npzio import file_digest, save_npz
+from har_edge.trainer.npzio import save_npz
 from har_edge.trainer.settings import Settings
 
 log = logging.getLogger(__name__)

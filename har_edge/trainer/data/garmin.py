@@ -22,7 +22,6 @@ inside one interval; windows touching no interval or two are dropped.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from har_edge.agent.decode import open_export
 from har_edge.agent.decode.types import Recording
 from har_edge.agent.errors import InputError
 from har_edge.agent.preprocess import WindowSet, recording_windows
+from har_edge.common.hashing import manifest_of_files
 from har_edge.trainer.data import LabelledWindows
 from har_edge.trainer.errors import DataError
 
@@ -172,12 +172,4 @@ def read_labels(
 
 def folder_hash(folder: Path, exports: list[GarminExport]) -> str:
     """sha256 over labels.csv and every export file read."""
-    h = hashlib.sha256()
-    names = [LABELS_FILE] + sorted({f for e in exports for f in e.files})
-    for name in names:
-        fh = hashlib.sha256()
-        with open(Path(folder) / name, "rb") as f:
-            while block := f.read(1 << 20):
-                fh.update(block)
-        h.update(f"{name} {fh.hexdigest()}\n".encode())
-    return h.hexdigest()
+    return manifest_of_files(folder, [LABELS_FILE, *sorted({f for e in exports for f in e.files})])

