@@ -27,7 +27,7 @@ from har_edge.sync.errors import RegistryError, RegistryUnreachable
 from har_edge.sync.models import ModelManager
 from har_edge.sync.registry import parse_ls_remote
 from har_edge.sync.state import ModelState
-from har_edge.sync.versions import parse_version
+from har_edge.common.versions import parse_version
 
 V0, V1, V2 = release_version(0), release_version(1), release_version(2)
 

@@ -114,7 +114,7 @@ def cmd_models_list(settings: Settings, args) -> int:
         rows.setdefault(pin, {"version": pin, "state": "not released", "detail": ""})["pinned"] = True
     if state.probation is not None and state.probation.version in rows:
         rows[state.probation.version]["detail"] += " (on probation: health gate pending)"
-    from har_edge.sync.versions import parse_version
+    from har_edge.common.versions import parse_version
 
     def key(row: dict):
         return parse_version(row["version"])

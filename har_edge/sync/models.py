@@ -32,12 +32,12 @@ from har_edge.agent.model import BUNDLED_MODEL_DIR, load_model
 from har_edge.agent.modelstore import CURRENT, PREVIOUS, fsync_dir, read_pointer, set_pointer
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import Settings
+from har_edge.common.versions import parse_version
 from har_edge.sync.errors import ModelRefused, RegistryError, SyncError
 from har_edge.sync.health import judge
 from har_edge.sync.locks import file_lock
 from har_edge.sync.registry import Registry, Release
 from har_edge.sync.state import Installed, ModelState, Probation, Refusal
-from har_edge.sync.versions import parse_version
 
 log = logging.getLogger(__name__)
 

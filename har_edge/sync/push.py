@@ -33,6 +33,7 @@ from pathlib import Path
 from har_edge.agent import __version__
 from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
 from har_edge.agent.settings import Settings
+from har_edge.common.versions import version_code
 from har_edge.sync import runs
 from har_edge.sync.delivery import Delivery, PendingPoint
 from har_edge.sync.errors import ServerAccessDenied, ServerRejected, SyncError
@@ -41,7 +42,6 @@ from har_edge.sync.mlflow_client import Target, ensure_experiment, make_client, 
 from har_edge.sync.predictions import ARTIFACT_NAME, write_predictions_csv
 from har_edge.sync.retry import translate
 from har_edge.sync.state import active_manifest, known_models
-from har_edge.sync.versions import version_code
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from har_edge.sync.commands import CommandTimeout, dvc_command, redact, run, tool_env
+from har_edge.common.proc import CommandTimeout, dvc_command, redact, run, tool_env
+from har_edge.common.releases import model_path, tag_name, tag_prefix
+from har_edge.common.versions import VersionKey, parse_version
 from har_edge.sync.errors import RegistryError, RegistryUnreachable
-from har_edge.sync.versions import VersionKey, parse_version
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,12 @@ class Release:
     key: VersionKey
 
 
-def tag_name(name: str, version: str) -> str:
-    return f"{name}@v{version}"
-
-
 def parse_ls_remote(text: str, name: str) -> list[Release]:
     """Releases of ``name`` in ``git ls-remote --tags`` output (as ``har_edge.sync.ls_remote`` writes it), oldest first.
 
     Unparseable versions are skipped.
     """
-    prefix = f"refs/tags/{name}@v"
+    prefix = tag_prefix(name)
     objects: dict[str, str] = {}
     peeled: dict[str, str] = {}
     for line in text.splitlines():
@@ -69,7 +66,7 @@ class Registry:
         self.name = name
         self.timeout_s = timeout_s
         self.remote_url = remote_url
-        self.env = tool_env(data_dir)
+        self.env = tool_env(Path(data_dir) / ".dvc-site-cache")
         self.site_cache = Path(self.env["DVC_SITE_CACHE_DIR"])
 
     @property
@@ -78,7 +75,7 @@ class Registry:
 
     def releases(self) -> list[Release]:
         """Every release of the model, oldest first. Raises RegistryUnreachable when the tags cannot be listed."""
-        args = [sys.executable, "-I", "-m", "har_edge.sync.ls_remote", self.url, f"refs/tags/{self.name}@v"]
+        args = [sys.executable, "-I", "-m", "har_edge.sync.ls_remote", self.url, tag_prefix(self.name)]
         try:
             res = run(args, timeout_s=self.timeout_s, env=self.env)
         except CommandTimeout as exc:
@@ -99,7 +96,7 @@ class Registry:
         """Download ``models/<name>`` at the release's tag into ``dest`` (which must not exist)."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        args = [*dvc_command(), "get", self.url, f"models/{self.name}", "--rev", release.tag, "-o", str(dest)]
+        args = [*dvc_command(), "get", self.url, model_path(self.name), "--rev", release.tag, "-o", str(dest)]
         if self.remote_url:
             args += ["--remote-config", f"url={self.remote_url}"]
         self.site_cache.mkdir(parents=True, exist_ok=True)

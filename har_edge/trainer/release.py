@@ -25,16 +25,17 @@ Every git/dvc call is bounded by ``release.timeout_s``.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from har_edge.agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, read_manifest, verify_files
+from har_edge.common import proc
+from har_edge.common.proc import CommandTimeout, Result, dvc_command, tool_env
+from har_edge.common.releases import model_path, tag_name
+from har_edge.common.versions import newer_than
 from har_edge.trainer import tracking
 from har_edge.trainer.errors import GateFailed, ReleaseError, ToolFailed
 from har_edge.trainer.export import verify_folder
@@ -45,16 +46,6 @@ log = logging.getLogger(__name__)
 
 REMOTE_NAME = "storage"
 _FALLBACK_IDENTITY = {"user.name": "har-train", "user.email": "har-train@localhost"}
-
-
-def tag_name(name: str, version: str) -> str:
-    return f"{name}@v{version}"
-
-
-def parse_tag(tag: str) -> tuple[str, str] | None:
-    """``(name, version)`` of a release tag, None for other tags."""
-    m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)@v([A-Za-z0-9][A-Za-z0-9._+-]*)", tag)
-    return (m.group(1), m.group(2)) if m else None
 
 
 @dataclass
@@ -76,44 +67,34 @@ class ReleaseResult:
 
 
 class Tools:
-    """git and dvc in one working repository, each call bounded by a timeout."""
+    """git and dvc in one working repository, each call bounded by a timeout (its whole process group killed)."""
 
     def __init__(self, repo: Path, *, timeout_s: float, site_cache: Path) -> None:
         self.repo = repo
         self.timeout_s = timeout_s
-        self.env = {
-            **os.environ,
-            "DVC_NO_ANALYTICS": "1",
-            "DVC_SITE_CACHE_DIR": str(site_cache),
-            "GIT_TERMINAL_PROMPT": "0",
-        }
+        self.env = tool_env(site_cache)
         site_cache.mkdir(parents=True, exist_ok=True)
         self._identity: list[str] | None = None
 
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(self, *cmd: str, check: bool = True) -> Result:
         try:
-            proc = subprocess.run(
-                list(cmd), cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=self.timeout_s
-            )
-        except subprocess.TimeoutExpired:
+            res = proc.run(cmd, timeout_s=self.timeout_s, env=self.env, cwd=self.repo)
+        except CommandTimeout:
             raise ToolFailed(
                 f"`{' '.join(cmd[:4])}` in {self.repo} did not finish in {self.timeout_s:.0f} s: "
                 "check that the remote is reachable (or raise release.timeout_s)"
             ) from None
         except FileNotFoundError:
             raise ToolFailed(f"{cmd[0]} is not installed: install git (and the trainer extra for dvc)") from None
-        if check and proc.returncode != 0:
-            raise ToolFailed(
-                f"`{' '.join(cmd[:6])}` failed in {self.repo} (exit {proc.returncode}): "
-                f"{(proc.stderr or proc.stdout).strip()[-800:]}"
-            )
-        return proc
+        if check and res.returncode != 0:
+            raise ToolFailed(f"`{' '.join(cmd[:6])}` failed in {self.repo} (exit {res.returncode}): {res.tail(800)}")
+        return res
 
-    def git(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def git(self, *args: str, check: bool = True) -> Result:
         return self.run("git", *self.identity(), *args, check=check)
 
-    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+    def dvc(self, *args: str, check: bool = True) -> Result:
+        return self.run(*dvc_command(), *args, check=check)
 
     def identity(self) -> list[str]:
         """``-c user.name=… -c user.email=…`` only where git has none configured."""
@@ -218,7 +199,7 @@ def release(
     remote_url = _ensure_dvc(t, remote)
     name, version = manifest.name, manifest.version
     tag = tag_name(name, version)
-    rel = Path("models") / name
+    rel = Path(model_path(name))
     recorded = _tag_sha256(t, tag)
     if recorded is not None and recorded != manifest.sha256:
         raise ReleaseError(
@@ -268,15 +249,6 @@ def release(
     )
 
 
-def _version_key(v: str) -> tuple:
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return (1, Version(v))
-    except InvalidVersion:
-        return (0, v)
-
-
 def _register(
     settings: Settings, folder: Path, manifest: Manifest, *, tag: str, commit: str, registry: str, remote: str
 ) -> tuple[str, bool]:
@@ -298,7 +270,7 @@ def _register(
     alias: str | None = settings.mlflow.alias
     if newest is not None:
         held = c.get_model_version(manifest.name, newest).tags.get("model_version", "")
-        if _version_key(held) > _version_key(manifest.version):
+        if newer_than(held, manifest.version):
             alias = None  # a newer version holds the alias
     version, created = tracking.register_version(
         settings,
@@ -314,7 +286,7 @@ def _register(
             "registry": registry,
             "dvc_remote": remote,
         },
-        description=f"{manifest.name} {manifest.version}: dvc get {registry} models/{manifest.name} --rev {tag}",
+        description=f"{manifest.name} {manifest.version}: dvc get {registry} {model_path(manifest.name)} --rev {tag}",
         alias=alias,
     )
     log.info("MLflow registry: %s version %s (%s)", manifest.name, version, "created" if created else "existing")

@@ -1,8 +1,10 @@
 """External commands (git, dvc) with a hard time-out, killed with their whole process group.
 
-GUIDE section 5: a hung HTTP remote keeps ``dvc get`` busy past 10 minutes, and
+A hung HTTP remote keeps ``dvc get`` busy for more than 10 minutes, and
 ``subprocess.run(timeout=...)`` kills only the direct child, not the helpers it
-started; each command runs in its own session and the group is killed.
+started: each command runs in its own session and the whole group is killed.
+The one environment for every git/dvc call (no prompts, no analytics, DVC's site
+cache in a folder of ours, never /var/tmp) is :func:`tool_env`.
 """
 
 from __future__ import annotations
@@ -47,14 +49,14 @@ class CommandTimeout(Exception):
         self.timeout_s = timeout_s
 
 
-def tool_env(data_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of every git/dvc call: no prompts, no analytics, DVC's site cache under the data folder."""
+def tool_env(site_cache: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every git/dvc call: no prompts, no analytics, DVC's site cache in ``site_cache``."""
     env = dict(os.environ)
     env.update(
         {
             "GIT_TERMINAL_PROMPT": "0",  # a registry asking for a password fails instead of hanging
             "DVC_NO_ANALYTICS": "1",
-            "DVC_SITE_CACHE_DIR": str(Path(data_dir).resolve() / ".dvc-site-cache"),
+            "DVC_SITE_CACHE_DIR": str(Path(site_cache).resolve()),
             "DVC_STUDIO_OFFLINE": "1",
         }
     )

@@ -50,3 +50,11 @@ def version_code(text: str) -> float | None:
         return None
     major, minor, patch = key.core
     return float(major * 1_000_000 + min(minor, 999) * 1_000 + min(patch, 999))
+
+
+def newer_than(a: str, b: str) -> bool:
+    """True when version ``a`` orders after ``b``; a text that is no version orders before every version."""
+    ka, kb = parse_version(a), parse_version(b)
+    if ka is None:
+        return False
+    return kb is None or ka > kb
