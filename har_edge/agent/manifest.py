@@ -1,14 +1,23 @@
-"""The model folder contract between the trainer and the edge.
+"""The model folder contract between the trainer and the edge: the one owner of ``manifest.json``.
 
 A model folder holds ``model.tflite``, ``manifest.json`` and ``golden.npz``
 (a few raw windows with the outputs the exported model gave for them). The
 manifest says everything the edge needs to feed the model and to prove that the
 bytes it holds are the bytes that were released.
+
+Versions. ``schema_version`` names the layout. :func:`read_manifest` reads every
+older version: a raw document is lifted one version at a time by the functions
+in :data:`UPGRADES` (``UPGRADES[n]`` turns version ``n`` into ``n + 1``) and then
+validated as the current :class:`Manifest`. A newer version than this code knows
+is refused with both versions named. Every field is added here, in this module,
+with the upgrade that gives old manifests its value; nothing writes a manifest
+field beside this owner. The schema is documented in ``docs/manifest.md``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +100,7 @@ class Manifest(BaseModel):
     def _consistent(self) -> Manifest:
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(
-                f"schema_version {self.schema_version} is not supported "
-                f"(this har-edge reads {SCHEMA_VERSION}): upgrade har-edge"
+                f"schema_version {self.schema_version} is not {SCHEMA_VERSION}: read it with read_manifest"
             )
         if len(self.channels) != len(self.scaler.mean):
             raise ValueError("scaler has %d channels, channels lists %d" % (len(self.scaler.mean), len(self.channels)))
@@ -110,6 +118,29 @@ class Manifest(BaseModel):
         return json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n"
 
 
+#: ``UPGRADES[n](doc)`` lifts a version-``n`` document to version ``n + 1`` (pure: returns a new dict).
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def upgrade(raw: Any, *, source: str = "manifest") -> Any:
+    """``raw`` lifted to :data:`SCHEMA_VERSION`; a newer or unknown version raises ManifestError."""
+    if not isinstance(raw, dict):
+        return raw  # validation names the problem
+    version = raw.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ManifestError(f"{source}: schema_version {version!r} is not a manifest version (1..{SCHEMA_VERSION})")
+    if version > SCHEMA_VERSION:
+        raise ManifestError(
+            f"{source} has schema_version {version}; this har-edge reads versions 1 to {SCHEMA_VERSION}: "
+            "upgrade har-edge"
+        )
+    doc = dict(raw)
+    while doc["schema_version"] < SCHEMA_VERSION:
+        step = UPGRADES[doc["schema_version"]]
+        doc = step(doc)
+    return doc
+
+
 def read_manifest(folder: Path) -> Manifest:
     path = Path(folder) / MANIFEST_FILE
     try:
@@ -121,7 +152,7 @@ def read_manifest(folder: Path) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not readable JSON: {exc}") from None
     try:
-        return Manifest.model_validate(raw)
+        return Manifest.model_validate(upgrade(raw, source=str(path)))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors())
         raise ManifestError(f"{path} is not a valid har-edge manifest: {problems}") from None
