@@ -103,7 +103,7 @@ class Manifest(BaseModel):
                 f"schema_version {self.schema_version} is not {SCHEMA_VERSION}: read it with read_manifest"
             )
         if len(self.channels) != len(self.scaler.mean):
-            raise ValueError("scaler has %d channels, channels lists %d" % (len(self.scaler.mean), len(self.channels)))
+            raise ValueError(f"scaler has {len(self.scaler.mean)} channels, channels lists {len(self.channels)}")
         if self.step > self.window:
             raise ValueError("step must not exceed window")
         if len(set(self.labels)) != len(self.labels):
