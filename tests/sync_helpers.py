@@ -21,8 +21,8 @@ from har_edge.agent.model import BUNDLED_MODEL_DIR
 from har_edge.agent.outbox import FileRecord, Outbox
 from har_edge.agent.summary import minute_points, summary_points
 from har_edge.common.hashing import sha256_file
-from har_edge.sync import runs
 from har_edge.common.versions import parse_version
+from har_edge.sync import runs
 
 MODEL_NAME = "har-cnn"
 T0_MS = 1_742_802_739_000  # 2025-03-24T07:52:19Z

@@ -246,7 +246,7 @@ def test_a_model_that_fails_to_load_is_recorded_and_the_old_one_kept(settings, w
 def _cli(*args, data_dir: Path, timeout=120, **kw):
     env = dict(os.environ, HAR_EDGE_DATA_DIR=str(data_dir), HAR_EDGE_AGENT__SETTLE_S="0.2")
     return subprocess.run(
-        [sys.executable, "-m", "har_edge.agent.cli", *args],
+        [sys.executable, "-m", "har_edge.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -308,7 +308,7 @@ def test_kill_9_mid_file_then_restart_processes_it_exactly_once(tmp_path, fixtur
         write_imu_fit(big, rate_hz=50, seconds=1800, start=START)
     data_dir = tmp_path / "var"
     env = dict(os.environ, HAR_EDGE_DATA_DIR=str(data_dir), HAR_EDGE_AGENT__SETTLE_S="0.2")
-    cmd = [sys.executable, "-m", "har_edge.agent.cli", "agent", "run"]
+    cmd = [sys.executable, "-m", "har_edge.cli", "agent", "run"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert _wait(lambda: (data_dir / "inbox").is_dir(), 60)
@@ -343,7 +343,7 @@ def test_sigterm_stops_the_daemon_cleanly(tmp_path, walk_fit):
     data_dir = tmp_path / "var"
     env = dict(os.environ, HAR_EDGE_DATA_DIR=str(data_dir), HAR_EDGE_AGENT__SETTLE_S="0.2")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "har_edge.agent.cli", "agent", "run"],
+        [sys.executable, "-m", "har_edge.cli", "agent", "run"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -91,13 +91,13 @@ def _env(data_dir: Path, **settings: str) -> dict[str, str]:
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "har_edge.agent.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "har_edge.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
 def _start(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "har_edge.agent.cli", *args],
+        [sys.executable, "-m", "har_edge.cli", *args],
         env=env,
         stdout=open(log, "ab"),
         stderr=subprocess.STDOUT,

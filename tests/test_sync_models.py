@@ -23,11 +23,11 @@ from sync_helpers import (
 from har_edge.agent.modelstore import read_pointer
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import load_settings
+from har_edge.common.versions import parse_version
 from har_edge.sync.errors import RegistryError, RegistryUnreachable
 from har_edge.sync.models import ModelManager
 from har_edge.sync.registry import parse_ls_remote
 from har_edge.sync.state import ModelState
-from har_edge.common.versions import parse_version
 
 V0, V1, V2 = release_version(0), release_version(1), release_version(2)
 

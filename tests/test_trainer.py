@@ -19,8 +19,9 @@ from trainer_helpers import dvc, git, synthetic_params
 from har_edge.agent.errors import ModelValidationError
 from har_edge.agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_manifest
 from har_edge.agent.model import load_model
+from har_edge.common.cli import Exit
 from har_edge.common.hashing import sha256_file
-from har_edge.trainer.cli import EXIT_GATE, EXIT_OK, main
+from har_edge.trainer.cli import main
 from har_edge.trainer.errors import GateFailed, ReleaseError
 from har_edge.trainer.settings import Settings, load_settings
 
@@ -61,7 +62,7 @@ def pipeline(tmp_path_factory, tracking_uri) -> Pipeline:
     root = tmp_path_factory.mktemp("trainer")
     params = synthetic_params(root, tracking_uri=tracking_uri)
     for stage in ("prepare", "train", "evaluate", "export"):
-        assert main(["--params", str(params), stage]) == EXIT_OK, stage
+        assert main(["--params", str(params), stage]) == Exit.OK, stage
     s = load_settings(params)
     return Pipeline(root, params, s, s.model_dir)
 
@@ -172,7 +173,7 @@ def md5_file(path: Path) -> str:
 
 def test_gate_refuses_an_untrained_model(pipeline, tmp_path, capsys, tracking_uri):
     params = synthetic_params(tmp_path, tracking_uri=tracking_uri, train={"epochs": 0}, export={"name": "untrained"})
-    assert main(["--params", str(params), "all"]) == EXIT_GATE
+    assert main(["--params", str(params), "all"]) == Exit.GATE
     err = capsys.readouterr().err
     assert "failed the gate" in err and "int8 held-out accuracy" in err and "min_int8_accuracy" in err
     s = load_settings(params)
@@ -289,9 +290,9 @@ def test_register_in_a_local_store_without_the_training_run(pipeline, tmp_path):
 
 
 def test_bundle_verifies_and_copies(pipeline, tmp_path):
-    assert main(["--params", str(pipeline.params), "bundle", str(pipeline.folder), str(tmp_path / "dm")]) == EXIT_OK
+    assert main(["--params", str(pipeline.params), "bundle", str(pipeline.folder), str(tmp_path / "dm")]) == Exit.OK
     assert load_model(tmp_path / "dm").manifest.sha256 == read_manifest(pipeline.folder).sha256
-    assert main(["--params", str(pipeline.params), "verify", str(tmp_path / "dm")]) == EXIT_OK
+    assert main(["--params", str(pipeline.params), "verify", str(tmp_path / "dm")]) == Exit.OK
 
 
 def test_seed_like_cnn_bilstm_converts_to_int8_builtins(tmp_path):

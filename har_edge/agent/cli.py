@@ -1,7 +1,7 @@
-"""``har-edge``: the command line of the edge device (agent, status, and the sync commands).
+"""The agent's commands of ``har-edge``: ``agent run|process|replay``, ``status`` and ``health``.
 
-Errors become exit codes here only: 0 success, 1 some input was quarantined or
-a check failed, 2 bad settings or usage, 3 a server could not be reached.
+Each command is ``(settings, args) -> exit code`` (the table is in
+:mod:`har_edge.common.cli`); :mod:`har_edge.cli` assembles the parser.
 """
 
 from __future__ import annotations
@@ -9,32 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
 
-from har_edge.agent import __version__
-from har_edge.agent.errors import ConfigError, HarEdgeError
-from har_edge.agent.logs import setup_logging
-from har_edge.agent.settings import Settings, load_settings
+from har_edge.agent.errors import HarEdgeError
+from har_edge.agent.settings import Settings
+from har_edge.common.cli import Exit, add_command, stop_event
 
-log = logging.getLogger("har_edge")
-
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
-
-
-def stop_event() -> threading.Event:
-    """An event set by SIGTERM/SIGINT, so ``docker stop`` and Ctrl-C drain cleanly."""
-    ev = threading.Event()
-
-    def _handler(signum, _frame):
-        log.info("received %s: finishing the current work, then stopping", signal.Signals(signum).name)
-        ev.set()
-
-    signal.signal(signal.SIGTERM, _handler)
-    signal.signal(signal.SIGINT, _handler)
-    return ev
+log = logging.getLogger(__name__)
 
 
 # -- agent ---------------------------------------------------------------------
@@ -47,9 +29,9 @@ def cmd_agent_run(settings: Settings, args) -> int:
     if args.check_config:
         model = agent.models.refresh()
         print(f"settings OK; data in {settings.data_dir}; model {model.label} ({model.runner.runtime})")
-        return EXIT_OK
+        return Exit.OK
     agent.run(stop_event())
-    return EXIT_OK
+    return Exit.OK
 
 
 def _progress_bar(total_hint: str):
@@ -93,7 +75,7 @@ def cmd_agent_process(settings: Settings, args) -> int:
             print(f"{src.name}: duplicate of an already processed file")
         else:
             print(f"{src.name}: {outcome.windows} windows in {outcome.seconds:.2f} s")
-    return EXIT_FAILED if failed else EXIT_OK
+    return Exit.FAILED if failed else Exit.OK
 
 
 def cmd_agent_replay(settings: Settings, args) -> int:
@@ -104,7 +86,7 @@ def cmd_agent_replay(settings: Settings, args) -> int:
         print(f"back in the inbox: {p.name}")
     if not moved:
         print("nothing in quarantine" + (" matching those names" if args.names else ""))
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_status(settings: Settings, args) -> int:
@@ -126,7 +108,7 @@ def cmd_status(settings: Settings, args) -> int:
     st["data_dir"] = str(settings.data_dir)
     if args.json:
         print(json.dumps(st, indent=2, default=str))
-        return EXIT_OK
+        return Exit.OK
     files = ", ".join(f"{k} {v}" for k, v in sorted(st["files"].items())) or "none yet"
     print(f"data dir:  {settings.data_dir}")
     print(f"files:     {files}")
@@ -140,7 +122,7 @@ def cmd_status(settings: Settings, args) -> int:
     if last:
         detail = f"{last['windows']} windows" if last["status"] == "processed" else (last["error"] or "")
         print(f"last file: {last['name']} ({last['status']}; {detail})")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_health(settings: Settings, args) -> int:
@@ -164,9 +146,9 @@ def cmd_health(settings: Settings, args) -> int:
         problems.append(f"model: {exc}")
     if problems:
         print("unhealthy: " + "; ".join(problems))
-        return EXIT_FAILED
+        return Exit.FAILED
     print(f"healthy: outbox writable, model {m.label}")
-    return EXIT_OK
+    return Exit.OK
 
 
 def read_pointer_failed(settings: Settings, model) -> bool:
@@ -180,61 +162,30 @@ def read_pointer_failed(settings: Settings, model) -> bool:
 # -- parser ----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="har-edge", description="Edge human-activity recognition on Garmin IMU exports.")
-    p.add_argument("--version", action="version", version=f"har-edge {__version__}")
-    p.add_argument(
-        "--config", type=Path, help="TOML settings file (default: HAR_EDGE_CONFIG or <data dir>/har-edge.toml)"
-    )
-    p.add_argument("--data-dir", type=Path, help="the data folder (default: HAR_EDGE_DATA_DIR or ./var)")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    agent = sub.add_parser("agent", help="the inference agent").add_subparsers(dest="agent_command", required=True)
-    run = agent.add_parser("run", help="watch the inbox and process every export dropped there")
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
+) -> None:
+    """Add ``agent run|process|replay``, ``status`` and ``health`` to the ``har-edge`` parser."""
+    agent = add_command(subparsers, "agent", None, "the inference agent", parents)
+    asub = agent.add_subparsers(dest="agent_command", required=True, metavar="COMMAND")
+    run = add_command(asub, "run", cmd_agent_run, "watch the inbox and process every export dropped there", parents)
     run.add_argument("--check-config", action="store_true", help="validate settings and the model, then exit 0 (or 2)")
-    run.set_defaults(func=cmd_agent_run)
-    proc = agent.add_parser("process", help="process files once, in the foreground; exit 1 if any was quarantined")
-    proc.add_argument("files", nargs="+")
-    proc.set_defaults(func=cmd_agent_process)
-    rep = agent.add_parser("replay", help="put quarantined files back into the inbox")
+    proc = add_command(
+        asub,
+        "process",
+        cmd_agent_process,
+        "process files once, in the foreground; exit 1 if any was quarantined",
+        parents,
+    )
+    proc.add_argument("files", nargs="+", help="exports to process (a study table pair: give both files)")
+    rep = add_command(asub, "replay", cmd_agent_replay, "put quarantined files back into the inbox", parents)
     rep.add_argument("names", nargs="*", help="only these files (default: all)")
-    rep.set_defaults(func=cmd_agent_replay)
 
-    status = sub.add_parser("status", help="files per state, pending delivery, active model, last file")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=cmd_status)
+    status = add_command(
+        subparsers, "status", cmd_status, "files per state, pending delivery, active model, last file", parents
+    )
+    status.add_argument("--json", action="store_true", help="one JSON document instead of the summary")
 
-    health = sub.add_parser("health", help="exit 0 if the outbox is writable and the active model verifies")
-    health.set_defaults(func=cmd_health)
-
-    try:
-        from har_edge.sync.cli import register as register_sync
-    except ImportError:  # the sync package is optional for the bare agent
-        register_sync = None
-    if register_sync is not None:
-        register_sync(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-    try:
-        settings = load_settings(args.config, **overrides)
-    except ConfigError as exc:
-        print(f"har-edge: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    setup_logging(settings.log_level, settings.log_json)
-    try:
-        return args.func(settings, args)
-    except ConfigError as exc:
-        print(f"har-edge: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except HarEdgeError as exc:
-        print(f"har-edge: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    add_command(
+        subparsers, "health", cmd_health, "exit 0 if the outbox is writable and the active model verifies", parents
+    )

@@ -1,9 +1,9 @@
 """``har-edge sync run|once`` and ``har-edge models list|verify|pin|rollback``.
 
-Each command is a function ``(settings, args) -> exit code``: 0 done, 1 something
-was refused or failed a check, 2 bad settings or usage (raised as ConfigError,
-turned into 2 by ``har_edge.agent.cli``), 3 a configured server or registry could not be
-reached.
+Each command is a function ``(settings, args) -> exit code`` (the table is in
+:mod:`har_edge.common.cli`: 1 something was refused or failed a check, 3 a
+configured server or registry could not be reached; bad settings are raised as
+ConfigError and become 2 in :mod:`har_edge.cli`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import logging
 import shutil
 import time
 
-from har_edge.agent.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, stop_event
 from har_edge.agent.settings import Settings
+from har_edge.common.cli import Exit, add_command, stop_event
 from har_edge.sync.errors import RegistryError, RegistryUnreachable, ServerAccessDenied, ServerUnreachable, SyncError
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,9 @@ def cmd_sync_run(settings: Settings, args) -> int:
             f"settings OK; push to {daemon.pusher.target.display} (experiment {settings.sync.experiment}); "
             f"models from {reg}"
         )
-        return EXIT_OK
+        return Exit.OK
     daemon.run(stop_event())
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_sync_once(settings: Settings, args) -> int:
@@ -45,7 +45,7 @@ def cmd_sync_once(settings: Settings, args) -> int:
 
     daemon = SyncDaemon(settings)
     now = time.time()
-    code = EXIT_OK
+    code = Exit.OK
     push = daemon.push_job(now)
     target = daemon.pusher.target
     if push.report is not None:
@@ -54,15 +54,15 @@ def cmd_sync_once(settings: Settings, args) -> int:
         b = r.backlog
         print(f"  still pending: {b['files']} files, {b['points']} points, {b['deployments']} deployments")
         if r.refused:
-            code = EXIT_FAILED
+            code = Exit.FAILED
             for item in r.refused[:20]:
                 print(f"  refused by the server: {item}")
     elif push.error is not None:
         print(f"push: {push.error}")
         if isinstance(push.error, (ServerUnreachable, ServerAccessDenied)) and target.configured:
-            code = EXIT_UNREACHABLE
+            code = Exit.UNREACHABLE
         elif not isinstance(push.error, (ServerUnreachable, ServerAccessDenied)):
-            code = EXIT_FAILED
+            code = Exit.FAILED
     pull = daemon.pull_job(now)
     if pull.report is not None:
         p = pull.report
@@ -70,10 +70,10 @@ def cmd_sync_once(settings: Settings, args) -> int:
             print(f"registry {daemon.models.registry.display}: {len(p.releases)} release(s), newest {p.releases[-1]}")
         print(f"models: {p.summary()}")
         if p.refused or p.rolled_back:
-            code = code or EXIT_FAILED
+            code = code or Exit.FAILED
     elif pull.error is not None:
         print(f"models: {pull.error}")
-        code = EXIT_UNREACHABLE if isinstance(pull.error, RegistryError) else (code or EXIT_FAILED)
+        code = Exit.UNREACHABLE if isinstance(pull.error, RegistryError) else (code or Exit.FAILED)
     return code
 
 
@@ -92,7 +92,7 @@ def cmd_models_list(settings: Settings, args) -> int:
     cur, prev = mm.pointers()
     cur_m, prev_m = mm.manifest_of(cur), mm.manifest_of(prev)
     rows: dict[str, dict] = {}
-    code = EXIT_OK
+    code = Exit.OK
     note = ""
     if mm.registry is not None:
         try:
@@ -100,7 +100,7 @@ def cmd_models_list(settings: Settings, args) -> int:
                 rows[r.version] = {"version": r.version, "state": "available", "detail": f"tag {r.tag} {r.commit[:10]}"}
         except RegistryError as exc:
             note = f"registry not listed: {exc}"
-            code = EXIT_UNREACHABLE
+            code = Exit.UNREACHABLE
     for version, rf in state.refused.items():
         rows[version] = {"version": version, "state": "refused", "detail": rf.reason}
     if prev_m is not None and cur is not None:  # no previous pointer: a rollback goes to the bundled model
@@ -145,7 +145,7 @@ def cmd_models_verify(settings: Settings, args) -> int:
             print(f"{folder}: FAILED: {problem}")
         else:
             print(f"{folder}: OK ({version}: sha256, shapes, labels and golden windows check out)")
-    return EXIT_FAILED if failed else EXIT_OK
+    return Exit.FAILED if failed else Exit.OK
 
 
 def _verify_release(mm, version: str) -> int:
@@ -157,10 +157,10 @@ def _verify_release(mm, version: str) -> int:
         rel = next((r for r in mm.registry.releases() if r.version == version), None)
     except RegistryError as exc:
         print(f"registry: {exc}")
-        return EXIT_UNREACHABLE
+        return Exit.UNREACHABLE
     if rel is None:
         print(f"{version} is not released in {mm.registry.display}")
-        return EXIT_FAILED
+        return Exit.FAILED
     staging = mm.models_dir / f".verify-{version}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -169,14 +169,14 @@ def _verify_release(mm, version: str) -> int:
         mm.validate(folder)
     except RegistryError as exc:
         print(f"{rel.tag}: {exc}")
-        return EXIT_UNREACHABLE
+        return Exit.UNREACHABLE
     except ModelError as exc:
         print(f"{rel.tag}: FAILED: {exc}")
-        return EXIT_FAILED
+        return Exit.FAILED
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"{rel.tag}: OK (verified and validated; not activated)")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_models_pin(settings: Settings, args) -> int:
@@ -186,20 +186,20 @@ def cmd_models_pin(settings: Settings, args) -> int:
         print(f"unpinned {old}; the newest release is deployed on the next pull" if old else "nothing was pinned")
         if settings.sync.pin:
             print(f"note: sync.pin = {settings.sync.pin} in the settings still pins it")
-        return EXIT_OK
+        return Exit.OK
     if not args.version:
         raise SyncError("give a version to pin, or --clear")
     try:
         report = mm.pin_version(args.version, time.time())
     except RegistryUnreachable as exc:
         print(f"models: {exc}")
-        return EXIT_UNREACHABLE
+        return Exit.UNREACHABLE
     for version, reason in report.refused:
         print(f"refused {version}: {reason}")
     if report.refused:
-        return EXIT_FAILED
+        return Exit.FAILED
     print(f"pinned {args.version}: {report.summary()}")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_models_rollback(settings: Settings, args) -> int:
@@ -210,34 +210,49 @@ def cmd_models_rollback(settings: Settings, args) -> int:
         f"rolled back {report.rolled_back}; active now: {cur.version if cur else '?'} "
         f"({mm.pointers()[0] or 'bundled'}); {report.rolled_back} is refused until re-released or pinned"
     )
-    return EXIT_OK
+    return Exit.OK
 
 
 # -- parser -------------------------------------------------------------------------------
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    sync = subparsers.add_parser("sync", help="deliver the outbox to MLflow and fetch new models")
-    ssub = sync.add_subparsers(dest="sync_command", required=True)
-    run = ssub.add_parser("run", help="push and pull on a schedule until SIGTERM (finishes the current batch)")
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parents: list[argparse.ArgumentParser]
+) -> None:
+    """Add ``sync run|once`` and ``models list|verify|pin|rollback`` to the ``har-edge`` parser."""
+    sync = add_command(subparsers, "sync", None, "deliver the outbox to MLflow and fetch new models", parents)
+    ssub = sync.add_subparsers(dest="sync_command", required=True, metavar="COMMAND")
+    run = add_command(
+        ssub, "run", cmd_sync_run, "push and pull on a schedule until SIGTERM (finishes the current batch)", parents
+    )
     run.add_argument("--check-config", action="store_true", help="print where it would push and pull, then exit 0")
-    run.set_defaults(func=cmd_sync_run)
-    once = ssub.add_parser("once", help="one push and one pull; exit 3 if a configured server could not be reached")
-    once.set_defaults(func=cmd_sync_once)
+    add_command(
+        ssub,
+        "once",
+        cmd_sync_once,
+        "one push and one pull; exit 3 if a configured server could not be reached",
+        parents,
+    )
 
-    models = subparsers.add_parser("models", help="see and steer the deployed model")
-    msub = models.add_subparsers(dest="models_command", required=True)
-    ls = msub.add_parser("list", help="released, active, previous, refused and pinned versions")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=cmd_models_list)
-    ver = msub.add_parser("verify", help="check installed models (sha256, shapes, labels, golden windows)")
+    models = add_command(subparsers, "models", None, "see and steer the deployed model", parents)
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    ls = add_command(msub, "list", cmd_models_list, "released, active, previous, refused and pinned versions", parents)
+    ls.add_argument("--json", action="store_true", help="one JSON document instead of the table")
+    ver = add_command(
+        msub, "verify", cmd_models_verify, "check installed models (sha256, shapes, labels, golden windows)", parents
+    )
     ver.add_argument("version", nargs="?", help="only this installed version (default: active and previous)")
     ver.add_argument("--release", metavar="VERSION", help="fetch this release and check it without activating it")
-    ver.set_defaults(func=cmd_models_verify)
-    pin = msub.add_parser("pin", help="activate exactly this version and stay on it (--clear: follow the newest)")
-    pin.add_argument("version", nargs="?")
+    pin = add_command(
+        msub,
+        "pin",
+        cmd_models_pin,
+        "activate exactly this version and stay on it (--clear: follow the newest)",
+        parents,
+    )
+    pin.add_argument("version", nargs="?", help="the released version to activate and stay on")
     pin.add_argument("--clear", action="store_true", help="remove the pin")
-    pin.set_defaults(func=cmd_models_pin)
-    rb = msub.add_parser("rollback", help="switch back to the previous model and refuse the active one")
+    rb = add_command(
+        msub, "rollback", cmd_models_rollback, "switch back to the previous model and refuse the active one", parents
+    )
     rb.add_argument("--reason", default="rolled back by a person", help="recorded with the deployment")
-    rb.set_defaults(func=cmd_models_rollback)

@@ -9,12 +9,12 @@
     all                 the four stages in a row (what `dvc repro` runs)
     release [--registry REPO] [--remote URL] FOLDER
                         dvc add + push, commit, tag <name>@v<version>, MLflow registry
-    bundle FOLDER DEST  verify a model folder and copy it to DEST (agent/default_model)
+    bundle FOLDER DEST  verify a model folder and copy it to DEST (har_edge/agent/default_model)
     verify FOLDER       load a model folder as the edge does (sha256, shapes, golden windows)
     check-config        validate params.yaml (exit 0) or name each problem (exit 1)
 
-Exit codes: 0 done, 1 invalid configuration, 2 failed (message on stderr),
-3 the gate refused the model.
+Exit codes are har-edge's (:mod:`har_edge.common.cli`): 0 done, 1 failed (message
+on stderr), 2 invalid configuration or usage, 4 the gate refused the model.
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from har_edge.agent.errors import HarEdgeError
+from har_edge.common.cli import Exit, add_command
 from har_edge.trainer.errors import ConfigError, GateFailed
 from har_edge.trainer.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_CONFIG, EXIT_FAILED, EXIT_GATE = 0, 1, 2, 3
 
 
 def _progress(desc: str, total: int | None = None):
@@ -77,7 +76,7 @@ def cmd_prepare(s: Settings, a: argparse.Namespace) -> int:
 
     meta = prepare(s, progress=_progress("windows"))
     print(f"prepared {meta['windows']} windows from {meta['source']} -> {s.prepared_file}")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_train(s: Settings, a: argparse.Namespace) -> int:
@@ -88,7 +87,7 @@ def cmd_train(s: Settings, a: argparse.Namespace) -> int:
         f"trained: {summary['epochs_run']} epochs, {summary['train_seconds']} s, val accuracy "
         f"{summary['val_accuracy']}; MLflow run {summary['run_id']}"
     )
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_evaluate(s: Settings, a: argparse.Namespace) -> int:
@@ -96,7 +95,7 @@ def cmd_evaluate(s: Settings, a: argparse.Namespace) -> int:
 
     m = evaluate(s)
     print(json.dumps(m, indent=2))
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_export(s: Settings, a: argparse.Namespace) -> int:
@@ -105,14 +104,14 @@ def cmd_export(s: Settings, a: argparse.Namespace) -> int:
     manifest, _gate = export(s, out=a.out)
     out = a.out or s.model_dir
     print(f"exported {manifest.name} {manifest.version} -> {out} (sha256 {manifest.sha256[:12]}…)")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_all(s: Settings, a: argparse.Namespace) -> int:
     a.out = None
     for step in (cmd_prepare, cmd_train, cmd_evaluate, cmd_export):
         step(s, a)
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_release(s: Settings, a: argparse.Namespace) -> int:
@@ -126,7 +125,7 @@ def cmd_release(s: Settings, a: argparse.Namespace) -> int:
         push_git=not a.no_git_push,
     )
     print(json.dumps(r.as_dict(), indent=2))
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_bundle(s: Settings, a: argparse.Namespace) -> int:
@@ -134,7 +133,7 @@ def cmd_bundle(s: Settings, a: argparse.Namespace) -> int:
 
     dest = bundle(Path(a.folder), Path(a.dest), s)
     print(f"bundled {a.folder} -> {dest}")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_verify(s: Settings, a: argparse.Namespace) -> int:
@@ -142,12 +141,12 @@ def cmd_verify(s: Settings, a: argparse.Namespace) -> int:
 
     runtimes = verify_folder(Path(a.folder))
     print(f"{a.folder}: verified in {', '.join(runtimes)}")
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_check_config(s: Settings, a: argparse.Namespace) -> int:
     print(f"{a.params}: valid")
-    return EXIT_OK
+    return Exit.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,38 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a parameter, e.g. --set train.epochs=5 (repeatable)",
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("prepare", help="data source -> windows split by subject + scaler")
-    sub.add_parser("train", help="train the Keras model (a new MLflow run)")
-    sub.add_parser("evaluate", help="held-out figures of the float and int8 models")
-    p = sub.add_parser("export", help="gate, then write and verify the model folder")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_command(sub, "prepare", cmd_prepare, "data source -> windows split by subject + scaler")
+    add_command(sub, "train", cmd_train, "train the Keras model (a new MLflow run)")
+    add_command(sub, "evaluate", cmd_evaluate, "held-out figures of the float and int8 models")
+    p = add_command(sub, "export", cmd_export, "gate, then write and verify the model folder")
     p.add_argument("--out", type=Path, default=None, help="model folder (default: build/trainer/model)")
-    sub.add_parser("all", help="prepare, train, evaluate, export")
-    p = sub.add_parser("release", help="publish a model folder through DVC + git tag + MLflow registry")
+    add_command(sub, "all", cmd_all, "prepare, train, evaluate, export")
+    p = add_command(sub, "release", cmd_release, "publish a model folder through DVC + git tag + MLflow registry")
     p.add_argument("folder", help="the exported model folder")
     p.add_argument("--registry", default="", help="git working repository of the model registry")
     p.add_argument("--remote", default="", help="DVC remote URL (absolute path or URL)")
     p.add_argument("--no-git-push", action="store_true", help="do not push to the registry's git remote")
-    p = sub.add_parser("bundle", help="verify a model folder and copy it (e.g. to agent/default_model)")
-    p.add_argument("folder")
-    p.add_argument("dest")
-    p = sub.add_parser("verify", help="load a model folder as the edge does")
-    p.add_argument("folder")
-    sub.add_parser("check-config", help="validate the params file")
+    p = add_command(
+        sub, "bundle", cmd_bundle, "verify a model folder and copy it (e.g. to har_edge/agent/default_model)"
+    )
+    p.add_argument("folder", help="the model folder to bundle")
+    p.add_argument("dest", help="where to copy it (its contents are replaced)")
+    p = add_command(sub, "verify", cmd_verify, "load a model folder as the edge does")
+    p.add_argument("folder", help="the model folder to check")
+    add_command(sub, "check-config", cmd_check_config, "validate the params file")
     return ap
-
-
-COMMANDS = {
-    "prepare": cmd_prepare,
-    "train": cmd_train,
-    "evaluate": cmd_evaluate,
-    "export": cmd_export,
-    "all": cmd_all,
-    "release": cmd_release,
-    "bundle": cmd_bundle,
-    "verify": cmd_verify,
-    "check-config": cmd_check_config,
-}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,15 +195,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(params if params.is_file() or a.params != "params.yaml" else None, a.overrides)
     except ConfigError as exc:
         print(f"har-train: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return Exit.USAGE
     try:
-        return COMMANDS[a.command](settings, a)
+        return int(a.func(settings, a))
     except GateFailed as exc:
         print(f"har-train: {exc}", file=sys.stderr)
-        return EXIT_GATE
+        return Exit.GATE
     except HarEdgeError as exc:
         print(f"har-train {a.command}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return Exit.FAILED
     except KeyboardInterrupt:
         print("har-train: interrupted", file=sys.stderr)
         return 130
