@@ -7,11 +7,12 @@ DATA_DIR ?= var
 PIP_FLAGS ?= --disable-pip-version-check -q
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help run sync test test-fast test-legacy-runtime test-podman train release bench image image-mlflow demo clean
+.PHONY: help run sync lint test test-fast test-legacy-runtime test-podman train release bench image image-mlflow demo clean
 
 help:
 	@echo "make run     start the agent and the sync daemon on embedded defaults, data in ./$(DATA_DIR)"
 	@echo "make sync    one sync pass: push the outbox, pull a newer model"
+	@echo "make lint    ruff (rules and format) and mypy (strict for the edge packages, a ratchet for the rest)"
 	@echo "make test    install everything the tests need and run all of them"
 	@echo "make train   retrain the default model from UCI HAPT (dvc repro)"
 	@echo "make bench   run the benchmarks and print the table"
@@ -52,6 +53,11 @@ train: $(BIN)/.dev
 # publish build/trainer/model: make release REGISTRY=../model-registry DVC_REMOTE=/srv/dvc-store
 release: $(BIN)/.dev
 	$(BIN)/har-train release --registry $(REGISTRY) --remote $(DVC_REMOTE) build/trainer/model
+
+lint: $(BIN)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python .ci/mypy_ratchet.py
 
 test: $(BIN)/.dev $(LEGACY_VENV)/bin/.legacy
 	$(BIN)/python -m pytest
