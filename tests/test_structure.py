@@ -224,3 +224,12 @@ def test_readme_exit_codes_are_the_shared_table():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     for code in Exit:
         assert re.search(rf"^\| {int(code)} \| ", text, re.M), f"exit code {int(code)} ({code.name}) not in the README"
+
+
+def test_states_are_the_stored_strings():
+    """The enums keep today's stored values: a v1 outbox reads the same."""
+    from har_edge.common.states import DeploymentOutcome, FileStatus
+
+    assert [s.value for s in FileStatus] == ["processed", "failed", "duplicate"]
+    assert FileStatus("failed").shown == "quarantined" and FileStatus.PROCESSED.shown == "processed"
+    assert {o.value for o in DeploymentOutcome} == {"activated", "pinned", "refused", "rolled_back", "load_failed"}
