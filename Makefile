@@ -35,12 +35,14 @@ $(LEGACY_VENV)/bin/.legacy: pyproject.toml
 	$(LEGACY_VENV)/bin/pip install $(PIP_FLAGS) --no-deps -e .
 	touch $@
 
-# the agent in the foreground, the sync daemon beside it; Ctrl-C stops both
+# the agent and the sync daemon side by side; Ctrl-C or a SIGTERM to make stops both (each finishes its
+# current file or batch). Both run in the background so that the shell's trap runs as soon as a signal comes.
 run: $(BIN)/.edge
 	export HAR_EDGE_DATA_DIR=$${HAR_EDGE_DATA_DIR:-$(DATA_DIR)}; \
 	$(BIN)/har-edge sync run & sync=$$!; \
-	trap 'kill -TERM $$sync 2>/dev/null; wait $$sync' EXIT INT TERM; \
-	$(BIN)/har-edge agent run
+	$(BIN)/har-edge agent run & agent=$$!; \
+	trap 'kill -TERM $$agent $$sync 2>/dev/null' INT TERM; \
+	wait $$agent; status=$$?; kill -TERM $$sync 2>/dev/null; wait; exit $$status
 
 sync: $(BIN)/.edge
 	HAR_EDGE_DATA_DIR=$${HAR_EDGE_DATA_DIR:-$(DATA_DIR)} $(BIN)/har-edge sync once
