@@ -39,7 +39,7 @@ GENERATOR_VERSION = 1  # bump when the bytes written for given parameters change
 #: signal(t_seconds, rng) -> (accel in milli-g (n, 3), gyro in deg/s (n, 3))
 SignalFn = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
-# three_d_sensor_calibration used for raw-count fixtures: calibrated = M · ((raw − shift − offset) · factor / divisor)
+# three_d_sensor_calibration used for raw-count fixtures: calibrated = M · ((raw - shift - offset) · factor / divisor)
 ACCEL_CALIBRATION = {
     "sensor_type": 0,
     "calibration_factor": 1,
@@ -130,7 +130,7 @@ class _Spec:
 
     @property
     def n_samples(self) -> int:
-        return int(round(self.seconds * self.rate_hz))
+        return round(self.seconds * self.rate_hz)
 
 
 def _to_ms(when: datetime) -> int:
@@ -271,7 +271,7 @@ def _block_messages(spec, idx, t_ms, keep, accel_mg, gyro) -> tuple[list[dict], 
                     "mesg_num": 302 if kind == "accel" else 376,
                     "timestamp": ts,
                     "timestamp_ms": ms,
-                    "sampling_interval": int(round(interval)),
+                    "sampling_interval": round(interval),
                 }
                 prefix = "accel_" if kind == "accel" else "gyro_"
                 # Encoder scales: pass the unscaled values (mG, deg/s)
@@ -390,8 +390,7 @@ def _write(path: Path, spec: _Spec, blocks: Iterator[list[dict]], engine: str) -
     counts: dict[str, int] = {}
 
     def each() -> Iterator[dict]:
-        for mesg in _preamble(spec):
-            yield mesg
+        yield from _preamble(spec)
         for msgs in blocks:
             yield from msgs
         yield from _epilogue(spec)
@@ -453,7 +452,7 @@ class _FastEncoder:
         self.f.write(header)
         self.f.flush()
         self.f.seek(0)
-        from har_edge.agent.decode.fitfast import Crc16
+        from har_edge.agent.decode.fit.crc import Crc16
 
         crc = Crc16()
         while block := self.f.read(4 << 20):
@@ -483,14 +482,14 @@ class _FastEncoder:
     def _define(self, num: int, names: list[str], sizes: tuple, out: bytearray) -> tuple:
         profile = {f["name"]: f for f in Profile["messages"][num]["fields"].values()}
         fields = []
-        for name, count in zip(names, sizes):
+        for name, count in zip(names, sizes, strict=False):
             fp = profile[name]
             if fp["scale"] != [1] or fp["offset"] != [0]:
                 raise ValueError(f"engine='fast' does not scale fields ({name})")
             base = FIT.FIELD_TYPE_TO_BASE_TYPE[fp["base_type"]]
             fields.append((name, fp["num"], base, count))
         ident = (num, frozenset((f[1], f[3] * FIT.BASE_TYPE_DEFINITIONS[f[2]]["size"], f[2]) for f in fields))
-        for local, stored in enumerate(self.locals):  # the Encoder reuses an equal definition
+        for local, stored in enumerate(self.locals):  # noqa: B007 (the Encoder reuses an equal definition: local is returned)
             if stored is not None and stored[0] == ident:
                 order = stored[1]
                 break
@@ -528,7 +527,7 @@ def to_big_endian(data: bytes) -> bytes:
             nf = data[pos + 5]
             fields = []
             for i in range(nf):
-                fnum, size, base = data[pos + 6 + 3 * i : pos + 9 + 3 * i]
+                _fnum, size, base = data[pos + 6 + 3 * i : pos + 9 + 3 * i]
                 width = FIT.BASE_TYPE_DEFINITIONS[base & 0x1F]["size"]
                 if base & 0x1F == FIT.BASE_TYPE["STRING"] or size % width:
                     width = 1

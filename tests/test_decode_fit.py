@@ -25,8 +25,11 @@ from fitgen import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from har_edge.agent.decode import fitfast
 from har_edge.agent.decode.fit import decode_fit, fit_file_complete
+from har_edge.agent.decode.fit.chunks import MAX_CHUNK_SAMPLES, iter_chunks
+from har_edge.agent.decode.fit.container import scan
+from har_edge.agent.decode.fit.crc import Crc16, crc16, crc16_py
+from har_edge.agent.decode.fit.plan import plan
 from har_edge.agent.decode.types import FIT_EPOCH_S, SensorBlock
 from har_edge.agent.errors import CorruptFile, InputError, NoImuData, UnknownFormat
 
@@ -64,7 +67,7 @@ def assert_decodes_to(fx: ImuFixture, *, exact: bool = True):
         assert rec.meta["engine"] == engine
         assert rec.format == "fit" and rec.name == fx.path.name
         assert rec.has_gyro == (fx.gyro is not None)
-        assert all(len(c.accel) <= fitfast.MAX_CHUNK_SAMPLES for c in chunks)
+        assert all(len(c.accel) <= MAX_CHUNK_SAMPLES for c in chunks)
         assert accel.t_ms.dtype == np.int64 and accel.xyz.dtype == np.float32
         np.testing.assert_array_equal(accel.t_ms, accel_t)
         if exact:
@@ -162,8 +165,8 @@ def test_accelerometer_data_without_sample_times_is_no_imu_data(tmp_path: Path) 
 
 def test_small_chunks_split_on_message_boundaries(tmp_path: Path) -> None:
     fx = write_imu_fit(tmp_path / "split.fit", seconds=20, raw_counts=True, gaps=[(4, 1.5)], samples_per_message=30)
-    index = fitfast.scan(fx.path)
-    chunks = list(fitfast.iter_chunks(index, fitfast.plan(index), max_samples=100))
+    index = scan(fx.path)
+    chunks = list(iter_chunks(index, plan(index), max_samples=100))
     assert len(chunks) > 10
     assert all(len(c.accel) <= 100 and len(c.gyro) <= 100 for c in chunks)
     _, _, accel, gyro = decode_all(fx.path)
@@ -280,8 +283,8 @@ def test_long_recording_is_chunked_in_time_order(fixture_cache: Path) -> None:
     n_accel = n_gyro = 0
     last = -1
     for chunk in rec.chunks():
-        assert 0 < len(chunk.accel) <= fitfast.MAX_CHUNK_SAMPLES
-        assert len(chunk.gyro) <= fitfast.MAX_CHUNK_SAMPLES
+        assert 0 < len(chunk.accel) <= MAX_CHUNK_SAMPLES
+        assert len(chunk.gyro) <= MAX_CHUNK_SAMPLES
         assert chunk.accel.t_ms[0] > last and np.all(np.diff(chunk.accel.t_ms) == 20)
         last = chunk.accel.t_ms[-1]
         n_accel += len(chunk.accel)
@@ -292,10 +295,10 @@ def test_long_recording_is_chunked_in_time_order(fixture_cache: Path) -> None:
 def test_crc16_matches_the_sdk() -> None:
     from garmin_fit_sdk.crc_calculator import CrcCalculator
 
-    data = np.random.default_rng(1).integers(0, 256, 3 * fitfast.Crc16.LANES * 2 + 77, np.uint8).tobytes()
+    data = np.random.default_rng(1).integers(0, 256, 3 * Crc16.LANES * 2 + 77, np.uint8).tobytes()
     expected = CrcCalculator.calculate_crc(data, 0, len(data))
-    assert fitfast.crc16(data) == expected
-    crc = fitfast.Crc16()
+    assert crc16(data) == expected
+    crc = Crc16()
     for i in range(0, len(data), 5001):
         crc.update(data[i : i + 5001])
     assert crc.value == expected
@@ -358,8 +361,8 @@ def good_fit(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 def _refix(data: bytearray) -> bytes:
     """Recompute the header and file CRCs after an edit."""
     struct.pack_into("<I", data, 4, len(data) - 14 - 2)
-    struct.pack_into("<H", data, 12, fitfast.crc16_py(bytes(data[:12])))
-    struct.pack_into("<H", data, len(data) - 2, fitfast.crc16(bytes(data[:-2])))
+    struct.pack_into("<H", data, 12, crc16_py(bytes(data[:12])))
+    struct.pack_into("<H", data, len(data) - 2, crc16(bytes(data[:-2])))
     return bytes(data)
 
 
@@ -416,7 +419,7 @@ def test_activity_without_imu(tmp_path: Path) -> None:
 def test_never_finalized(tmp_path: Path, good_fit: bytes) -> None:
     data = bytearray(good_fit)
     struct.pack_into("<I", data, 4, 0)
-    struct.pack_into("<H", data, 12, fitfast.crc16_py(bytes(data[:12])))
+    struct.pack_into("<H", data, 12, crc16_py(bytes(data[:12])))
     path = tmp_path / "unfinished.fit"
     path.write_bytes(bytes(data))
     _expect(path, CorruptFile, "never finalized")
@@ -424,7 +427,7 @@ def test_never_finalized(tmp_path: Path, good_fit: bytes) -> None:
 
 def test_undefined_local_message(tmp_path: Path, good_fit: bytes) -> None:
     data = bytearray(good_fit)
-    index = fitfast.scan(_write(tmp_path / "g.fit", good_fit))
+    index = scan(_write(tmp_path / "g.fit", good_fit))
     last_record = max(int(max(p)) for p in index.positions if len(p))
     data[last_record] = 0x0B  # a data record of local message 11, never defined
     path = tmp_path / "undefined.fit"
