@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import numpy.typing as npt
 
-from har_edge.agent.decode.fit.container import BASE_TYPES, FitIndex, MesgDef
+from har_edge.agent.decode.fit.container import BASE_TYPES, FitIndex, MesgDef, Offsets
 from har_edge.agent.decode.fit.plan import ImuPlan, SensorPlan
 from har_edge.agent.decode.fit.profile import FIT_FIELD_TIMESTAMP
 from har_edge.agent.decode.fit.samples import assemble, ordered
@@ -27,7 +27,7 @@ F64 = npt.NDArray[np.float64]
 Bools = npt.NDArray[np.bool_]
 
 
-def _groups(index: FitIndex, imu: ImuPlan, max_samples: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _groups(index: FitIndex, imu: ImuPlan, max_samples: int) -> Iterator[tuple[I64, I32, Bools]]:
     """The IMU records in file order, split greedily into groups of at most ``max_samples`` per sensor.
 
     Yields (offsets, def ids, is_gyro) per group. A group ends before the first
@@ -36,7 +36,8 @@ def _groups(index: FitIndex, imu: ImuPlan, max_samples: int) -> Iterator[tuple[n
     each definition's sorted offsets are read through a cursor, so memory does
     not grow with the file's length.
     """
-    sources = []  # (offsets of the definition's records, def id, samples per record, is gyro)
+    # (offsets of the definition's records, how many, def id, samples per record, is gyro)
+    sources: list[tuple[Offsets, int, int, int, bool]] = []
     for is_gyro, sensor in ((False, imu.accel), (True, imu.gyro)):
         if sensor is not None:
             for def_id in sensor.def_ids:
@@ -45,7 +46,8 @@ def _groups(index: FitIndex, imu: ImuPlan, max_samples: int) -> Iterator[tuple[n
                     sources.append((pos, len(pos), def_id, max(1, sensor.counts[def_id]), is_gyro))
     cursor = [0] * len(sources)
     while True:
-        parts, cutoff = [], None
+        parts: list[tuple[int, I64, int, int, bool]] = []
+        cutoff: int | None = None
         for k, (pos, total, def_id, count, is_gyro) in enumerate(sources):
             i = cursor[k]
             if i >= total:
@@ -57,19 +59,23 @@ def _groups(index: FitIndex, imu: ImuPlan, max_samples: int) -> Iterator[tuple[n
                 cutoff = last if cutoff is None else min(cutoff, last)
         if not parts:
             return
-        offs, which, counts, gyro, ids = [], [], [], [], []
+        offs: list[I64] = []
+        whose: list[I32] = []
+        counts: list[I64] = []
+        gyro: list[I64] = []
+        ids: list[I32] = []
         for k, take, def_id, count, is_gyro in parts:
             if cutoff is not None:
                 take = take[: int(np.searchsorted(take, cutoff, side="right"))]
             offs.append(take)
-            which.append(np.full(len(take), k, np.int32))
+            whose.append(np.full(len(take), k, np.int32))
             counts.append(np.full(len(take), count if not is_gyro else 0, np.int64))
             gyro.append(np.full(len(take), count if is_gyro else 0, np.int64))
             ids.append(np.full(len(take), def_id, np.int32))
         offsets = np.concatenate(offs)
         order = np.argsort(offsets, kind="stable") if len(parts) > 1 else slice(None)
         offsets = offsets[order]
-        which = np.concatenate(which)[order]
+        which = np.concatenate(whose)[order]
         cum_a = np.cumsum(np.concatenate(counts)[order])
         cum_g = np.cumsum(np.concatenate(gyro)[order])
         end = min(
@@ -116,7 +122,8 @@ def _distinct(values: np.ndarray) -> list[int]:
     """Sorted distinct values (the common single-valued case without sorting)."""
     if len(values) and values[0] == values[-1] and (values == values[0]).all():
         return [int(values[0])]
-    return np.unique(values).tolist()
+    out: list[int] = np.unique(values).tolist()
+    return out
 
 
 def _sensor_samples(
@@ -138,7 +145,8 @@ def _sensor_samples(
         ts = _column(arr, mdef, FIT_FIELD_TIMESTAMP)
         ms = _column(arr, mdef, 0)
         second = _column(arr, mdef, 1) if source.interval_unit_ms is not None else _column(arr, mdef, 1, n)
-        axes = tuple(_column(arr, mdef, num, n) for num in source.axes)
+        axes = (_column(arr, mdef, source.axes[0], n), _column(arr, mdef, source.axes[1], n),
+                _column(arr, mdef, source.axes[2], n))  # fmt: skip
         # the calibration in force: the last one before the record, else the first
         which = np.maximum(np.searchsorted(cal_pos, sel) - 1, 0) if len(cal_pos) else np.zeros(len(sel), np.int64)
         in_force = _distinct(which)

@@ -19,7 +19,7 @@ import logging
 import os
 import struct
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -258,11 +258,11 @@ class MesgDef:
                 found = f
         return found
 
-    def dtype(self) -> np.dtype:
+    def dtype(self) -> np.dtype[np.void]:
         """A structured dtype for one whole record; fields are named ``f<num>``."""
         return _record_dtype(self)
 
-    def _dtype(self) -> np.dtype:
+    def _dtype(self) -> np.dtype[np.void]:
         order = ">" if self.big_endian else "<"
         spec: dict[str, tuple[np.dtype, int]] = {}
         offset = 1
@@ -280,10 +280,10 @@ class MesgDef:
             }
         )
 
-    def values(self, raw: bytes) -> dict[int, list[int | float | None]]:
+    def values(self, raw: bytes) -> dict[int, list[Value]]:
         """Decode one record (header byte excluded) into ``{field num: [values]}``, invalid as None."""
         order = ">" if self.big_endian else "<"
-        out: dict[int, list] = {}
+        out: dict[int, list[Value]] = {}
         offset = 0
         for f in self.fields:
             code, _size, invalid = BASE_TYPES[f.effective_type]
@@ -298,7 +298,7 @@ class MesgDef:
 
 
 @lru_cache(maxsize=256)
-def _record_dtype(mdef: MesgDef) -> np.dtype:
+def _record_dtype(mdef: MesgDef) -> np.dtype[np.void]:
     return mdef._dtype()
 
 
@@ -317,7 +317,7 @@ class Offsets:
         self._singles = array("q")
         self._run_start, self._run_step, self._run_count, self._run_at = array("q"), array("q"), array("q"), array("q")
         self.append = self._singles.append  # the walker's hot loop: a C call per record
-        self._segments: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._segments: tuple[I64, I64, I64, I64] | None = None
 
     def add_run(self, start: int, step: int, count: int) -> None:
         """``count`` records at ``start``, ``start + step``, ... (after every offset added so far)."""
@@ -330,11 +330,14 @@ class Offsets:
     def __len__(self) -> int:
         return len(self._singles) + sum(self._run_count)
 
-    def _segs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _segs(self) -> tuple[I64, I64, I64, I64]:
         """(start, step, count, cumulative count) of every segment in file order; a single is a segment of one."""
         if self._segments is None or len(self._segments[0]) != len(self._singles) + len(self._run_at):
             n = len(self._singles)
-            arr = lambda a: np.frombuffer(a, np.int64) if len(a) else np.empty(0, np.int64)  # noqa: E731
+
+            def arr(a: array[int]) -> I64:
+                return np.frombuffer(a, np.int64) if len(a) else np.empty(0, np.int64)
+
             at = arr(self._run_at)
             # single i sorts at 2i+1; a run added after a singles at 2a (stable: runs keep their order)
             key = np.concatenate([np.arange(n, dtype=np.int64) * 2 + 1, at * 2])
@@ -345,7 +348,7 @@ class Offsets:
             self._segments = (start, step, count, np.cumsum(count))
         return self._segments
 
-    def take(self, i: int, n: int) -> np.ndarray:
+    def take(self, i: int, n: int) -> I64:
         """Offsets ``i`` to ``i + n`` (fewer at the end) as int64."""
         start, step, count, ends = self._segs()
         j = min(int(ends[-1]) if len(ends) else 0, i + n)
@@ -355,7 +358,7 @@ class Offsets:
         cnt = count[first : last + 1]
         which = np.repeat(np.arange(first, last + 1), cnt)
         within = np.arange(len(which)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-        out = start[which] + step[which] * within
+        out: I64 = start[which] + step[which] * within
         skip = i - int(ends[first] - count[first])  # records of the first segment before i
         return out[skip : skip + (j - i)]
 
@@ -375,9 +378,9 @@ class FitIndex:
     positions: list[Offsets] = field(default_factory=list)  # per def: offsets of record header bytes
     compressed_records: int = 0
     #: decoded small messages: global num -> [(record offset, {field num: [values]})]
-    small: dict[int, list[tuple[int, dict[int, list]]]] = field(default_factory=dict)
+    small: dict[int, list[tuple[int, dict[int, list[Value]]]]] = field(default_factory=dict)
 
-    def positions_of(self, def_id: int, start: int = 0, count: int | None = None) -> np.ndarray:
+    def positions_of(self, def_id: int, start: int = 0, count: int | None = None) -> I64:
         """Offsets of a definition's records (``count`` of them from the ``start``-th; all by default)."""
         pos = self.positions[def_id]
         return pos.take(start, len(pos) - start if count is None else count)
@@ -389,6 +392,10 @@ class FitIndex:
         return counts
 
 
+def _no_sink(offset: int) -> None:  # pragma: no cover - only header bytes with a record size are sunk
+    raise AssertionError(f"no definition for the record at byte {offset}")
+
+
 class _Walker:
     """Walks the records of a FIT file's data section, block by block."""
 
@@ -398,8 +405,8 @@ class _Walker:
         self.local: list[int | None] = [None] * 16
         # indexed by the header byte of a normal data record: record size (0 = undefined) and sink
         self.size_of = [0] * 256
-        self.sink: list = [None] * 256
-        self.store: list[array | None] = [None] * 256
+        self.sink: list[Callable[[int], None]] = [_no_sink] * 256
+        self.store: list[Offsets | None] = [None] * 256
 
     def walk(self, buf: bytes, base: int, final: bool) -> int:
         """Walk the records in ``buf`` (which starts at file offset ``base``); return bytes consumed."""
@@ -477,6 +484,7 @@ class _Walker:
                 if cols[0] != headers.index(h):
                     continue  # a definition seen earlier in this cycle: stored with it
                 store = self.store[h]
+                assert store is not None  # h has a record size, so a definition
                 if len(cols) == 1:
                     store.add_run(int(grid[0, cols[0]]) + base, cycle, k)
                 else:  # one definition several times per cycle: its offsets interleave, add them one by one
@@ -588,7 +596,7 @@ def scan(
     return index
 
 
-def _read_small_messages(f, index: FitIndex) -> None:
+def _read_small_messages(f: BinaryIO, index: FitIndex) -> None:
     for def_id, mdef in enumerate(index.defs):
         if mdef.global_num not in SMALL_MESGS:
             continue

@@ -77,13 +77,16 @@ def _sensor_plan(index: FitIndex, kind: str, notes: list[str]) -> SensorPlan | N
         if not calibrations:
             notes.append(f"{kind} holds raw counts but there is no three_d_sensor_calibration for it")
             return None
-    def_ids, counts, skipped = [], {}, 0
+    def_ids: list[int] = []
+    counts: dict[int, int] = {}
+    skipped = 0
     for i in with_records:
         d = index.defs[i]
         if d.global_num != source.mesg:
             continue
-        fields = [d.field(num) for num in source.required]
-        if any(f is None or f.count == 0 for f in fields):
+        found = [d.field(num) for num in source.required]
+        fields = [f for f in found if f is not None and f.count]
+        if len(fields) != len(found):
             skipped += len(index.positions[i])
             continue
         for f in fields:

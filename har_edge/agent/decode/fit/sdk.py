@@ -50,16 +50,6 @@ F32 = npt.NDArray[np.float32]
 Message = dict[str, Any]
 Samples = tuple[I64, F32]
 
-_SDK_OPTIONS: dict[str, bool] = dict(
-    apply_scale_and_offset=False,  # raw values: scales are applied by samples.assemble, as on the fast path
-    convert_datetimes_to_dates=False,
-    convert_types_to_strings=False,
-    enable_crc_check=True,
-    expand_sub_fields=False,
-    expand_components=False,
-    merge_heart_rates=False,
-)
-
 
 class _SdkCollector:
     """mesg_listener that keeps the messages we need, numbered in file order."""
@@ -104,7 +94,16 @@ def _sdk_messages(path: Path, name: str, verified: Verified | None) -> _SdkColle
     collector = _SdkCollector()
     stream = Stream.from_file(str(path))
     try:
-        _, errors = Decoder(stream).read(**_SDK_OPTIONS, mesg_listener=collector)
+        _, errors = Decoder(stream).read(
+            apply_scale_and_offset=False,  # raw values: scales are applied by samples.assemble, as on the fast path
+            convert_datetimes_to_dates=False,
+            convert_types_to_strings=False,
+            enable_crc_check=True,
+            expand_sub_fields=False,
+            expand_components=False,
+            merge_heart_rates=False,
+            mesg_listener=collector,
+        )
     finally:
         stream.close()
     if errors:
