@@ -6,6 +6,7 @@ garmin-fit-sdk path) and compared with what the writer says it wrote.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import tempfile
@@ -25,7 +26,7 @@ from fitgen import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from har_edge.agent.decode.fit import decode_fit, fit_file_complete
+from har_edge.agent.decode.fit import Verified, decode_fit, fit_file_complete, fit_file_verified
 from har_edge.agent.decode.fit.chunks import MAX_CHUNK_SAMPLES, iter_chunks
 from har_edge.agent.decode.fit.container import scan
 from har_edge.agent.decode.fit.crc import Crc16, crc16, crc16_py
@@ -489,3 +490,127 @@ def test_fit_file_complete(tmp_path: Path, good_fit: bytes) -> None:
     assert fit_file_complete(path)
     os.truncate(path, 12)
     assert not fit_file_complete(path)
+
+
+# -- the readiness proof ---------------------------------------------------------------
+
+
+def _spoil_crc_keeping_identity(path: Path) -> None:
+    """Break the stored file CRC in place; size and mtime stay, so the file's identity does too."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(-2, os.SEEK_END)
+        crc = f.read(2)
+        f.seek(-2, os.SEEK_END)
+        f.write(bytes([crc[0] ^ 0xFF, crc[1]]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_proof_spares_the_crc_pass_only_while_the_file_is_the_one_checked(tmp_path: Path, good_fit: bytes) -> None:
+    path = _write(tmp_path / "proved.fit", good_fit)
+    proof = fit_file_verified(path)
+    assert isinstance(proof, Verified) and proof.identity is not None
+    assert proof.identity.size == len(good_fit) and [h.data_size for h in proof.headers] == [len(good_fit) - 16]
+    _, _, expected, _ = decode_all(path)
+    _spoil_crc_keeping_identity(path)
+    assert fit_file_verified(path) is None  # a new check sees the damage
+    for engine in ENGINES:
+        with pytest.raises(CorruptFile, match="CRC"):
+            decode_fit(path, engine=engine)  # no proof: checked
+    rec = decode_fit(path, engine="fast", verified=proof)  # the proof still names this very file
+    assert_same_blocks(SensorBlock.concat([c.accel for c in rec.chunks()]), expected)
+    with pytest.raises(CorruptFile, match="CRC"):  # the proof spares our check; garmin-fit-sdk still does its own
+        decode_fit(path, engine="sdk", verified=proof)
+    other = fit_file_verified(_write(tmp_path / "other.fit", good_fit))
+    assert other is not None
+    with pytest.raises(CorruptFile, match="CRC"):
+        decode_fit(path, verified=[other])  # a proof of another file says nothing of this one
+    renamed = path.rename(tmp_path / "claimed.fit")  # the watcher's claim keeps the identity
+    assert decode_fit(renamed, verified=[other, proof]).meta["engine"] == "fast"
+    os.utime(renamed, ns=(time_ns := renamed.stat().st_mtime_ns + 10**9, time_ns))  # touched since
+    with pytest.raises(CorruptFile, match="CRC"):
+        decode_fit(renamed, verified=proof)
+
+
+# -- fields that do not hold what the profile says ------------------------------------
+
+
+def _assert_clean_refusal(
+    path: Path, caplog: pytest.LogCaptureFixture, *needles: str, engines: tuple[str, ...] = ("auto", *ENGINES)
+) -> None:
+    """Every engine refuses with a CorruptFile of ours (file, message, field, what to do), no traceback logged."""
+    for engine in engines:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="har_edge.agent.decode"), pytest.raises(CorruptFile) as info:
+            decode_all(path, engine)
+        message = str(info.value)
+        assert message.startswith(f"{path.name}: "), message
+        for needle in needles:
+            assert needle in message, message
+        assert "export the original FIT" in message, message
+        assert "float()" not in message and "index" not in message, message
+        assert not [r for r in caplog.records if r.exc_info], caplog.text
+        assert "garmin-fit-sdk" not in caplog.text  # the fast reader did not fall back on a bug of ours
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("calibration_factor", [1, 1]),
+        ("calibration_divisor", [4096, 4096]),
+        ("level_shift", [32768, 0]),
+        ("sensor_type", [0, 0]),
+    ],
+)
+def test_array_valued_calibration_fields_are_refused_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, field: str, value: list[int]
+) -> None:
+    fx = write_imu_fit(tmp_path / f"cal_{field}.fit", seconds=5, raw_counts=True, with_gyro=False,
+                       preamble_fields={167: {field: value}})  # fmt: skip
+    _assert_clean_refusal(fx.path, caplog, "three_d_sensor_calibration", f"field {field} ", "2 values")
+
+
+@pytest.mark.parametrize("field", ["timestamp", "system_timestamp", "timestamp_ms", "system_timestamp_ms"])
+def test_array_valued_timestamp_correlation_fields_are_refused_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, field: str
+) -> None:
+    fx = write_imu_fit(tmp_path / f"corr_{field}.fit", seconds=5, system_time_s=5_000,
+                       preamble_fields={162: {field: [5_000, 5_001]}})  # fmt: skip
+    _assert_clean_refusal(fx.path, caplog, "timestamp_correlation", f"field {field} ", "2 values")
+
+
+def test_array_valued_imu_timestamps_give_their_first_value_in_both_engines(tmp_path: Path) -> None:
+    """The fast reader has always read field 253 of an IMU record as its first value; the SDK path now agrees."""
+    from garmin_fit_sdk import Encoder
+
+    real = 1_100_000_000
+    enc = Encoder()
+    enc.write_mesg({"mesg_num": 0, "type": 4, "manufacturer": 1, "product": 1, "time_created": real})
+    for i in range(4):
+        enc.write_mesg({"mesg_num": 165, "timestamp": [real + i, 7], "timestamp_ms": [250, 9],
+                        "sample_time_offset": [0, 500], "calibrated_accel_x": [1.0, 2.0],
+                        "calibrated_accel_y": [0.0, 0.0], "calibrated_accel_z": [1000.0, 999.0]})  # fmt: skip
+    path = _write(tmp_path / "array_ts.fit", enc.close())
+    expected = (real + FIT_EPOCH_S) * 1000 + 250 + np.arange(8) * 500
+    for engine in ENGINES:
+        _, _, accel, _ = decode_all(path, engine)
+        np.testing.assert_array_equal(accel.t_ms, expected)
+
+
+# -- device time (date_time below 0x10000000) ------------------------------------------
+
+
+@pytest.mark.parametrize("raw_counts", [False, True])
+def test_device_time_is_mapped_through_timestamp_correlation(tmp_path: Path, raw_counts: bool) -> None:
+    fx = write_imu_fit(tmp_path / "system.fit", seconds=12, system_time_s=86_400, raw_counts=raw_counts)
+    assert_decodes_to(fx, exact=not raw_counts)  # real times, from both engines
+    for engine in ENGINES:
+        rec = decode_fit(fx.path, engine=engine)
+        assert rec.meta["timestamp_correlation_ms"] == (fx.accel_t_ms[0] // 1000 - FIT_EPOCH_S - 86_400) * 1000
+
+
+def test_device_time_without_timestamp_correlation_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fx = write_imu_fit(tmp_path / "uncorrelated.fit", seconds=5, system_time_s=86_400, correlation=False)
+    _assert_clean_refusal(fx.path, caplog, "device time", "accelerometer_data", "no timestamp_correlation")
+    fx = write_imu_fit(tmp_path / "real.fit", seconds=5, correlation=True)  # a correlation in a real-time file
+    assert_decodes_to(fx)

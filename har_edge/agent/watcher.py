@@ -108,6 +108,7 @@ class DropFolder:
             if age < self.stale_s:
                 complete = check_complete(p)
                 if not complete:
+                    self._verified.pop(p, None)  # an earlier proof no longer says anything
                     continue
                 if complete is not True:
                     self._verified[p] = complete

@@ -7,6 +7,7 @@ arithmetic as the fast path (:mod:`har_edge.agent.decode.fit.samples`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ from har_edge.agent.decode.fit.samples import (
 )
 from har_edge.agent.decode.types import Chunk, Recording
 from har_edge.agent.errors import CorruptFile, InputError, NoImuData, UnknownFormat
+
+log = logging.getLogger(__name__)
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -236,7 +239,13 @@ def decode_sdk(path: Path, name: str, verified: Verified | None = None) -> Recor
     gyro_seqs, gyro_samples = per_kind.get(GYRO, ([], []))
 
     def chunks() -> Iterator[Chunk]:
-        yield from _sdk_chunks(accel_seqs, accel_samples, gyro_seqs, gyro_samples, gyro_source is not None)
+        try:
+            yield from _sdk_chunks(accel_seqs, accel_samples, gyro_seqs, gyro_samples, gyro_source is not None)
+        except InputError:
+            raise
+        except Exception as exc:  # samples we decoded but cannot group: say so, never crash the agent
+            log.exception("%s: grouping the samples garmin-fit-sdk decoded failed", name)
+            raise CorruptFile(f"{name}: IMU records could not be decoded ({exc}): the file is damaged") from exc
 
     return Recording(
         name=name,
