@@ -15,7 +15,6 @@ the caller falls back to garmin-fit-sdk.
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 from array import array
@@ -31,8 +30,6 @@ import numpy.typing as npt
 from har_edge.agent.decode.fit.crc import Crc16, crc16_py
 from har_edge.agent.decode.fit.profile import IMU_MESGS, SMALL_MESGS
 from har_edge.agent.errors import CorruptFile, UnknownFormat
-
-log = logging.getLogger(__name__)
 
 I64 = npt.NDArray[np.int64]
 #: one value of a field as decoded from a record (None: the field's invalid value)
