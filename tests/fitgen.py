@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,7 +39,7 @@ GENERATOR_VERSION = 1  # bump when the bytes written for given parameters change
 #: signal(t_seconds, rng) -> (accel in milli-g (n, 3), gyro in deg/s (n, 3))
 SignalFn = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
-# three_d_sensor_calibration used for raw-count fixtures: calibrated = M · ((raw − shift − offset) · factor / divisor)
+# three_d_sensor_calibration used for raw-count fixtures: calibrated = M · ((raw - shift - offset) · factor / divisor)
 ACCEL_CALIBRATION = {
     "sensor_type": 0,
     "calibration_factor": 1,
@@ -127,10 +127,16 @@ class _Spec:
     signal: SignalFn
     extra_messages: bool
     developer_field: bool
+    #: IMU timestamps are written this many seconds earlier (device time: seconds since power-on)
+    system_offset_s: int = 0
+    #: write a timestamp_correlation message (real time of the start, and its device time)
+    correlation: bool = False
+    #: (mesg_num, ((field, value), ...)): fields set on the preamble messages of that number
+    preamble_fields: tuple[tuple[int, tuple[tuple[str, object], ...]], ...] = ()
 
     @property
     def n_samples(self) -> int:
-        return int(round(self.seconds * self.rate_hz))
+        return round(self.seconds * self.rate_hz)
 
 
 def _to_ms(when: datetime) -> int:
@@ -171,11 +177,27 @@ def _preamble(spec: _Spec) -> list[dict]:
     if spec.developer_field:
         out.append(dict(_DEV_DATA_ID))
         out.append(dict(_FIELD_DESCRIPTION))
+    if spec.correlation:
+        out.append(
+            {
+                "mesg_num": 162,
+                "timestamp": created,
+                "system_timestamp": created - spec.system_offset_s,
+                "timestamp_ms": 0,
+                "system_timestamp_ms": 0,
+            }
+        )
     if spec.raw_counts:
         for cal in (ACCEL_CALIBRATION, GYRO_CALIBRATION) if spec.with_gyro else (ACCEL_CALIBRATION,):
             # the Encoder applies the profile's scale (65535) to orientation_matrix
             matrix = [v / 65535 for v in cal["orientation_matrix"]]
             out.append({"mesg_num": 167, "timestamp": created, **cal, "orientation_matrix": matrix})
+    for num, fields in spec.preamble_fields:
+        found = [m for m in out if m["mesg_num"] == num]
+        if not found:
+            raise ValueError(f"preamble_fields: no message {num} in this file's preamble")
+        for m in found:
+            m.update(fields)
     return out
 
 
@@ -259,7 +281,7 @@ def _block_messages(spec, idx, t_ms, keep, accel_mg, gyro) -> tuple[list[dict], 
             continue
         t = t_ms[sel]
         first = int(t[0])
-        ts, ms = _fit_seconds(first), first % 1000
+        ts, ms = _fit_seconds(first) - spec.system_offset_s, first % 1000
         offsets = (t - first).tolist()
         for kind, written in (("accel", accel_written), ("gyro", gyro_written)):
             if kind == "gyro" and not spec.with_gyro:
@@ -271,7 +293,7 @@ def _block_messages(spec, idx, t_ms, keep, accel_mg, gyro) -> tuple[list[dict], 
                     "mesg_num": 302 if kind == "accel" else 376,
                     "timestamp": ts,
                     "timestamp_ms": ms,
-                    "sampling_interval": int(round(interval)),
+                    "sampling_interval": round(interval),
                 }
                 prefix = "accel_" if kind == "accel" else "gyro_"
                 # Encoder scales: pass the unscaled values (mG, deg/s)
@@ -340,6 +362,9 @@ def write_imu_fit(
     developer_field: bool = False,
     big_endian: bool = False,
     engine: str = "sdk",
+    system_time_s: int | None = None,
+    correlation: bool | None = None,
+    preamble_fields: Mapping[int, Mapping[str, object]] | None = None,
 ) -> ImuFixture:
     """Write an IMU FIT file and return the samples it holds.
 
@@ -348,6 +373,13 @@ def write_imu_fit(
     three_d_sensor_calibration) decode to g, Health SDK messages to mg.
     ``gaps``: (at seconds, length seconds) stretches without samples.
     ``big_endian`` rewrites every message big-endian after encoding.
+    ``system_time_s``: IMU timestamps are device time (seconds since power-on, below
+    0x10000000), this at the start; a timestamp_correlation gives their real time unless
+    ``correlation`` is False (``correlation=True`` writes one for a real-time file too).
+    ``preamble_fields``: {mesg_num: {field: value}} set on the messages written before the
+    IMU data (file_id 0, timestamp_correlation 162, three_d_sensor_calibration 167, ...),
+    e.g. an array where the profile has one value, as damaged or odd files hold.
+    The returned times are real times either way.
     """
     if accel_unit not in ("mg", "g"):
         raise ValueError("accel_unit must be 'mg' or 'g'")
@@ -356,10 +388,13 @@ def write_imu_fit(
     limit = 127 if raw_counts or hsa else 63
     if not 1 <= samples_per_message <= limit:
         raise ValueError(f"samples_per_message must be within 1..{limit} (a FIT field holds 255 bytes)")
+    start_ms = _to_ms(start)
+    system_offset_s = 0 if system_time_s is None else _fit_seconds(start_ms) - system_time_s
     spec = _Spec(
-        float(rate_hz), float(seconds), _to_ms(start), with_gyro, accel_unit, tuple(gaps), raw_counts, hsa,
+        float(rate_hz), float(seconds), start_ms, with_gyro, accel_unit, tuple(gaps), raw_counts, hsa,
         samples_per_message, seed, SIGNALS[signal] if isinstance(signal, str) else signal, extra_messages,
-        developer_field,
+        developer_field, system_offset_s, system_time_s is not None if correlation is None else correlation,
+        tuple((num, tuple(fields.items())) for num, fields in (preamble_fields or {}).items()),
     )  # fmt: skip
     path = Path(path)
     parts: dict[str, list[np.ndarray]] = {"accel_t": [], "accel": [], "gyro_t": [], "gyro": []}
@@ -390,8 +425,7 @@ def _write(path: Path, spec: _Spec, blocks: Iterator[list[dict]], engine: str) -
     counts: dict[str, int] = {}
 
     def each() -> Iterator[dict]:
-        for mesg in _preamble(spec):
-            yield mesg
+        yield from _preamble(spec)
         for msgs in blocks:
             yield from msgs
         yield from _epilogue(spec)
@@ -453,7 +487,7 @@ class _FastEncoder:
         self.f.write(header)
         self.f.flush()
         self.f.seek(0)
-        from har_edge.agent.decode.fitfast import Crc16
+        from har_edge.agent.decode.fit.crc import Crc16
 
         crc = Crc16()
         while block := self.f.read(4 << 20):
@@ -483,14 +517,14 @@ class _FastEncoder:
     def _define(self, num: int, names: list[str], sizes: tuple, out: bytearray) -> tuple:
         profile = {f["name"]: f for f in Profile["messages"][num]["fields"].values()}
         fields = []
-        for name, count in zip(names, sizes):
+        for name, count in zip(names, sizes, strict=False):
             fp = profile[name]
             if fp["scale"] != [1] or fp["offset"] != [0]:
                 raise ValueError(f"engine='fast' does not scale fields ({name})")
             base = FIT.FIELD_TYPE_TO_BASE_TYPE[fp["base_type"]]
             fields.append((name, fp["num"], base, count))
         ident = (num, frozenset((f[1], f[3] * FIT.BASE_TYPE_DEFINITIONS[f[2]]["size"], f[2]) for f in fields))
-        for local, stored in enumerate(self.locals):  # the Encoder reuses an equal definition
+        for local, stored in enumerate(self.locals):  # noqa: B007 (the Encoder reuses an equal definition: local is returned)
             if stored is not None and stored[0] == ident:
                 order = stored[1]
                 break
@@ -528,7 +562,7 @@ def to_big_endian(data: bytes) -> bytes:
             nf = data[pos + 5]
             fields = []
             for i in range(nf):
-                fnum, size, base = data[pos + 6 + 3 * i : pos + 9 + 3 * i]
+                _fnum, size, base = data[pos + 6 + 3 * i : pos + 9 + 3 * i]
                 width = FIT.BASE_TYPE_DEFINITIONS[base & 0x1F]["size"]
                 if base & 0x1F == FIT.BASE_TYPE["STRING"] or size % width:
                     width = 1

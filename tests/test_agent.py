@@ -133,6 +133,30 @@ def test_a_fit_without_crc_yet_waits(settings, walk_fit):
     assert outcome.status == "failed" and outcome.error.kind == "corrupt"
 
 
+def test_the_readiness_check_is_handed_to_decoding(settings, walk_fit):
+    """ready() keeps the proof of each FIT check; handed through handle() to decoding, the CRC is not read again."""
+    agent = Agent(settings)
+    dest = _drop(agent, walk_fit)
+    (group,) = agent.folder.ready(now=1e9)
+    (proof,) = agent.folder.verified(group)
+    assert proof.identity is not None and proof.identity.size == walk_fit.stat().st_size
+    st = dest.stat()
+    data = bytearray(dest.read_bytes())
+    data[-1] ^= 0xFF  # a broken stored CRC, written behind the watcher's back with size and mtime kept
+    dest.write_bytes(data)
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
+    claimed = agent.folder.claim(group)
+    assert agent.folder.verified(group) == []  # claimed: the folder forgets it
+    outcome = agent.handle(claimed, verified=[proof])
+    assert outcome.status == "processed" and outcome.windows == 59  # decoded on the proof alone
+    again = _drop(agent, walk_fit, "again.fit")
+    data[-2] ^= 0xFF  # (other bytes than the stored file's, or it would be a duplicate of it)
+    again.write_bytes(data)  # a broken CRC without a proof: checked, refused
+    assert agent.step(now=2e9) == []  # incomplete as far as its own CRC says: it waits
+    (outcome,) = agent.step(now=2e9 + agent.folder.stale_s + 1)
+    assert outcome.status == "failed" and outcome.error.kind == "corrupt" and "CRC" in str(outcome.error)
+
+
 def _bad_inputs(tmp: Path, good: Path) -> dict[str, Path]:
     tmp.mkdir(exist_ok=True)
     out = {}

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from har_edge.agent.decode import fitnames
-from har_edge.agent.decode.fitfast import Offsets
+from har_edge.agent.decode.fit import profile
+from har_edge.agent.decode.fit.container import Offsets
 from har_edge.agent.model import BUNDLED_MODEL_DIR
 from har_edge.agent.pipeline import _Batcher, release_free_memory
 from har_edge.agent.preprocess import WindowSet, _contiguous_windows, sliding_windows
@@ -70,9 +70,9 @@ def test_fit_name_tables_are_the_sdks():
     """The fast reader's names (kept to avoid importing the SDK's profile) equal the pinned SDK's."""
     from garmin_fit_sdk.profile import Profile
 
-    assert {k: v["name"] for k, v in Profile["messages"].items()} == fitnames.MESSAGES
-    assert Profile["types"]["manufacturer"] == fitnames.MANUFACTURERS
-    assert Profile["types"]["garmin_product"] == fitnames.GARMIN_PRODUCTS
+    assert {k: v["name"] for k, v in Profile["messages"].items()} == profile.MESSAGES
+    assert Profile["types"]["manufacturer"] == profile.MANUFACTURERS
+    assert Profile["types"]["garmin_product"] == profile.GARMIN_PRODUCTS
 
 
 def test_tflite_macs_of_the_bundled_model():

@@ -6,6 +6,7 @@ garmin-fit-sdk path) and compared with what the writer says it wrote.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import tempfile
@@ -25,8 +26,11 @@ from fitgen import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from har_edge.agent.decode import fitfast
-from har_edge.agent.decode.fit import decode_fit, fit_file_complete
+from har_edge.agent.decode.fit import Verified, decode_fit, fit_file_complete, fit_file_verified
+from har_edge.agent.decode.fit.chunks import MAX_CHUNK_SAMPLES, iter_chunks
+from har_edge.agent.decode.fit.container import scan
+from har_edge.agent.decode.fit.crc import Crc16, crc16, crc16_py
+from har_edge.agent.decode.fit.plan import plan
 from har_edge.agent.decode.types import FIT_EPOCH_S, SensorBlock
 from har_edge.agent.errors import CorruptFile, InputError, NoImuData, UnknownFormat
 
@@ -64,7 +68,7 @@ def assert_decodes_to(fx: ImuFixture, *, exact: bool = True):
         assert rec.meta["engine"] == engine
         assert rec.format == "fit" and rec.name == fx.path.name
         assert rec.has_gyro == (fx.gyro is not None)
-        assert all(len(c.accel) <= fitfast.MAX_CHUNK_SAMPLES for c in chunks)
+        assert all(len(c.accel) <= MAX_CHUNK_SAMPLES for c in chunks)
         assert accel.t_ms.dtype == np.int64 and accel.xyz.dtype == np.float32
         np.testing.assert_array_equal(accel.t_ms, accel_t)
         if exact:
@@ -162,8 +166,8 @@ def test_accelerometer_data_without_sample_times_is_no_imu_data(tmp_path: Path) 
 
 def test_small_chunks_split_on_message_boundaries(tmp_path: Path) -> None:
     fx = write_imu_fit(tmp_path / "split.fit", seconds=20, raw_counts=True, gaps=[(4, 1.5)], samples_per_message=30)
-    index = fitfast.scan(fx.path)
-    chunks = list(fitfast.iter_chunks(index, fitfast.plan(index), max_samples=100))
+    index = scan(fx.path)
+    chunks = list(iter_chunks(index, plan(index), max_samples=100))
     assert len(chunks) > 10
     assert all(len(c.accel) <= 100 and len(c.gyro) <= 100 for c in chunks)
     _, _, accel, gyro = decode_all(fx.path)
@@ -280,8 +284,8 @@ def test_long_recording_is_chunked_in_time_order(fixture_cache: Path) -> None:
     n_accel = n_gyro = 0
     last = -1
     for chunk in rec.chunks():
-        assert 0 < len(chunk.accel) <= fitfast.MAX_CHUNK_SAMPLES
-        assert len(chunk.gyro) <= fitfast.MAX_CHUNK_SAMPLES
+        assert 0 < len(chunk.accel) <= MAX_CHUNK_SAMPLES
+        assert len(chunk.gyro) <= MAX_CHUNK_SAMPLES
         assert chunk.accel.t_ms[0] > last and np.all(np.diff(chunk.accel.t_ms) == 20)
         last = chunk.accel.t_ms[-1]
         n_accel += len(chunk.accel)
@@ -292,10 +296,10 @@ def test_long_recording_is_chunked_in_time_order(fixture_cache: Path) -> None:
 def test_crc16_matches_the_sdk() -> None:
     from garmin_fit_sdk.crc_calculator import CrcCalculator
 
-    data = np.random.default_rng(1).integers(0, 256, 3 * fitfast.Crc16.LANES * 2 + 77, np.uint8).tobytes()
+    data = np.random.default_rng(1).integers(0, 256, 3 * Crc16.LANES * 2 + 77, np.uint8).tobytes()
     expected = CrcCalculator.calculate_crc(data, 0, len(data))
-    assert fitfast.crc16(data) == expected
-    crc = fitfast.Crc16()
+    assert crc16(data) == expected
+    crc = Crc16()
     for i in range(0, len(data), 5001):
         crc.update(data[i : i + 5001])
     assert crc.value == expected
@@ -358,8 +362,8 @@ def good_fit(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 def _refix(data: bytearray) -> bytes:
     """Recompute the header and file CRCs after an edit."""
     struct.pack_into("<I", data, 4, len(data) - 14 - 2)
-    struct.pack_into("<H", data, 12, fitfast.crc16_py(bytes(data[:12])))
-    struct.pack_into("<H", data, len(data) - 2, fitfast.crc16(bytes(data[:-2])))
+    struct.pack_into("<H", data, 12, crc16_py(bytes(data[:12])))
+    struct.pack_into("<H", data, len(data) - 2, crc16(bytes(data[:-2])))
     return bytes(data)
 
 
@@ -416,7 +420,7 @@ def test_activity_without_imu(tmp_path: Path) -> None:
 def test_never_finalized(tmp_path: Path, good_fit: bytes) -> None:
     data = bytearray(good_fit)
     struct.pack_into("<I", data, 4, 0)
-    struct.pack_into("<H", data, 12, fitfast.crc16_py(bytes(data[:12])))
+    struct.pack_into("<H", data, 12, crc16_py(bytes(data[:12])))
     path = tmp_path / "unfinished.fit"
     path.write_bytes(bytes(data))
     _expect(path, CorruptFile, "never finalized")
@@ -424,7 +428,7 @@ def test_never_finalized(tmp_path: Path, good_fit: bytes) -> None:
 
 def test_undefined_local_message(tmp_path: Path, good_fit: bytes) -> None:
     data = bytearray(good_fit)
-    index = fitfast.scan(_write(tmp_path / "g.fit", good_fit))
+    index = scan(_write(tmp_path / "g.fit", good_fit))
     last_record = max(int(max(p)) for p in index.positions if len(p))
     data[last_record] = 0x0B  # a data record of local message 11, never defined
     path = tmp_path / "undefined.fit"
@@ -486,3 +490,127 @@ def test_fit_file_complete(tmp_path: Path, good_fit: bytes) -> None:
     assert fit_file_complete(path)
     os.truncate(path, 12)
     assert not fit_file_complete(path)
+
+
+# -- the readiness proof ---------------------------------------------------------------
+
+
+def _spoil_crc_keeping_identity(path: Path) -> None:
+    """Break the stored file CRC in place; size and mtime stay, so the file's identity does too."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(-2, os.SEEK_END)
+        crc = f.read(2)
+        f.seek(-2, os.SEEK_END)
+        f.write(bytes([crc[0] ^ 0xFF, crc[1]]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_proof_spares_the_crc_pass_only_while_the_file_is_the_one_checked(tmp_path: Path, good_fit: bytes) -> None:
+    path = _write(tmp_path / "proved.fit", good_fit)
+    proof = fit_file_verified(path)
+    assert isinstance(proof, Verified) and proof.identity is not None
+    assert proof.identity.size == len(good_fit) and [h.data_size for h in proof.headers] == [len(good_fit) - 16]
+    _, _, expected, _ = decode_all(path)
+    _spoil_crc_keeping_identity(path)
+    assert fit_file_verified(path) is None  # a new check sees the damage
+    for engine in ENGINES:
+        with pytest.raises(CorruptFile, match="CRC"):
+            decode_fit(path, engine=engine)  # no proof: checked
+    rec = decode_fit(path, engine="fast", verified=proof)  # the proof still names this very file
+    assert_same_blocks(SensorBlock.concat([c.accel for c in rec.chunks()]), expected)
+    with pytest.raises(CorruptFile, match="CRC"):  # the proof spares our check; garmin-fit-sdk still does its own
+        decode_fit(path, engine="sdk", verified=proof)
+    other = fit_file_verified(_write(tmp_path / "other.fit", good_fit))
+    assert other is not None
+    with pytest.raises(CorruptFile, match="CRC"):
+        decode_fit(path, verified=[other])  # a proof of another file says nothing of this one
+    renamed = path.rename(tmp_path / "claimed.fit")  # the watcher's claim keeps the identity
+    assert decode_fit(renamed, verified=[other, proof]).meta["engine"] == "fast"
+    os.utime(renamed, ns=(time_ns := renamed.stat().st_mtime_ns + 10**9, time_ns))  # touched since
+    with pytest.raises(CorruptFile, match="CRC"):
+        decode_fit(renamed, verified=proof)
+
+
+# -- fields that do not hold what the profile says ------------------------------------
+
+
+def _assert_clean_refusal(
+    path: Path, caplog: pytest.LogCaptureFixture, *needles: str, engines: tuple[str, ...] = ("auto", *ENGINES)
+) -> None:
+    """Every engine refuses with a CorruptFile of ours (file, message, field, what to do), no traceback logged."""
+    for engine in engines:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="har_edge.agent.decode"), pytest.raises(CorruptFile) as info:
+            decode_all(path, engine)
+        message = str(info.value)
+        assert message.startswith(f"{path.name}: "), message
+        for needle in needles:
+            assert needle in message, message
+        assert "export the original FIT" in message, message
+        assert "float()" not in message and "index" not in message, message
+        assert not [r for r in caplog.records if r.exc_info], caplog.text
+        assert "garmin-fit-sdk" not in caplog.text  # the fast reader did not fall back on a bug of ours
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("calibration_factor", [1, 1]),
+        ("calibration_divisor", [4096, 4096]),
+        ("level_shift", [32768, 0]),
+        ("sensor_type", [0, 0]),
+    ],
+)
+def test_array_valued_calibration_fields_are_refused_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, field: str, value: list[int]
+) -> None:
+    fx = write_imu_fit(tmp_path / f"cal_{field}.fit", seconds=5, raw_counts=True, with_gyro=False,
+                       preamble_fields={167: {field: value}})  # fmt: skip
+    _assert_clean_refusal(fx.path, caplog, "three_d_sensor_calibration", f"field {field} ", "2 values")
+
+
+@pytest.mark.parametrize("field", ["timestamp", "system_timestamp", "timestamp_ms", "system_timestamp_ms"])
+def test_array_valued_timestamp_correlation_fields_are_refused_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, field: str
+) -> None:
+    fx = write_imu_fit(tmp_path / f"corr_{field}.fit", seconds=5, system_time_s=5_000,
+                       preamble_fields={162: {field: [5_000, 5_001]}})  # fmt: skip
+    _assert_clean_refusal(fx.path, caplog, "timestamp_correlation", f"field {field} ", "2 values")
+
+
+def test_array_valued_imu_timestamps_give_their_first_value_in_both_engines(tmp_path: Path) -> None:
+    """The fast reader has always read field 253 of an IMU record as its first value; the SDK path now agrees."""
+    from garmin_fit_sdk import Encoder
+
+    real = 1_100_000_000
+    enc = Encoder()
+    enc.write_mesg({"mesg_num": 0, "type": 4, "manufacturer": 1, "product": 1, "time_created": real})
+    for i in range(4):
+        enc.write_mesg({"mesg_num": 165, "timestamp": [real + i, 7], "timestamp_ms": [250, 9],
+                        "sample_time_offset": [0, 500], "calibrated_accel_x": [1.0, 2.0],
+                        "calibrated_accel_y": [0.0, 0.0], "calibrated_accel_z": [1000.0, 999.0]})  # fmt: skip
+    path = _write(tmp_path / "array_ts.fit", enc.close())
+    expected = (real + FIT_EPOCH_S) * 1000 + 250 + np.arange(8) * 500
+    for engine in ENGINES:
+        _, _, accel, _ = decode_all(path, engine)
+        np.testing.assert_array_equal(accel.t_ms, expected)
+
+
+# -- device time (date_time below 0x10000000) ------------------------------------------
+
+
+@pytest.mark.parametrize("raw_counts", [False, True])
+def test_device_time_is_mapped_through_timestamp_correlation(tmp_path: Path, raw_counts: bool) -> None:
+    fx = write_imu_fit(tmp_path / "system.fit", seconds=12, system_time_s=86_400, raw_counts=raw_counts)
+    assert_decodes_to(fx, exact=not raw_counts)  # real times, from both engines
+    for engine in ENGINES:
+        rec = decode_fit(fx.path, engine=engine)
+        assert rec.meta["timestamp_correlation_ms"] == (fx.accel_t_ms[0] // 1000 - FIT_EPOCH_S - 86_400) * 1000
+
+
+def test_device_time_without_timestamp_correlation_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fx = write_imu_fit(tmp_path / "uncorrelated.fit", seconds=5, system_time_s=86_400, correlation=False)
+    _assert_clean_refusal(fx.path, caplog, "device time", "accelerometer_data", "no timestamp_correlation")
+    fx = write_imu_fit(tmp_path / "real.fit", seconds=5, correlation=True)  # a correlation in a real-time file
+    assert_decodes_to(fx)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from har_edge.agent.errors import InputError
 from har_edge.agent.modelstore import ActiveModel
@@ -14,6 +16,9 @@ from har_edge.agent.pipeline import Outcome, Processor
 from har_edge.agent.settings import Settings
 from har_edge.agent.watcher import DropFolder
 from har_edge.common.hashing import export_sha256
+
+if TYPE_CHECKING:
+    from har_edge.agent.decode.fit import Verified
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +68,11 @@ class Agent:
         self._paused = over
         return over
 
-    def handle(self, claimed: list[Path], progress=None) -> Outcome:
-        """Process a claimed group and move it to the archive or quarantine."""
+    def handle(self, claimed: list[Path], progress=None, verified: Iterable[Verified] = ()) -> Outcome:
+        """Process a claimed group and move it to the archive or quarantine.
+
+        ``verified``: the watcher's proofs of the group's FIT checks (decoding skips a second CRC pass).
+        """
         model = self.models.refresh()
         # a file recovered after a crash may already be stored: finish its move only
         sha = export_sha256(claimed)
@@ -73,7 +81,9 @@ class Agent:
             self.folder.done(claimed)
             log.info("%s was stored before the interruption; archived", claimed[0].name)
             return Outcome("processed", prior.id, prior.name, windows=prior.windows)
-        outcome = self.processor.process(claimed, model, name=claimed[0].name, progress=progress, sha256=sha)
+        outcome = self.processor.process(
+            claimed, model, name=claimed[0].name, progress=progress, sha256=sha, verified=verified
+        )
         if outcome.status == "failed":
             self.folder.to_quarantine(claimed, outcome.error or InputError("failed"))
         else:
@@ -91,10 +101,11 @@ class Agent:
         for group in self.folder.ready(now):
             if stop is not None and stop.is_set():
                 break
+            verified = self.folder.verified(group)
             claimed = self.folder.claim(group)
             if claimed is None:
                 continue
-            outcomes.append(self.handle(claimed))
+            outcomes.append(self.handle(claimed, verified=verified))
             if self.over_budget():
                 break
         return outcomes

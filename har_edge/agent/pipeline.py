@@ -11,10 +11,11 @@ import itertools
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from har_edge.agent.preprocess import StreamWindower
 from har_edge.agent.settings import AgentSettings
 from har_edge.agent.summary import iter_minute_points, summary_points
 from har_edge.common.hashing import export_sha256
+
+if TYPE_CHECKING:
+    from har_edge.agent.decode.fit import Verified
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +64,12 @@ class Processor:
         received_ms: int | None = None,
         progress: Callable[[int], None] | None = None,
         sha256: str | None = None,
+        verified: Iterable[Verified] = (),
     ) -> Outcome:
         """Process an export (one file or a table pair) and store the result.
 
-        ``sha256`` is the export's :func:`export_sha256` when the caller already has it.
+        ``sha256`` is the export's :func:`export_sha256` when the caller already has it;
+        ``verified`` the watcher's proofs of its FIT checks (see ``decode.check_complete``).
 
         Input errors are stored as a ``failed`` record and returned (the caller
         quarantines); anything else (outbox trouble, a bug) propagates and the
@@ -92,7 +98,7 @@ class Processor:
                     f"{name}: {size / 1e6:.0f} MB is over agent.max_file_mb = {self.settings.max_file_mb:.0f}: "
                     "split the export or raise the limit"
                 )
-            starts, probs, per_window, timings, quality, fmt = self._run(paths, model, name, progress)
+            starts, probs, per_window, timings, quality, fmt = self._run(paths, model, name, progress, verified)
         except InputError as exc:
             fid = self.outbox.record_file(
                 FileRecord(
@@ -156,7 +162,7 @@ class Processor:
         )
         return Outcome("processed", fid, name, windows=len(probs), seconds=total)
 
-    def _run(self, paths, model: LoadedModel, name, progress):
+    def _run(self, paths, model: LoadedModel, name, progress, verified: Iterable[Verified] = ()):
         m = model.manifest
         scratch = self.scratch / f"export-{time.monotonic_ns()}"
         scratch.mkdir(parents=True, exist_ok=True)
@@ -168,7 +174,11 @@ class Processor:
         try:
             with clock.stage("decode"):
                 recordings = open_export(
-                    paths, scratch, max_archive_bytes=int(self.settings.max_archive_mb * 1e6), name=name
+                    paths,
+                    scratch,
+                    max_archive_bytes=int(self.settings.max_archive_mb * 1e6),
+                    name=name,
+                    verified=verified,
                 )
             for rec in recordings:
                 sw = StreamWindower(

@@ -21,10 +21,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from har_edge.agent import __version__
-from har_edge.agent.decode import is_complete, pair_key
+from har_edge.agent.decode import check_complete, pair_key
 from har_edge.agent.errors import HarEdgeError
+
+if TYPE_CHECKING:
+    from har_edge.agent.decode.fit import Verified
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,8 @@ class DropFolder:
         self.pair_wait_s = max(10.0, 3 * settle_s)
         self.keep_archive = archive
         self._seen: dict[Path, _Seen] = {}
+        #: proofs of the FIT checks done by ready(), by inbox path, for decoding to skip a second CRC pass
+        self._verified: dict[Path, Verified] = {}
 
     # -- readiness -----------------------------------------------------------
 
@@ -92,13 +98,20 @@ class DropFolder:
             return []
         for gone in set(self._seen) - set(entries):
             self._seen.pop(gone, None)
+        for gone in set(self._verified) - set(entries):
+            self._verified.pop(gone, None)
         settled: dict[Path, float] = {}
         for p in entries:
             age = self._stable_for(p, now)
             if age is None or age < self.settle_s:
                 continue
-            if age < self.stale_s and not is_complete(p):
-                continue
+            if age < self.stale_s:
+                complete = check_complete(p)
+                if not complete:
+                    self._verified.pop(p, None)  # an earlier proof no longer says anything
+                    continue
+                if complete is not True:
+                    self._verified[p] = complete
             settled[p] = age
         groups: list[list[Path]] = []
         pairs: dict[str, dict[str, Path]] = {}
@@ -125,6 +138,10 @@ class DropFolder:
         except FileNotFoundError:
             return 0.0
 
+    def verified(self, group: list[Path]) -> list[Verified]:
+        """The proofs ready() got for these inbox files (to hand to decoding with the claimed group)."""
+        return [v for p in group if (v := self._verified.get(p)) is not None]
+
     # -- moving --------------------------------------------------------------
 
     def claim(self, group: list[Path]) -> list[Path] | None:
@@ -139,6 +156,7 @@ class DropFolder:
                     os.rename(c, self.inbox / c.name)
                 return None
             self._seen.pop(p, None)
+            self._verified.pop(p, None)
             claimed.append(dest)
         return claimed
 

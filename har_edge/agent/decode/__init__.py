@@ -8,14 +8,19 @@ from the header row; the extension is only a hint. Every failure is an
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from har_edge.agent.decode.types import Chunk, Recording, SensorBlock
 from har_edge.agent.errors import InputError, UnknownFormat
 
+if TYPE_CHECKING:
+    from har_edge.agent.decode.fit import Verified
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Chunk", "Recording", "SensorBlock", "is_complete", "open_export", "pair_key", "sniff"]
+__all__ = ["Chunk", "Recording", "SensorBlock", "check_complete", "is_complete", "open_export", "pair_key", "sniff"]
 
 TABLE_SUFFIXES = (".csv", ".xlsx", ".xlsm")
 
@@ -48,14 +53,22 @@ def pair_key(path: Path) -> tuple[str, str] | None:
 
 def is_complete(path: Path) -> bool:
     """True when the file's own structure says it is whole (FIT: header, size and CRC; zip: end record)."""
+    return bool(check_complete(path))
+
+
+def check_complete(path: Path) -> Verified | bool:
+    """:func:`is_complete`, and for a whole FIT file the proof of its check (a truthy ``Verified``).
+
+    Hand the proof to :func:`open_export` (``verified=``) to spare decoding a second CRC pass.
+    """
     try:
         kind = sniff(path)
     except OSError:
         return False
     if kind == "fit":
-        from har_edge.agent.decode.fit import fit_file_complete
+        from har_edge.agent.decode.fit import fit_file_verified
 
-        return fit_file_complete(path)
+        return fit_file_verified(path) or False
     if kind == "zip":
         import zipfile
 
@@ -91,12 +104,20 @@ def _table_recordings(paths: list[Path], label: str) -> list[Recording]:
 
 
 def open_export(
-    paths: list[Path], scratch: Path, *, max_archive_bytes: int, name: str | None = None
+    paths: list[Path],
+    scratch: Path,
+    *,
+    max_archive_bytes: int,
+    name: str | None = None,
+    verified: Iterable[Verified] = (),
 ) -> list[Recording]:
     """Recordings of one dropped export (one file, a table pair, or a zip), in the order found.
 
     ``scratch`` is an empty folder the caller removes afterwards (zips are extracted there).
+    ``verified``: proofs from :func:`check_complete`; a FIT file one of them still names is not
+    CRC-checked again.
     """
+    verified = tuple(verified)
     name = name or paths[0].name
     recordings: list[Recording] = []
     tables: list[Path] = []
@@ -105,7 +126,7 @@ def open_export(
         if kind == "fit":
             from har_edge.agent.decode.fit import decode_fit
 
-            recordings.append(decode_fit(p, p.name))
+            recordings.append(decode_fit(p, p.name, verified=verified))
         elif kind == "zip":
             from har_edge.agent.decode.archive import safe_extract
 

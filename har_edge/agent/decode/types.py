@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -69,4 +70,4 @@ class Recording:
     chunks: Callable[[], Iterator[Chunk]]
     accel_unit: str | None = None  # None: detect from magnitude
     has_gyro: bool = True
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)

@@ -1,14 +1,62 @@
-"""Names from the FIT profile that the fast reader puts in a recording's meta, without importing the SDK.
+"""FIT profile knowledge: message numbers, and message, manufacturer and product names without importing the SDK.
 
 garmin-fit-sdk's profile module is ~1 MB of source and ~2 MB of resident memory
 once imported; the fast path needs only message, manufacturer and Garmin product
-names. These tables are a snapshot of garmin-fit-sdk 21.218.0 (the version
+names. The tables below are a snapshot of garmin-fit-sdk 21.218.0 (the version
 pyproject.toml pins); a number missing here is looked up in the SDK itself, so
 the names are the SDK's either way. Regenerate after an SDK upgrade with
-``python -m har_edge.agent.decode.fitnames > har_edge/agent/decode/fitnames.py``.
+``python -m har_edge.agent.decode.fit.profile > har_edge/agent/decode/fit/profile.py``
+(everything above the tables and the generator below them is kept as it is).
 """
 
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
 SDK_VERSION = "21.218.0"
+
+ACCEL, GYRO = "accel", "gyro"
+MESG_FILE_ID, MESG_DEVICE_INFO = 0, 23
+MESG_TIMESTAMP_CORRELATION, MESG_GYRO, MESG_ACCEL, MESG_CALIBRATION = 162, 164, 165, 167
+MESG_HSA_ACCEL, MESG_HSA_GYRO = 302, 376
+#: IMU messages and the sensor each one carries
+IMU_MESGS = {MESG_ACCEL: ACCEL, MESG_HSA_ACCEL: ACCEL, MESG_GYRO: GYRO, MESG_HSA_GYRO: GYRO}
+#: non-IMU messages decoded record by record (there are only a few of them)
+SMALL_MESGS = (MESG_FILE_ID, MESG_DEVICE_INFO, MESG_TIMESTAMP_CORRELATION, MESG_CALIBRATION)
+#: the field number of ``timestamp`` in every message
+FIT_FIELD_TIMESTAMP = 253
+
+
+@lru_cache(maxsize=1)
+def sdk_profile() -> dict[str, Any]:
+    """garmin-fit-sdk's profile (message and type names), imported on first use."""
+    from garmin_fit_sdk.profile import Profile
+
+    profile: dict[str, Any] = Profile
+    return profile
+
+
+def mesg_name(global_num: int) -> str:
+    """The profile name of a global message number ("mesg_<n>" when unknown)."""
+    name = MESSAGES.get(global_num)
+    if name is not None:
+        return name
+    mesg = sdk_profile()["messages"].get(global_num)
+    return str(mesg["name"]) if mesg else f"mesg_{global_num}"
+
+
+def type_name(type_: str, value: object) -> str | None:
+    """The profile name of a ``manufacturer`` or ``garmin_product`` value (None when unknown)."""
+    if not isinstance(value, int):
+        return None
+    table = {"manufacturer": MANUFACTURERS, "garmin_product": GARMIN_PRODUCTS}[type_]
+    name = table.get(value)
+    if name is not None:
+        return name
+    found = sdk_profile()["types"][type_].get(value)
+    return str(found) if found is not None else None
+
 
 MESSAGES: dict[int, str] = {
     0: "file_id",
@@ -897,9 +945,10 @@ if __name__ == "__main__":  # pragma: no cover - regenerates this file from the 
 
     from garmin_fit_sdk.profile import Profile
 
-    def table(name: str, d: dict) -> str:
+    def table(name: str, d: dict[int, str]) -> str:
         items = [f"{k}: {v!r}," for k, v in sorted(d.items())]
-        lines, cur = [], "   "
+        lines: list[str] = []
+        cur = "   "
         for it in items:
             if len(cur) + 1 + len(it) > 118:
                 lines.append(cur)

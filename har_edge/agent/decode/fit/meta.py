@@ -1,0 +1,71 @@
+"""A FIT recording's meta dict (engine, message counts, sources, device, times), the same from both engines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from har_edge.agent.decode.fit.profile import mesg_name, type_name
+from har_edge.agent.decode.fit.samples import SYSTEM_TIME_MAX, Source
+from har_edge.agent.decode.types import FIT_EPOCH_S
+
+#: field number -> values, as both engines hand over file_id and device_info messages
+Fields = dict[int, list[Any]]
+
+
+def _first(values: Fields, num: int) -> object:
+    vals = values.get(num) or [None]
+    return vals[0]
+
+
+def _device(values: Fields, manufacturer_field: int, product_field: int, serial_field: int) -> dict[str, object]:
+    manufacturer = _first(values, manufacturer_field)
+    named = type_name("manufacturer", manufacturer) if manufacturer is not None else None
+    out: dict[str, object] = {
+        "manufacturer": named if named is not None else manufacturer,
+        "product": _first(values, product_field),
+        "serial_number": _first(values, serial_field),
+    }
+    if manufacturer == 1 and out["product"] is not None:  # garmin: product names are known
+        out["product_name"] = type_name("garmin_product", out["product"])
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _time_created_ms(created: object, correlation: int | None) -> int | None:
+    """file_id.time_created in Unix ms; device time (below 0x10000000) only through the correlation."""
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        return None
+    ms = (int(created) + FIT_EPOCH_S) * 1000
+    if created < SYSTEM_TIME_MAX:
+        return ms + correlation if correlation is not None else None
+    return ms
+
+
+def recording_meta(
+    engine: str,
+    counts: dict[int, int],
+    file_ids: list[Fields],
+    device_infos: list[Fields],
+    accel: Source,
+    gyro: Source | None,
+    correlation: int | None,
+    notes: list[str],
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "engine": engine,
+        "message_counts": {mesg_name(g): n for g, n in sorted(counts.items())},
+        "accel_source": f"{mesg_name(accel.mesg)}.{accel.name}",
+        "gyro_source": f"{mesg_name(gyro.mesg)}.{gyro.name}" if gyro else None,
+    }
+    if file_ids:
+        meta["device"] = _device(file_ids[0], 1, 2, 3)
+        created = _time_created_ms(_first(file_ids[0], 4), correlation)
+        if created is not None:
+            meta["time_created_ms"] = created
+    devices = [_device(v, 2, 4, 3) for v in device_infos]
+    if devices:
+        meta["devices"] = [d for d in devices if d][:8]
+    if correlation is not None:
+        meta["timestamp_correlation_ms"] = correlation
+    if notes:
+        meta["notes"] = notes
+    return meta
