@@ -16,126 +16,56 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
-    bindparam,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 
-from har_edge.agent.errors import OutboxError, SchemaVersionError
+from har_edge.agent.errors import DiskFull, OutboxError
+from har_edge.agent.outbox_migrations import SCHEMA_VERSION, migrate
+from har_edge.agent.outbox_schema import (
+    attempts,
+    deployments,
+    files,
+    inbox_seen,
+    labels,
+    metadata,
+    metrics,
+    schema_version,
+    sync_refusals,
+    windows,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+_T = TypeVar("_T")
 
-metadata = MetaData()
-
-schema_version = Table("schema_version", metadata, Column("version", Integer, nullable=False))
-
-files = Table(
-    "files",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("sha256", String(64), nullable=False),
-    Column("name", Text, nullable=False),
-    Column("size", BigInteger, nullable=False),
-    # processed | failed | duplicate
-    Column("status", String(16), nullable=False),
-    Column("format", String(32)),
-    Column("received_ms", BigInteger, nullable=False),
-    Column("processed_ms", BigInteger, nullable=False),
-    Column("decode_s", Float),
-    Column("preprocess_s", Float),
-    Column("inference_s", Float),
-    Column("store_s", Float),
-    Column("total_s", Float),
-    Column("windows", Integer, nullable=False, default=0),
-    Column("first_window_ms", BigInteger),
-    Column("last_window_ms", BigInteger),
-    Column("model_name", Text),
-    Column("model_version", Text),
-    Column("model_sha256", String(64)),
-    Column("agent_version", Text, nullable=False),
-    Column("error_kind", String(32)),
-    Column("error_message", Text),
-    Column("duplicate_of", Integer, ForeignKey("files.id")),
-    # delivery (written by sync)
-    Column("run_id", String(64)),
-    Column("artifact_delivered_ms", BigInteger),
-    Column("finished_ms", BigInteger),
-)
-Index("files_sha_processed", files.c.sha256, unique=True, sqlite_where=text("status = 'processed'"))
-Index("files_undelivered", files.c.finished_ms, files.c.status)
-
-windows = Table(
-    "windows",
-    metadata,
-    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
-    Column("idx", Integer, primary_key=True),
-    Column("start_ms", BigInteger, nullable=False),
-    Column("label", Integer, nullable=False),
-    Column("confidence", Float, nullable=False),
-    Column("probs", LargeBinary, nullable=False),  # float32 little-endian, one per label
-)
-
-labels = Table(
-    "labels",
-    metadata,
-    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
-    Column("idx", Integer, primary_key=True),
-    Column("label", Text, nullable=False),
-)
-
-metrics = Table(
-    "metrics",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE")),  # NULL: device-level
-    Column("key", Text, nullable=False),
-    Column("value", Float, nullable=False),
-    Column("timestamp_ms", BigInteger, nullable=False),
-    Column("step", BigInteger, nullable=False, default=0),
-    Column("delivered_ms", BigInteger),
-)
-Index("metrics_pending", metrics.c.delivered_ms, metrics.c.file_id)
-
-deployments = Table(
+__all__ = [
+    "SCHEMA_VERSION",
+    "FileRecord",
+    "MetricPoint",
+    "Outbox",
+    "attempts",
     "deployments",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("time_ms", BigInteger, nullable=False),
-    Column("from_version", Text),
-    Column("to_version", Text),
-    # activated | refused | rolled_back | load_failed | pinned
-    Column("outcome", String(32), nullable=False),
-    Column("reason", Text, nullable=False, default=""),
-    Column("delivered_ms", BigInteger),
-)
+    "files",
+    "inbox_seen",
+    "labels",
+    "metadata",
+    "metrics",
+    "now_ms",
+    "schema_version",
+    "sync_refusals",
+    "windows",
+]
+
+#: where docs/reliability.md tells how to salvage a damaged outbox
+SALVAGE_DOC = "docs/reliability.md (section 'Salvaging a damaged outbox')"
 
 
 @dataclass(frozen=True)
@@ -168,6 +98,7 @@ class FileRecord:
     model_sha256: str | None = None
     error_kind: str | None = None
     error_message: str | None = None
+    error_stage: str | None = None
 
 
 def now_ms() -> int:
@@ -224,11 +155,18 @@ def _metric_rows(file_id: int | None, points: Iterable[MetricPoint]) -> Iterator
 class Outbox:
     """The outbox of one device. Safe to open from the agent and the sync daemon at once."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0, check: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = _sqlite_engine(self.path, busy_timeout_s)
-        self._init_schema()
+        try:
+            if check:
+                self._quick_check()
+            #: the schema version the file had when opened (0: a new file)
+            self.opened_version = self._guard(lambda: migrate(self.engine, self.path))
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -236,34 +174,61 @@ class Outbox:
     def __enter__(self) -> Outbox:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def _guard(self, fn: Callable[[], _T]) -> _T:
         try:
-            with self.engine.begin() as conn:
-                yield conn
-        except OperationalError as exc:
-            raise OutboxError(f"outbox {self.path}: {exc.orig}") from exc
-        except sqlite3.OperationalError as exc:  # from the DBAPI cursors of the bulk inserts
-            raise OutboxError(f"outbox {self.path}: {exc}") from exc
+            return fn()
+        except (OperationalError, DatabaseError, sqlite3.DatabaseError) as exc:
+            raise self._translate(exc) from exc
 
-    def _init_schema(self) -> None:
-        with self.transaction() as conn:
-            has_table = conn.execute(
-                text("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'")
-            ).first()
-            if has_table:
-                found = conn.execute(select(schema_version.c.version)).scalar()
-                if found != SCHEMA_VERSION:
-                    raise SchemaVersionError(
-                        f"outbox {self.path} has schema version {found}, this har-edge uses {SCHEMA_VERSION}: "
-                        "run the har-edge version that wrote it to deliver its backlog, or move the file away"
-                    )
-                return
-            metadata.create_all(conn)
-            conn.execute(insert(schema_version).values(version=SCHEMA_VERSION))
+    def _translate(self, exc: Exception) -> OutboxError:
+        orig = getattr(exc, "orig", None) or exc
+        code = getattr(orig, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(orig):
+            return DiskFull(
+                f"outbox {self.path}: the disk is full ({orig}); nothing was stored: "
+                "free space on that filesystem, the agent resumes by itself"
+            )
+        if isinstance(orig, sqlite3.DatabaseError) and not isinstance(orig, sqlite3.OperationalError):
+            return OutboxError(
+                f"outbox {self.path} is damaged ({orig}): stop the agent and sync, then salvage it as "
+                f"{SALVAGE_DOC} describes"
+            )
+        return OutboxError(f"outbox {self.path}: {orig}")
+
+    def _quick_check(self) -> None:
+        """``PRAGMA quick_check`` (well under a second on a day's outbox); a damaged file is refused."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with self.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            rows = self._guard(lambda: raw.execute("PRAGMA quick_check").fetchall())
+        found = [r[0] for r in rows]
+        if found != ["ok"]:
+            raise OutboxError(
+                f"outbox {self.path} failed its integrity check ({'; '.join(found[:3])}): stop the agent and "
+                f"sync, then salvage it as {SALVAGE_DOC} describes"
+            )
+
+    @contextmanager
+    def transaction(self, *, durable: bool = False) -> Iterator[Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction. ``durable``: the commit is on disk when this returns
+        (``synchronous = FULL`` for it), as it must be before a file is moved or deleted for good."""
+        try:
+            with self.engine.connect() as conn:
+                raw = conn.connection.driver_connection
+                if durable:
+                    raw.execute("PRAGMA synchronous = FULL")
+                try:
+                    with conn.begin():
+                        yield conn
+                finally:
+                    if durable:
+                        raw.execute("PRAGMA synchronous = NORMAL")
+        except (OperationalError, DatabaseError, sqlite3.DatabaseError) as exc:
+            raise self._translate(exc) from exc
 
     # -- writing (agent) ----------------------------------------------------
 
@@ -275,14 +240,18 @@ class Outbox:
         start_ms: np.ndarray | None = None,
         probs: np.ndarray | None = None,
         points: Iterable[MetricPoint] = (),
+        durable: bool = True,
     ) -> int:
         """Store a file with its windows and metric points, all or nothing; return its id.
+
+        ``durable`` (the default): the commit is on disk before this returns, because the caller
+        then moves or deletes the file.
 
         Windows and points go through the DBAPI's ``executemany`` fed by generators
         of tuples, a slice at a time: a day of windows (43k rows) costs ~0.1 s and
         never exists as a list of Python dicts.
         """
-        with self.transaction() as conn:
+        with self.transaction(durable=durable) as conn:
             file_id = conn.execute(insert(files).values(**rec.__dict__, windows=0)).inserted_primary_key[0]
             cur = conn.connection.driver_connection.cursor()
             try:
@@ -413,3 +382,64 @@ class Outbox:
         """Drop a file and everything of it (used to reclaim delivered data)."""
         with self.transaction() as conn:
             conn.execute(delete(files).where(files.c.id == file_id))
+
+    # -- files in flight (agent) --------------------------------------------
+
+    def start_attempt(self, name: str, size: int, mtime_ns: int) -> int:
+        """Record that processing of a claimed file begins; return the attempt's id."""
+        t = now_ms()
+        with self.transaction() as conn:
+            return int(
+                conn.execute(
+                    insert(attempts).values(
+                        name=name, size=size, mtime_ns=mtime_ns, started_ms=t, stage="claimed", progress=0, updated_ms=t
+                    )
+                ).inserted_primary_key[0]
+            )
+
+    def update_attempt(self, attempt_id: int, stage: str, progress: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                update(attempts)
+                .where(attempts.c.id == attempt_id)
+                .values(stage=stage, progress=progress, updated_ms=now_ms())
+            )
+
+    def attempts_of(self, name: str, size: int, mtime_ns: int) -> list[Any]:
+        """Earlier attempts at this file, oldest first."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(attempts)
+                    .where(attempts.c.name == name, attempts.c.size == size, attempts.c.mtime_ns == mtime_ns)
+                    .order_by(attempts.c.id)
+                ).all()
+            )
+
+    def clear_attempts(self, name: str) -> None:
+        """Forget the attempts at a file that left work/."""
+        with self.transaction() as conn:
+            conn.execute(delete(attempts).where(attempts.c.name == name))
+
+    def first_seen_ms(self, name: str, size: int, mtime_ns: int, now: int | None = None) -> int:
+        """When this inbox file was first seen settled but incomplete, unchanged since (recorded now if new)."""
+        now = now if now is not None else now_ms()
+        with self.engine.connect() as conn:
+            row = conn.execute(select(inbox_seen).where(inbox_seen.c.name == name)).first()
+        if row is not None and (row.size, row.mtime_ns) == (size, mtime_ns):
+            return int(row.first_seen_ms)
+        with self.transaction() as conn:
+            conn.execute(delete(inbox_seen).where(inbox_seen.c.name == name))
+            conn.execute(insert(inbox_seen).values(name=name, size=size, mtime_ns=mtime_ns, first_seen_ms=now))
+        return now
+
+    def seen_names(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(inbox_seen.c.name)).scalars())
+
+    def forget_seen(self, names: Iterable[str]) -> None:
+        names = list(names)
+        if not names:
+            return
+        with self.transaction() as conn:
+            conn.execute(delete(inbox_seen).where(inbox_seen.c.name.in_(names)))
