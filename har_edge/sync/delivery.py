@@ -4,7 +4,8 @@ The agent owns the outbox schema (``har_edge.agent.outbox``); sync writes only t
 delivery columns (``files.run_id``, ``files.artifact_delivered_ms``,
 ``files.finished_ms``, ``metrics.delivered_ms``, ``deployments.delivered_ms``)
 plus ``sync_refusals`` (defined with the other tables in
-``har_edge.agent.outbox_schema``): items the server answered with a permanent error (a 4xx). Such an item is marked delivered (so it stops
+``har_edge.agent.outbox_schema``): items the server answered with a permanent error
+(a 4xx). Such an item is marked delivered (so it stops
 blocking the backlog) *and* listed there with the server's answer, so nothing
 disappears silently.
 """
