@@ -67,9 +67,7 @@ SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else 1
 
 def _version(conn: Connection) -> int | None:
     """The file's schema version; None for a file without the table (a new outbox)."""
-    has_table = conn.execute(
-        text("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'")
-    ).first()
+    has_table = conn.execute(text("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'")).first()
     if not has_table:
         return None
     found = conn.execute(select(schema_version.c.version)).scalar()
