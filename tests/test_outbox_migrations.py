@@ -34,9 +34,8 @@ def _shape(path: Path) -> dict[str, object]:
     con = sqlite3.connect(path)
     try:
         tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
-        cols = {
-            t: sorted((r[1], r[2].upper(), r[3], r[5]) for r in con.execute(f'PRAGMA table_info("{t}")')) for t in tables
-        }
+        info = {t: con.execute(f'PRAGMA table_info("{t}")').fetchall() for t in tables}
+        cols = {t: sorted((r[1], r[2].upper(), r[3], r[5]) for r in rows) for t, rows in info.items()}
         indexes = sorted(
             r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")
         )
@@ -57,9 +56,8 @@ def test_the_fixture_is_a_v1_outbox_with_a_backlog():
     con = sqlite3.connect(f"file:{V1}?mode=ro", uri=True)
     try:
         assert con.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
-        assert con.execute("SELECT count(*) FROM files WHERE status='processed' AND finished_ms IS NULL").fetchone() == (
-            3,
-        )
+        pending = "SELECT count(*) FROM files WHERE status='processed' AND finished_ms IS NULL"
+        assert con.execute(pending).fetchone() == (3,)
         assert con.execute("SELECT count(*) FROM metrics WHERE delivered_ms IS NULL").fetchone()[0] > 100
         cols = {r[1] for r in con.execute("PRAGMA table_info(files)")}
         assert "error_stage" not in cols
