@@ -161,7 +161,7 @@ def test_a_file_that_kills_the_agent_at_one_point_is_quarantined_after_max_attem
     (data_dir / "work").mkdir(parents=True)
     shutil.copy(walk_fit, data_dir / "work" / "walk.fit")  # claimed by a run that then died
     for i in range(3):
-        r = _run_killer(data_dir, kill_at=2)
+        r = _run_killer(data_dir, kill_at=1)
         assert r.returncode == -9, r.stderr
         assert len(_attempts(data_dir)) == i + 1
     points = _attempts(data_dir)
