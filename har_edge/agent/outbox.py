@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import bindparam, create_engine, delete, event, func, insert, select, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 
 from har_edge.agent.errors import DiskFull, OutboxError
@@ -109,7 +109,7 @@ def _sqlite_engine(path: Path, busy_timeout_s: float) -> Engine:
     engine = create_engine(f"sqlite:///{path}", future=True)
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # pragma: no cover - exercised by every test
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:  # pragma: no cover - every test
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -119,7 +119,7 @@ def _sqlite_engine(path: Path, busy_timeout_s: float) -> Engine:
         cur.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn):  # pragma: no cover
+    def _on_begin(conn: Connection) -> None:  # pragma: no cover
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
@@ -133,7 +133,7 @@ _METRICS_SQL = 'INSERT INTO metrics (file_id, "key", value, timestamp_ms, step) 
 _ROWS_PER_SLICE = 4096
 
 
-def _window_rows(file_id: int, start_ms: np.ndarray, probs: np.ndarray) -> Iterator[tuple]:
+def _window_rows(file_id: int, start_ms: np.ndarray, probs: np.ndarray) -> Iterator[tuple[Any, ...]]:
     """(file_id, idx, start_ms, label, confidence, probs blob) per window, converted a slice at a time."""
     for a in range(0, len(probs), _ROWS_PER_SLICE):
         part = probs[a : a + _ROWS_PER_SLICE]
@@ -147,9 +147,22 @@ def _window_rows(file_id: int, start_ms: np.ndarray, probs: np.ndarray) -> Itera
             yield file_id, a + j, starts[j], labels[j], conf[j], blob[j * width : (j + 1) * width]
 
 
-def _metric_rows(file_id: int | None, points: Iterable[MetricPoint]) -> Iterator[tuple]:
+def _metric_rows(file_id: int | None, points: Iterable[MetricPoint]) -> Iterator[tuple[Any, ...]]:
     for p in points:
         yield file_id, p.key, float(p.value), p.timestamp_ms, p.step
+
+
+def _raw(conn: Connection) -> sqlite3.Connection:
+    """The DBAPI connection under a SQLAlchemy one (for PRAGMAs and ``executemany`` from generators)."""
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    return raw
+
+
+def _pk(result: CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 class Outbox:
@@ -203,7 +216,7 @@ class Outbox:
         if not self.path.exists() or self.path.stat().st_size == 0:
             return
         with self.engine.connect() as conn:
-            raw = conn.connection.driver_connection
+            raw = _raw(conn)
             rows = self._guard(lambda: raw.execute("PRAGMA quick_check").fetchall())
         found = [r[0] for r in rows]
         if found != ["ok"]:
@@ -218,7 +231,7 @@ class Outbox:
         (``synchronous = FULL`` for it), as it must be before a file is moved or deleted for good."""
         try:
             with self.engine.connect() as conn:
-                raw = conn.connection.driver_connection
+                raw = _raw(conn)
                 if durable:
                     raw.execute("PRAGMA synchronous = FULL")
                 try:
@@ -252,10 +265,11 @@ class Outbox:
         never exists as a list of Python dicts.
         """
         with self.transaction(durable=durable) as conn:
-            file_id = conn.execute(insert(files).values(**rec.__dict__, windows=0)).inserted_primary_key[0]
-            cur = conn.connection.driver_connection.cursor()
+            file_id = int(_pk(conn.execute(insert(files).values(**rec.__dict__, windows=0))))
+            cur = _raw(conn).cursor()
             try:
                 if probs is not None and len(probs):
+                    assert start_ms is not None, "windows need their start times"
                     n = len(probs)
                     cur.executemany(_WINDOWS_SQL, _window_rows(file_id, np.asarray(start_ms), probs))
                     conn.execute(
@@ -272,7 +286,7 @@ class Outbox:
 
     def add_metrics(self, points: Iterable[MetricPoint], file_id: int | None = None) -> None:
         with self.transaction() as conn:
-            cur = conn.connection.driver_connection.cursor()
+            cur = _raw(conn).cursor()
             try:
                 cur.executemany(_METRICS_SQL, _metric_rows(file_id, points))
             finally:
@@ -288,24 +302,26 @@ class Outbox:
         time_ms: int | None = None,
     ) -> int:
         with self.transaction() as conn:
-            return conn.execute(
-                insert(deployments).values(
-                    time_ms=time_ms if time_ms is not None else now_ms(),
-                    from_version=from_version,
-                    to_version=to_version,
-                    outcome=outcome,
-                    reason=reason,
+            return _pk(
+                conn.execute(
+                    insert(deployments).values(
+                        time_ms=time_ms if time_ms is not None else now_ms(),
+                        from_version=from_version,
+                        to_version=to_version,
+                        outcome=outcome,
+                        reason=reason,
+                    )
                 )
-            ).inserted_primary_key[0]
+            )
 
     # -- reading ------------------------------------------------------------
 
-    def processed_file(self, sha256: str):
+    def processed_file(self, sha256: str) -> Any:
         """The processed file with this content, or None."""
         with self.engine.connect() as conn:
             return conn.execute(_PROCESSED_FILE, {"sha256": sha256}).first()
 
-    def file(self, file_id: int):
+    def file(self, file_id: int) -> Any:
         with self.engine.connect() as conn:
             return conn.execute(select(files).where(files.c.id == file_id)).first()
 
@@ -332,9 +348,11 @@ class Outbox:
             rows = conn.execute(select(metrics).where(cond).order_by(metrics.c.id)).all()
         return [MetricPoint(r.key, r.value, r.timestamp_ms, r.step) for r in rows]
 
-    def status_counts(self) -> dict:
+    def status_counts(self) -> dict[str, Any]:
         with self.engine.connect() as conn:
-            by_status = dict(conn.execute(select(files.c.status, func.count()).group_by(files.c.status)).all())
+            by_status: dict[str, int] = dict(
+                conn.execute(select(files.c.status, func.count()).group_by(files.c.status)).all()
+            )
             pending_windows = conn.execute(
                 select(func.coalesce(func.sum(files.c.windows), 0)).where(
                     files.c.status == "processed", files.c.artifact_delivered_ms.is_(None)
@@ -365,11 +383,10 @@ class Outbox:
     def size_bytes(self) -> int:
         """Bytes the outbox holds: used pages (space freed by delivered rows counts as free) plus the WAL."""
         with self.engine.connect() as conn:
-            pages = (
-                conn.exec_driver_sql("PRAGMA page_count").scalar()
-                - conn.exec_driver_sql("PRAGMA freelist_count").scalar()
+            pages = int(conn.exec_driver_sql("PRAGMA page_count").scalar() or 0) - int(
+                conn.exec_driver_sql("PRAGMA freelist_count").scalar() or 0
             )
-            used = pages * conn.exec_driver_sql("PRAGMA page_size").scalar()
+            used = pages * int(conn.exec_driver_sql("PRAGMA page_size").scalar() or 0)
         wal = Path(str(self.path) + "-wal")
         return used + (wal.stat().st_size if wal.exists() else 0)
 
@@ -389,12 +406,12 @@ class Outbox:
         """Record that processing of a claimed file begins; return the attempt's id."""
         t = now_ms()
         with self.transaction() as conn:
-            return int(
+            return _pk(
                 conn.execute(
                     insert(attempts).values(
                         name=name, size=size, mtime_ns=mtime_ns, started_ms=t, stage="claimed", progress=0, updated_ms=t
                     )
-                ).inserted_primary_key[0]
+                )
             )
 
     def update_attempt(self, attempt_id: int, stage: str, progress: int) -> None:

@@ -23,10 +23,11 @@ import numpy as np
 
 from har_edge.agent import __version__
 from har_edge.agent.decode import open_export
+from har_edge.agent.decode.types import Recording
 from har_edge.agent.errors import HarEdgeError, InputError, InternalError, OutboxError, TooLarge, TooShort
 from har_edge.agent.model import LoadedModel
 from har_edge.agent.outbox import FileRecord, Outbox, now_ms
-from har_edge.agent.preprocess import StreamWindower, merge_quality
+from har_edge.agent.preprocess import StreamWindower, WindowSet, merge_quality
 from har_edge.agent.settings import AgentSettings
 from har_edge.agent.summary import iter_minute_points, summary_points
 
@@ -320,7 +321,7 @@ class Processor:
         return _Inferred(starts, probs, per_window, timings, quality, fmt)
 
 
-_malloc_trim = None
+_malloc_trim: Any = None
 
 
 def release_free_memory() -> None:
@@ -340,30 +341,31 @@ class _Batcher:
 
     def __init__(self, batch: int) -> None:
         self.batch = max(1, int(batch))
-        self._w: np.ndarray | None = None
-        self._s: np.ndarray | None = None
+        #: (windows, start_ms) waiting for the next set
+        self._wait: tuple[np.ndarray, np.ndarray] | None = None
 
-    def add(self, ws) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def add(self, ws: WindowSet | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if ws is None:
-            if self._w is not None:
-                yield self._w, self._s
-                self._w = self._s = None
+            if self._wait is not None:
+                yield self._wait
+                self._wait = None
             return
         w, s = ws.windows, ws.start_ms
-        if self._w is not None:  # top the waiting windows up to one batch
-            need = self.batch - len(self._w)
-            head_w, head_s = np.concatenate((self._w, w[:need])), np.concatenate((self._s, s[:need]))
+        if self._wait is not None:  # top the waiting windows up to one batch
+            ww, ws_ = self._wait
+            need = self.batch - len(ww)
+            head_w, head_s = np.concatenate((ww, w[:need])), np.concatenate((ws_, s[:need]))
             w, s = w[need:], s[need:]
-            self._w = self._s = None
+            self._wait = None
             if len(head_w) < self.batch:
-                self._w, self._s = head_w, head_s
+                self._wait = (head_w, head_s)
                 return
             yield head_w, head_s
         full = len(w) - len(w) % self.batch
         if full:
             yield w[:full], s[:full]
         if full < len(w):
-            self._w, self._s = w[full:].copy(), s[full:].copy()
+            self._wait = (w[full:].copy(), s[full:].copy())
 
 
 class _StageClock:
@@ -397,7 +399,7 @@ class _StageClock:
         return {"wall_s": dict(self.wall), "cpu_s": dict(self.cpu)}
 
 
-def _window_sets(rec, sw: StreamWindower, clock: _StageClock) -> Iterator:
+def _window_sets(rec: Recording, sw: StreamWindower, clock: _StageClock) -> Iterator[WindowSet]:
     """Decode a recording chunk by chunk and window it; yields non-empty WindowSets."""
     chunks = rec.chunks()
     try:
@@ -406,7 +408,7 @@ def _window_sets(rec, sw: StreamWindower, clock: _StageClock) -> Iterator:
                 chunk = next(chunks, None)
             with clock.stage("preprocess"):
                 last = chunk is None
-                ws = sw.finish() if last else sw.feed(chunk)
+                ws = sw.finish() if chunk is None else sw.feed(chunk)
             del chunk
             if len(ws):
                 yield ws
