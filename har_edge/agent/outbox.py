@@ -443,7 +443,8 @@ class Outbox:
         now = now if now is not None else now_ms()
         with self.engine.connect() as conn:
             row = conn.execute(select(inbox_seen).where(inbox_seen.c.name == name)).first()
-        if row is not None and (row.size, row.mtime_ns) == (size, mtime_ns):
+        # a time in the future: the clock was set back since (a board without a battery clock); start again
+        if row is not None and (row.size, row.mtime_ns) == (size, mtime_ns) and row.first_seen_ms <= now:
             return int(row.first_seen_ms)
         with self.transaction() as conn:
             conn.execute(delete(inbox_seen).where(inbox_seen.c.name == name))
