@@ -353,7 +353,6 @@ def test_a_full_disk_during_the_store_pauses_and_resumes(small_fs, walk_fit):
             _fill(filler)  # the disk fills while the file's transaction is about to be written
 
     agent.processor.on_stage = fill_on_store
-    agent.processor._clock.listener = fill_on_store
     assert agent.step(now=100.0) == []
     assert agent.waiting_for_disk
     assert (agent.folder.work / "walk.fit").exists()  # left where it was, to retry
