@@ -194,22 +194,29 @@ class Outbox:
         try:
             return fn()
         except (OperationalError, DatabaseError, sqlite3.DatabaseError) as exc:
-            raise self._translate(exc) from exc
+            err = self._translate(exc)
+            if err is exc:
+                raise
+            raise err from exc
 
-    def _translate(self, exc: Exception) -> OutboxError:
+    def _translate(self, exc: Exception) -> Exception:
+        """The outbox error an SQLite error stands for; constraint violations (bugs) are returned as they are."""
         orig = getattr(exc, "orig", None) or exc
         code = getattr(orig, "sqlite_errorcode", None)
-        if code == sqlite3.SQLITE_FULL or "database or disk is full" in str(orig):
+        text_ = str(orig)
+        if code == sqlite3.SQLITE_FULL or "database or disk is full" in text_:
             return DiskFull(
                 f"outbox {self.path}: the disk is full ({orig}); nothing was stored: "
                 "free space on that filesystem, the agent resumes by itself"
             )
-        if isinstance(orig, sqlite3.DatabaseError) and not isinstance(orig, sqlite3.OperationalError):
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or "malformed" in text_ or "not a database" in text_:
             return OutboxError(
                 f"outbox {self.path} is damaged ({orig}): stop the agent and sync, then salvage it as "
                 f"{SALVAGE_DOC} describes"
             )
-        return OutboxError(f"outbox {self.path}: {orig}")
+        if isinstance(orig, sqlite3.OperationalError):
+            return OutboxError(f"outbox {self.path}: {orig}")
+        return exc
 
     def _quick_check(self) -> None:
         """``PRAGMA quick_check`` (well under a second on a day's outbox); a damaged file is refused."""
@@ -241,7 +248,10 @@ class Outbox:
                     if durable:
                         raw.execute("PRAGMA synchronous = NORMAL")
         except (OperationalError, DatabaseError, sqlite3.DatabaseError) as exc:
-            raise self._translate(exc) from exc
+            err = self._translate(exc)
+            if err is exc:
+                raise
+            raise err from exc
 
     # -- writing (agent) ----------------------------------------------------
 
