@@ -115,6 +115,8 @@ def test_attempts_and_first_seen_times_are_kept(tmp_path):
     ob.update_attempt(a, "inference", 16)
     assert [(r.stage, r.progress) for r in ob.attempts_of("x.fit", 10, 123)] == [("inference", 16)]
     assert ob.attempts_of("x.fit", 11, 123) == []  # another file under the same name
+    ob.start_attempt("gone.fit", 1, 1)
+    assert ob.prune_attempts(["x.fit"]) == 1  # gone.fit left work/ without the agent: forgotten at start
     ob.clear_attempts("x.fit")
     assert ob.attempts_of("x.fit", 10, 123) == []
     assert ob.first_seen_ms("p.fit", 5, 1, now=1000) == 1000

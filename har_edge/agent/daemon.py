@@ -64,8 +64,10 @@ class Agent:
     def recover(self) -> list[Outcome]:
         """Clean scratch leftovers, then finish exports a previous run claimed but did not complete."""
         self.folder.clean_leftovers()
+        leftovers = self.folder.leftovers()
+        self.outbox.prune_attempts(p.name for g in leftovers for p in g)
         out = []
-        for group in self.folder.leftovers():
+        for group in leftovers:
             names = ", ".join(p.name for p in group)
             if not all(file_complete(p) for p in group):
                 log.warning("%s in work/ is incomplete: back to the inbox, to wait for the rest", names)

@@ -448,6 +448,12 @@ class Outbox:
         with self.transaction() as conn:
             conn.execute(delete(attempts).where(attempts.c.name == name))
 
+    def prune_attempts(self, keep: Iterable[str]) -> int:
+        """Forget attempts at files no longer in work/ (removed by hand); returns how many rows went."""
+        keep = list(keep)
+        with self.transaction() as conn:
+            return int(conn.execute(delete(attempts).where(attempts.c.name.not_in(keep))).rowcount or 0)
+
     def first_seen_ms(self, name: str, size: int, mtime_ns: int, now: int | None = None) -> int:
         """When this inbox file was first seen settled but incomplete, unchanged since (recorded now if new)."""
         now = now if now is not None else now_ms()
