@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from har_edge.agent.errors import SchemaVersionError
 from har_edge.agent.outbox import FileRecord, MetricPoint, Outbox
@@ -47,7 +48,7 @@ def test_pragmas_are_set(tmp_path):
 
 def test_a_failing_write_leaves_nothing(tmp_path):
     ob = Outbox(tmp_path / "o.sqlite")
-    with pytest.raises(Exception):
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
         ob.record_file(
             _rec(),
             label_names=["a"],
@@ -65,7 +66,7 @@ def test_one_processed_row_per_content(tmp_path):
     ob.record_file(_rec())
     ob.record_file(_rec(status="duplicate"))
     ob.record_file(_rec(status="failed"))
-    with pytest.raises(Exception):
+    with pytest.raises(IntegrityError, match="UNIQUE"):
         ob.record_file(_rec())
     assert ob.status_counts()["files"] == {"processed": 1, "duplicate": 1, "failed": 1}
 
@@ -98,3 +99,29 @@ def test_two_processes_write_at_once(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     ob = Outbox(path)
     assert ob.status_counts()["metric_points_pending"] == 600
+
+
+def test_a_durable_transaction_is_full_only_for_itself(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite")
+    with ob.transaction(durable=True) as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: the commit is fsynced
+    with ob.transaction() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL again on the pooled connection
+
+
+def test_attempts_and_first_seen_times_are_kept(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite")
+    a = ob.start_attempt("x.fit", 10, 123)
+    ob.update_attempt(a, "inference", 16)
+    assert [(r.stage, r.progress) for r in ob.attempts_of("x.fit", 10, 123)] == [("inference", 16)]
+    assert ob.attempts_of("x.fit", 11, 123) == []  # another file under the same name
+    ob.start_attempt("gone.fit", 1, 1)
+    assert ob.prune_attempts(["x.fit"]) == 1  # gone.fit left work/ without the agent: forgotten at start
+    ob.clear_attempts("x.fit")
+    assert ob.attempts_of("x.fit", 10, 123) == []
+    assert ob.first_seen_ms("p.fit", 5, 1, now=1000) == 1000
+    assert ob.first_seen_ms("p.fit", 5, 1, now=9000) == 1000  # unchanged file: the first time stays
+    assert ob.first_seen_ms("p.fit", 6, 2, now=9000) == 9000  # it changed: starts again
+    assert ob.first_seen_ms("p.fit", 6, 2, now=500) == 500  # the clock went back: starts again
+    ob.forget_seen(["p.fit"])
+    assert ob.seen_names() == set()

@@ -90,3 +90,23 @@ class SchemaVersionError(OutboxError):
 
 class OutboxFull(OutboxError):
     kind = "outbox_full"
+
+
+class DiskFull(OutboxError):
+    """The filesystem of the outbox (or of the data folder) has no space left. Nothing is lost: retried."""
+
+    kind = "disk_full"
+
+
+# -- bugs ------------------------------------------------------------------
+
+
+class InternalError(HarEdgeError):
+    """An unexpected exception while processing one file (a bug, or a crash loop): the file is quarantined."""
+
+    kind = "internal"
+
+    def __init__(self, message: str, *, stage: str | None = None, traceback: str = "") -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.traceback = traceback

@@ -16,126 +16,56 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
-    bindparam,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.engine import Connection, CursorResult, Engine
+from sqlalchemy.exc import DatabaseError, OperationalError
 
-from har_edge.agent.errors import OutboxError, SchemaVersionError
+from har_edge.agent.errors import DiskFull, OutboxError
+from har_edge.agent.outbox_migrations import SCHEMA_VERSION, migrate
+from har_edge.agent.outbox_schema import (
+    attempts,
+    deployments,
+    files,
+    inbox_seen,
+    labels,
+    metadata,
+    metrics,
+    schema_version,
+    sync_refusals,
+    windows,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+_T = TypeVar("_T")
 
-metadata = MetaData()
-
-schema_version = Table("schema_version", metadata, Column("version", Integer, nullable=False))
-
-files = Table(
-    "files",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("sha256", String(64), nullable=False),
-    Column("name", Text, nullable=False),
-    Column("size", BigInteger, nullable=False),
-    # processed | failed | duplicate
-    Column("status", String(16), nullable=False),
-    Column("format", String(32)),
-    Column("received_ms", BigInteger, nullable=False),
-    Column("processed_ms", BigInteger, nullable=False),
-    Column("decode_s", Float),
-    Column("preprocess_s", Float),
-    Column("inference_s", Float),
-    Column("store_s", Float),
-    Column("total_s", Float),
-    Column("windows", Integer, nullable=False, default=0),
-    Column("first_window_ms", BigInteger),
-    Column("last_window_ms", BigInteger),
-    Column("model_name", Text),
-    Column("model_version", Text),
-    Column("model_sha256", String(64)),
-    Column("agent_version", Text, nullable=False),
-    Column("error_kind", String(32)),
-    Column("error_message", Text),
-    Column("duplicate_of", Integer, ForeignKey("files.id")),
-    # delivery (written by sync)
-    Column("run_id", String(64)),
-    Column("artifact_delivered_ms", BigInteger),
-    Column("finished_ms", BigInteger),
-)
-Index("files_sha_processed", files.c.sha256, unique=True, sqlite_where=text("status = 'processed'"))
-Index("files_undelivered", files.c.finished_ms, files.c.status)
-
-windows = Table(
-    "windows",
-    metadata,
-    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
-    Column("idx", Integer, primary_key=True),
-    Column("start_ms", BigInteger, nullable=False),
-    Column("label", Integer, nullable=False),
-    Column("confidence", Float, nullable=False),
-    Column("probs", LargeBinary, nullable=False),  # float32 little-endian, one per label
-)
-
-labels = Table(
-    "labels",
-    metadata,
-    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
-    Column("idx", Integer, primary_key=True),
-    Column("label", Text, nullable=False),
-)
-
-metrics = Table(
-    "metrics",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE")),  # NULL: device-level
-    Column("key", Text, nullable=False),
-    Column("value", Float, nullable=False),
-    Column("timestamp_ms", BigInteger, nullable=False),
-    Column("step", BigInteger, nullable=False, default=0),
-    Column("delivered_ms", BigInteger),
-)
-Index("metrics_pending", metrics.c.delivered_ms, metrics.c.file_id)
-
-deployments = Table(
+__all__ = [
+    "SCHEMA_VERSION",
+    "FileRecord",
+    "MetricPoint",
+    "Outbox",
+    "attempts",
     "deployments",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("time_ms", BigInteger, nullable=False),
-    Column("from_version", Text),
-    Column("to_version", Text),
-    # activated | refused | rolled_back | load_failed | pinned
-    Column("outcome", String(32), nullable=False),
-    Column("reason", Text, nullable=False, default=""),
-    Column("delivered_ms", BigInteger),
-)
+    "files",
+    "inbox_seen",
+    "labels",
+    "metadata",
+    "metrics",
+    "now_ms",
+    "schema_version",
+    "sync_refusals",
+    "windows",
+]
+
+#: where docs/reliability.md tells how to salvage a damaged outbox
+SALVAGE_DOC = "docs/reliability.md (section 'Salvaging a damaged outbox')"
 
 
 @dataclass(frozen=True)
@@ -168,6 +98,7 @@ class FileRecord:
     model_sha256: str | None = None
     error_kind: str | None = None
     error_message: str | None = None
+    error_stage: str | None = None
 
 
 def now_ms() -> int:
@@ -178,7 +109,7 @@ def _sqlite_engine(path: Path, busy_timeout_s: float) -> Engine:
     engine = create_engine(f"sqlite:///{path}", future=True)
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # pragma: no cover - exercised by every test
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:  # pragma: no cover - every test
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -188,7 +119,7 @@ def _sqlite_engine(path: Path, busy_timeout_s: float) -> Engine:
         cur.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(conn):  # pragma: no cover
+    def _on_begin(conn: Connection) -> None:  # pragma: no cover
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
@@ -202,7 +133,7 @@ _METRICS_SQL = 'INSERT INTO metrics (file_id, "key", value, timestamp_ms, step) 
 _ROWS_PER_SLICE = 4096
 
 
-def _window_rows(file_id: int, start_ms: np.ndarray, probs: np.ndarray) -> Iterator[tuple]:
+def _window_rows(file_id: int, start_ms: np.ndarray, probs: np.ndarray) -> Iterator[tuple[Any, ...]]:
     """(file_id, idx, start_ms, label, confidence, probs blob) per window, converted a slice at a time."""
     for a in range(0, len(probs), _ROWS_PER_SLICE):
         part = probs[a : a + _ROWS_PER_SLICE]
@@ -216,19 +147,39 @@ def _window_rows(file_id: int, start_ms: np.ndarray, probs: np.ndarray) -> Itera
             yield file_id, a + j, starts[j], labels[j], conf[j], blob[j * width : (j + 1) * width]
 
 
-def _metric_rows(file_id: int | None, points: Iterable[MetricPoint]) -> Iterator[tuple]:
+def _metric_rows(file_id: int | None, points: Iterable[MetricPoint]) -> Iterator[tuple[Any, ...]]:
     for p in points:
         yield file_id, p.key, float(p.value), p.timestamp_ms, p.step
+
+
+def _raw(conn: Connection) -> sqlite3.Connection:
+    """The DBAPI connection under a SQLAlchemy one (for PRAGMAs and ``executemany`` from generators)."""
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    return raw
+
+
+def _pk(result: CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 class Outbox:
     """The outbox of one device. Safe to open from the agent and the sync daemon at once."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0, check: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = _sqlite_engine(self.path, busy_timeout_s)
-        self._init_schema()
+        try:
+            if check:
+                self._quick_check()
+            #: the schema version the file had when opened (0: a new file)
+            self.opened_version = self._guard(lambda: migrate(self.engine, self.path))
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -236,34 +187,71 @@ class Outbox:
     def __enter__(self) -> Outbox:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def _guard(self, fn: Callable[[], _T]) -> _T:
         try:
-            with self.engine.begin() as conn:
-                yield conn
-        except OperationalError as exc:
-            raise OutboxError(f"outbox {self.path}: {exc.orig}") from exc
-        except sqlite3.OperationalError as exc:  # from the DBAPI cursors of the bulk inserts
-            raise OutboxError(f"outbox {self.path}: {exc}") from exc
+            return fn()
+        except (OperationalError, DatabaseError, sqlite3.DatabaseError) as exc:
+            err = self._translate(exc)
+            if err is exc:
+                raise
+            raise err from exc
 
-    def _init_schema(self) -> None:
-        with self.transaction() as conn:
-            has_table = conn.execute(
-                text("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'")
-            ).first()
-            if has_table:
-                found = conn.execute(select(schema_version.c.version)).scalar()
-                if found != SCHEMA_VERSION:
-                    raise SchemaVersionError(
-                        f"outbox {self.path} has schema version {found}, this har-edge uses {SCHEMA_VERSION}: "
-                        "run the har-edge version that wrote it to deliver its backlog, or move the file away"
-                    )
-                return
-            metadata.create_all(conn)
-            conn.execute(insert(schema_version).values(version=SCHEMA_VERSION))
+    def _translate(self, exc: Exception) -> Exception:
+        """The outbox error an SQLite error stands for; constraint violations (bugs) are returned as they are."""
+        orig = getattr(exc, "orig", None) or exc
+        code = getattr(orig, "sqlite_errorcode", None)
+        text_ = str(orig)
+        if code == sqlite3.SQLITE_FULL or "database or disk is full" in text_:
+            return DiskFull(
+                f"outbox {self.path}: the disk is full ({orig}); nothing was stored: "
+                "free space on that filesystem, the agent resumes by itself"
+            )
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or "malformed" in text_ or "not a database" in text_:
+            return OutboxError(
+                f"outbox {self.path} is damaged ({orig}): stop the agent and sync, then salvage it as "
+                f"{SALVAGE_DOC} describes"
+            )
+        if isinstance(orig, sqlite3.OperationalError):
+            return OutboxError(f"outbox {self.path}: {orig}")
+        return exc
+
+    def _quick_check(self) -> None:
+        """``PRAGMA quick_check`` (well under a second on a day's outbox); a damaged file is refused."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with self.engine.connect() as conn:
+            raw = _raw(conn)
+            rows = self._guard(lambda: raw.execute("PRAGMA quick_check").fetchall())
+        found = [r[0] for r in rows]
+        if found != ["ok"]:
+            raise OutboxError(
+                f"outbox {self.path} failed its integrity check ({'; '.join(found[:3])}): stop the agent and "
+                f"sync, then salvage it as {SALVAGE_DOC} describes"
+            )
+
+    @contextmanager
+    def transaction(self, *, durable: bool = False) -> Iterator[Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction. ``durable``: the commit is on disk when this returns
+        (``synchronous = FULL`` for it), as it must be before a file is moved or deleted for good."""
+        try:
+            with self.engine.connect() as conn:
+                raw = _raw(conn)
+                if durable:
+                    raw.execute("PRAGMA synchronous = FULL")
+                try:
+                    with conn.begin():
+                        yield conn
+                finally:
+                    if durable:
+                        raw.execute("PRAGMA synchronous = NORMAL")
+        except (OperationalError, DatabaseError, sqlite3.DatabaseError) as exc:
+            err = self._translate(exc)
+            if err is exc:
+                raise
+            raise err from exc
 
     # -- writing (agent) ----------------------------------------------------
 
@@ -275,18 +263,23 @@ class Outbox:
         start_ms: np.ndarray | None = None,
         probs: np.ndarray | None = None,
         points: Iterable[MetricPoint] = (),
+        durable: bool = True,
     ) -> int:
         """Store a file with its windows and metric points, all or nothing; return its id.
+
+        ``durable`` (the default): the commit is on disk before this returns, because the caller
+        then moves or deletes the file.
 
         Windows and points go through the DBAPI's ``executemany`` fed by generators
         of tuples, a slice at a time: a day of windows (43k rows) costs ~0.1 s and
         never exists as a list of Python dicts.
         """
-        with self.transaction() as conn:
-            file_id = conn.execute(insert(files).values(**rec.__dict__, windows=0)).inserted_primary_key[0]
-            cur = conn.connection.driver_connection.cursor()
+        with self.transaction(durable=durable) as conn:
+            file_id = int(_pk(conn.execute(insert(files).values(**rec.__dict__, windows=0))))
+            cur = _raw(conn).cursor()
             try:
                 if probs is not None and len(probs):
+                    assert start_ms is not None, "windows need their start times"
                     n = len(probs)
                     cur.executemany(_WINDOWS_SQL, _window_rows(file_id, np.asarray(start_ms), probs))
                     conn.execute(
@@ -303,7 +296,7 @@ class Outbox:
 
     def add_metrics(self, points: Iterable[MetricPoint], file_id: int | None = None) -> None:
         with self.transaction() as conn:
-            cur = conn.connection.driver_connection.cursor()
+            cur = _raw(conn).cursor()
             try:
                 cur.executemany(_METRICS_SQL, _metric_rows(file_id, points))
             finally:
@@ -319,24 +312,26 @@ class Outbox:
         time_ms: int | None = None,
     ) -> int:
         with self.transaction() as conn:
-            return conn.execute(
-                insert(deployments).values(
-                    time_ms=time_ms if time_ms is not None else now_ms(),
-                    from_version=from_version,
-                    to_version=to_version,
-                    outcome=outcome,
-                    reason=reason,
+            return _pk(
+                conn.execute(
+                    insert(deployments).values(
+                        time_ms=time_ms if time_ms is not None else now_ms(),
+                        from_version=from_version,
+                        to_version=to_version,
+                        outcome=outcome,
+                        reason=reason,
+                    )
                 )
-            ).inserted_primary_key[0]
+            )
 
     # -- reading ------------------------------------------------------------
 
-    def processed_file(self, sha256: str):
+    def processed_file(self, sha256: str) -> Any:
         """The processed file with this content, or None."""
         with self.engine.connect() as conn:
             return conn.execute(_PROCESSED_FILE, {"sha256": sha256}).first()
 
-    def file(self, file_id: int):
+    def file(self, file_id: int) -> Any:
         with self.engine.connect() as conn:
             return conn.execute(select(files).where(files.c.id == file_id)).first()
 
@@ -363,9 +358,11 @@ class Outbox:
             rows = conn.execute(select(metrics).where(cond).order_by(metrics.c.id)).all()
         return [MetricPoint(r.key, r.value, r.timestamp_ms, r.step) for r in rows]
 
-    def status_counts(self) -> dict:
+    def status_counts(self) -> dict[str, Any]:
         with self.engine.connect() as conn:
-            by_status = dict(conn.execute(select(files.c.status, func.count()).group_by(files.c.status)).all())
+            by_status: dict[str, int] = dict(
+                conn.execute(select(files.c.status, func.count()).group_by(files.c.status)).all()
+            )
             pending_windows = conn.execute(
                 select(func.coalesce(func.sum(files.c.windows), 0)).where(
                     files.c.status == "processed", files.c.artifact_delivered_ms.is_(None)
@@ -396,11 +393,10 @@ class Outbox:
     def size_bytes(self) -> int:
         """Bytes the outbox holds: used pages (space freed by delivered rows counts as free) plus the WAL."""
         with self.engine.connect() as conn:
-            pages = (
-                conn.exec_driver_sql("PRAGMA page_count").scalar()
-                - conn.exec_driver_sql("PRAGMA freelist_count").scalar()
+            pages = int(conn.exec_driver_sql("PRAGMA page_count").scalar() or 0) - int(
+                conn.exec_driver_sql("PRAGMA freelist_count").scalar() or 0
             )
-            used = pages * conn.exec_driver_sql("PRAGMA page_size").scalar()
+            used = pages * int(conn.exec_driver_sql("PRAGMA page_size").scalar() or 0)
         wal = Path(str(self.path) + "-wal")
         return used + (wal.stat().st_size if wal.exists() else 0)
 
@@ -413,3 +409,71 @@ class Outbox:
         """Drop a file and everything of it (used to reclaim delivered data)."""
         with self.transaction() as conn:
             conn.execute(delete(files).where(files.c.id == file_id))
+
+    # -- files in flight (agent) --------------------------------------------
+
+    def start_attempt(self, name: str, size: int, mtime_ns: int) -> int:
+        """Record that processing of a claimed file begins; return the attempt's id."""
+        t = now_ms()
+        with self.transaction() as conn:
+            return _pk(
+                conn.execute(
+                    insert(attempts).values(
+                        name=name, size=size, mtime_ns=mtime_ns, started_ms=t, stage="claimed", progress=0, updated_ms=t
+                    )
+                )
+            )
+
+    def update_attempt(self, attempt_id: int, stage: str, progress: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                update(attempts)
+                .where(attempts.c.id == attempt_id)
+                .values(stage=stage, progress=progress, updated_ms=now_ms())
+            )
+
+    def attempts_of(self, name: str, size: int, mtime_ns: int) -> list[Any]:
+        """Earlier attempts at this file, oldest first."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(attempts)
+                    .where(attempts.c.name == name, attempts.c.size == size, attempts.c.mtime_ns == mtime_ns)
+                    .order_by(attempts.c.id)
+                ).all()
+            )
+
+    def clear_attempts(self, name: str) -> None:
+        """Forget the attempts at a file that left work/."""
+        with self.transaction() as conn:
+            conn.execute(delete(attempts).where(attempts.c.name == name))
+
+    def prune_attempts(self, keep: Iterable[str]) -> int:
+        """Forget attempts at files no longer in work/ (removed by hand); returns how many rows went."""
+        keep = list(keep)
+        with self.transaction() as conn:
+            return int(conn.execute(delete(attempts).where(attempts.c.name.not_in(keep))).rowcount or 0)
+
+    def first_seen_ms(self, name: str, size: int, mtime_ns: int, now: int | None = None) -> int:
+        """When this inbox file was first seen settled but incomplete, unchanged since (recorded now if new)."""
+        now = now if now is not None else now_ms()
+        with self.engine.connect() as conn:
+            row = conn.execute(select(inbox_seen).where(inbox_seen.c.name == name)).first()
+        # a time in the future: the clock was set back since (a board without a battery clock); start again
+        if row is not None and (row.size, row.mtime_ns) == (size, mtime_ns) and row.first_seen_ms <= now:
+            return int(row.first_seen_ms)
+        with self.transaction() as conn:
+            conn.execute(delete(inbox_seen).where(inbox_seen.c.name == name))
+            conn.execute(insert(inbox_seen).values(name=name, size=size, mtime_ns=mtime_ns, first_seen_ms=now))
+        return now
+
+    def seen_names(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(inbox_seen.c.name)).scalars())
+
+    def forget_seen(self, names: Iterable[str]) -> None:
+        names = list(names)
+        if not names:
+            return
+        with self.transaction() as conn:
+            conn.execute(delete(inbox_seen).where(inbox_seen.c.name.in_(names)))

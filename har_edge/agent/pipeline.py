@@ -7,27 +7,29 @@ per-window predictions, per-file and per-minute metrics -> outbox.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import itertools
 import logging
 import shutil
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from har_edge.agent import __version__
 from har_edge.agent.decode import open_export
-from har_edge.agent.errors import HarEdgeError, InputError, TooLarge, TooShort
+from har_edge.agent.decode.types import Recording
+from har_edge.agent.errors import HarEdgeError, InputError, InternalError, OutboxError, TooLarge, TooShort
 from har_edge.agent.model import LoadedModel
 from har_edge.agent.outbox import FileRecord, Outbox, now_ms
-from har_edge.agent.preprocess import StreamWindower
+from har_edge.agent.preprocess import StreamWindower, WindowSet, merge_quality
 from har_edge.agent.settings import AgentSettings
 from har_edge.agent.summary import iter_minute_points, summary_points
-from har_edge.common.hashing import export_sha256
 
 if TYPE_CHECKING:
     from har_edge.agent.decode.fit import Verified
@@ -45,15 +47,66 @@ class Outcome:
     error: HarEdgeError | None = None
 
 
+def export_sha256(paths: list[Path]) -> str:
+    """sha256 of a file; of a group (a table pair), sha256 over the members' sorted hashes."""
+    hashes = []
+    view = memoryview(bytearray(1 << 20))  # one buffer, reused
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb", buffering=0) as f:
+            while got := f.readinto(view):
+                h.update(view[:got])
+        hashes.append(h.hexdigest())
+    if len(hashes) == 1:
+        return hashes[0]
+    return hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What an export is: its content hash, size, and the processed file with the same content (or None)."""
+
+    sha256: str
+    size: int
+    prior: Any | None
+
+
+@dataclass
+class _Inferred:
+    """What decoding, windowing and inference made of one export."""
+
+    starts: np.ndarray
+    probs: np.ndarray
+    per_window: list[float]
+    timings: dict[str, float]
+    quality: dict[str, float]
+    format: str
+
+
+#: ``(stage, progress)``: called when a stage is entered; progress counts stage entries, so it grows with
+#: every chunk decoded and batch inferred
+StageListener = Callable[[str, int], None]
+
+
 class Processor:
     """Runs the pipeline for one export at a time against one outbox."""
 
-    def __init__(self, settings: AgentSettings, outbox: Outbox, scratch: Path) -> None:
+    def __init__(
+        self, settings: AgentSettings, outbox: Outbox, scratch: Path, on_stage: StageListener | None = None
+    ) -> None:
         self.settings = settings
         self.outbox = outbox
         self.scratch = Path(scratch)
+        self.on_stage = on_stage
         #: wall and CPU seconds per stage of the last export processed (for benchmarks and logs)
         self.last_stages: dict[str, dict[str, float]] = {}
+        self._clock = _StageClock()
+
+    def identify(self, paths: list[Path], sha256: str | None = None) -> Identity:
+        """Hash the export (unless ``sha256`` is given) and look its content up: the one dedup query."""
+        sha = sha256 or export_sha256(paths)
+        size = sum(p.stat().st_size for p in paths)
+        return Identity(sha, size, self.outbox.processed_file(sha))
 
     def process(
         self,
@@ -64,83 +117,135 @@ class Processor:
         received_ms: int | None = None,
         progress: Callable[[int], None] | None = None,
         sha256: str | None = None,
+        identity: Identity | None = None,
         verified: Iterable[Verified] = (),
     ) -> Outcome:
         """Process an export (one file or a table pair) and store the result.
 
-        ``sha256`` is the export's :func:`export_sha256` when the caller already has it;
-        ``verified`` the watcher's proofs of its FIT checks (see ``decode.check_complete``).
+        ``identity`` is the export's :meth:`identify` when the caller already has it; ``verified``
+        the watcher's proofs of its FIT checks (see ``decode.check_complete``: decoding skips a second CRC pass).
 
-        Input errors are stored as a ``failed`` record and returned (the caller
-        quarantines); anything else (outbox trouble, a bug) propagates and the
-        file stays where it is, to be retried.
+        Input errors and unexpected exceptions (kind ``internal``, with the stage) are stored as a
+        ``failed`` record and returned: the caller quarantines. Outbox trouble (a full disk, a locked
+        or damaged file) propagates and the file stays where it is, to be retried.
         """
         name = name or paths[0].name
         t_start = time.perf_counter()
         self.last_stages = {}
-        received_ms = received_ms if received_ms is not None else now_ms()
-        sha = sha256 or export_sha256(paths)
-        size = sum(p.stat().st_size for p in paths)
-        base = dict(sha256=sha, name=name, size=size, received_ms=received_ms, agent_version=__version__)
-        prior = self.outbox.processed_file(sha)
-        if prior is not None:
-            fid = self.outbox.record_file(
-                FileRecord(
-                    **base, status="duplicate", processed_ms=now_ms(), error_message=f"same content as {prior.name}"
-                )
-            )
-            log.info("%s: duplicate of %s (file %d), not processed again", name, prior.name, prior.id)
-            return Outcome("duplicate", fid, name)
-        m = model.manifest
+        self._clock = _StageClock(self.on_stage)
+        ident = identity or self.identify(paths, sha256)
+        base = self._base(ident, name, received_ms)
+        if ident.prior is not None:
+            return self._record_duplicate(base, ident.prior)
         try:
-            if size > self.settings.max_file_mb * 1e6:
-                raise TooLarge(
-                    f"{name}: {size / 1e6:.0f} MB is over agent.max_file_mb = {self.settings.max_file_mb:.0f}: "
-                    "split the export or raise the limit"
-                )
-            starts, probs, per_window, timings, quality, fmt = self._run(paths, model, name, progress, verified)
+            self._check_size(name, ident.size)
+            inferred = self._run(paths, model, name, progress, verified)
         except InputError as exc:
-            fid = self.outbox.record_file(
-                FileRecord(
-                    **base,
-                    status="failed",
-                    processed_ms=now_ms(),
-                    error_kind=exc.kind,
-                    error_message=str(exc),
-                    model_name=m.name,
-                    model_version=m.version,
-                    model_sha256=m.sha256,
-                )
+            return self._record_failure(base, model, exc)
+        except OutboxError:
+            raise
+        except Exception as exc:
+            return self._record_failure(base, model, self._internal(name, exc, self._clock.current))
+        try:
+            return self._store(base, model, inferred, t_start)
+        except OutboxError:
+            raise
+        except Exception as exc:
+            return self._record_failure(base, model, self._internal(name, exc, "store"))
+
+    def record_failure(
+        self, paths: list[Path], model: LoadedModel, exc: HarEdgeError, *, name: str | None = None
+    ) -> Outcome:
+        """Store a failure decided outside the pipeline (a crash loop found at start)."""
+        return self._record_failure(self._base(self.identify(paths), name or paths[0].name, None), model, exc)
+
+    # -- the parts of process ------------------------------------------------
+
+    @staticmethod
+    def _base(ident: Identity, name: str, received_ms: int | None) -> dict[str, Any]:
+        return dict(
+            sha256=ident.sha256,
+            name=name,
+            size=ident.size,
+            received_ms=received_ms if received_ms is not None else now_ms(),
+            agent_version=__version__,
+        )
+
+    def _check_size(self, name: str, size: int) -> None:
+        if size > self.settings.max_file_mb * 1e6:
+            raise TooLarge(
+                f"{name}: {size / 1e6:.0f} MB is over agent.max_file_mb = {self.settings.max_file_mb:.0f}: "
+                "split the export or raise the limit"
             )
-            log.warning("%s: %s", name, exc)
-            return Outcome("failed", fid, name, error=exc)
+
+    def _record_duplicate(self, base: dict[str, Any], prior: Any) -> Outcome:
+        name = base["name"]
+        fid = self.outbox.record_file(
+            FileRecord(**base, status="duplicate", processed_ms=now_ms(), error_message=f"same content as {prior.name}")
+        )
+        log.info("%s: duplicate of %s (file %d), not processed again", name, prior.name, prior.id)
+        return Outcome("duplicate", fid, name)
+
+    @staticmethod
+    def _internal(name: str, exc: Exception, stage: str) -> InternalError:
+        tb = "".join(traceback.format_exception(exc))
+        log.error("%s: unexpected error in %s, the file is quarantined:\n%s", name, stage, tb)
+        return InternalError(
+            f"{name}: unexpected error in {stage}: {type(exc).__name__}: {exc} (a bug in har-edge: "
+            "please report it with this file's reason.json; the file is kept in quarantine)",
+            stage=stage,
+            traceback=tb,
+        )
+
+    def _record_failure(self, base: dict[str, Any], model: LoadedModel, exc: HarEdgeError) -> Outcome:
+        m = model.manifest
+        fid = self.outbox.record_file(
+            FileRecord(
+                **base,
+                status="failed",
+                processed_ms=now_ms(),
+                error_kind=exc.kind,
+                error_message=str(exc),
+                error_stage=getattr(exc, "stage", None),
+                model_name=m.name,
+                model_version=m.version,
+                model_sha256=m.sha256,
+            )
+        )
+        if not isinstance(exc, InternalError):
+            log.warning("%s: %s", base["name"], exc)
+        return Outcome("failed", fid, base["name"], error=exc)
+
+    def _store(self, base: dict[str, Any], model: LoadedModel, r: _Inferred, t_start: float) -> Outcome:
+        name, m = base["name"], model.manifest
         release_free_memory()  # what decoding left behind, before the store's own buffers
+        self._clock.enter("store")
         t_store, c_store = time.perf_counter(), time.thread_time()
         processed_ms = now_ms()
         points = summary_points(
             label_names=m.labels,
-            probs=probs,
+            probs=r.probs,
             step_s=m.step / m.sample_rate_hz,
             low_confidence=self.settings.low_confidence,
-            per_window_s=per_window,
-            timings=timings,
-            quality=quality,
+            per_window_s=r.per_window,
+            timings=r.timings,
+            quality=r.quality,
             timestamp_ms=processed_ms,
         )
-        points = itertools.chain(points, iter_minute_points(label_names=m.labels, start_ms=starts, probs=probs))
+        all_points = itertools.chain(points, iter_minute_points(label_names=m.labels, start_ms=r.starts, probs=r.probs))
         rec = FileRecord(
             **base,
             status="processed",
             processed_ms=processed_ms,
-            format=fmt,
-            decode_s=timings["decode"],
-            preprocess_s=timings["preprocess"],
-            inference_s=timings["inference"],
+            format=r.format,
+            decode_s=r.timings["decode"],
+            preprocess_s=r.timings["preprocess"],
+            inference_s=r.timings["inference"],
             model_name=m.name,
             model_version=m.version,
             model_sha256=m.sha256,
         )
-        fid = self.outbox.record_file(rec, label_names=m.labels, start_ms=starts, probs=probs, points=points)
+        fid = self.outbox.record_file(rec, label_names=m.labels, start_ms=r.starts, probs=r.probs, points=all_points)
         store_s = time.perf_counter() - t_store
         total = time.perf_counter() - t_start
         if self.last_stages:
@@ -149,24 +254,32 @@ class Processor:
             self.last_stages["wall_s"]["total"] = total
         self.outbox.set_file_times(fid, store_s=store_s, total_s=total)
         release_free_memory()
+        t = r.timings
         log.info(
             "%s: %d windows with %s in %.2f s (decode %.2f, preprocess %.2f, inference %.2f, store %.2f)",
             name,
-            len(probs),
+            len(r.probs),
             model.label,
             total,
-            timings["decode"],
-            timings["preprocess"],
-            timings["inference"],
+            t["decode"],
+            t["preprocess"],
+            t["inference"],
             store_s,
         )
-        return Outcome("processed", fid, name, windows=len(probs), seconds=total)
+        return Outcome("processed", fid, name, windows=len(r.probs), seconds=total)
 
-    def _run(self, paths, model: LoadedModel, name, progress, verified: Iterable[Verified] = ()):
+    def _run(
+        self,
+        paths: list[Path],
+        model: LoadedModel,
+        name: str,
+        progress: Callable[[int], None] | None,
+        verified: Iterable[Verified] = (),
+    ) -> _Inferred:
         m = model.manifest
         scratch = self.scratch / f"export-{time.monotonic_ns()}"
         scratch.mkdir(parents=True, exist_ok=True)
-        clock = _StageClock()
+        clock = self._clock
         per_window: list[float] = []
         starts_parts: list[np.ndarray] = []
         probs_parts: list[np.ndarray] = []
@@ -201,13 +314,7 @@ class Processor:
                             starts_parts.append(starts)
                         if progress is not None:
                             progress(len(starts))
-                q = sw.quality()
-                for k, v in q.items():  # several recordings (a zip): sums, and the last rate
-                    quality[k] = (
-                        quality.get(k, 0.0) + v
-                        if k not in ("native_rate_hz", "coverage", "gyro_present", "saturated_share")
-                        else v
-                    )
+                merge_quality(quality, sw.quality())
             fmt = ",".join(sorted({r.format for r in recordings}))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -225,10 +332,10 @@ class Processor:
             order = np.argsort(starts, kind="stable")
             starts, probs = starts[order], probs[order]
         timings = {k: clock.wall[k] for k in ("decode", "preprocess", "inference")}
-        return starts, probs, per_window, timings, quality, fmt
+        return _Inferred(starts, probs, per_window, timings, quality, fmt)
 
 
-_malloc_trim = None
+_malloc_trim: Any = None
 
 
 def release_free_memory() -> None:
@@ -248,41 +355,53 @@ class _Batcher:
 
     def __init__(self, batch: int) -> None:
         self.batch = max(1, int(batch))
-        self._w: np.ndarray | None = None
-        self._s: np.ndarray | None = None
+        #: (windows, start_ms) waiting for the next set
+        self._wait: tuple[np.ndarray, np.ndarray] | None = None
 
-    def add(self, ws) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def add(self, ws: WindowSet | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if ws is None:
-            if self._w is not None:
-                yield self._w, self._s
-                self._w = self._s = None
+            if self._wait is not None:
+                yield self._wait
+                self._wait = None
             return
         w, s = ws.windows, ws.start_ms
-        if self._w is not None:  # top the waiting windows up to one batch
-            need = self.batch - len(self._w)
-            head_w, head_s = np.concatenate((self._w, w[:need])), np.concatenate((self._s, s[:need]))
+        if self._wait is not None:  # top the waiting windows up to one batch
+            ww, ws_ = self._wait
+            need = self.batch - len(ww)
+            head_w, head_s = np.concatenate((ww, w[:need])), np.concatenate((ws_, s[:need]))
             w, s = w[need:], s[need:]
-            self._w = self._s = None
+            self._wait = None
             if len(head_w) < self.batch:
-                self._w, self._s = head_w, head_s
+                self._wait = (head_w, head_s)
                 return
             yield head_w, head_s
         full = len(w) - len(w) % self.batch
         if full:
             yield w[:full], s[:full]
         if full < len(w):
-            self._w, self._s = w[full:].copy(), s[full:].copy()
+            self._wait = (w[full:].copy(), s[full:].copy())
 
 
 class _StageClock:
-    """Wall and CPU seconds (of this thread) per stage."""
+    """Wall and CPU seconds (of this thread) per stage; the stage running now; a listener told of each entry."""
 
-    def __init__(self) -> None:
+    def __init__(self, listener: StageListener | None = None) -> None:
         self.wall: dict[str, float] = {"decode": 0.0, "preprocess": 0.0, "inference": 0.0}
         self.cpu: dict[str, float] = dict(self.wall)
+        self.listener = listener
+        #: the stage entered last (an exception escaping a stage leaves it there)
+        self.current = "decode"
+        self.entries = 0
+
+    def enter(self, name: str) -> None:
+        self.current = name
+        self.entries += 1
+        if self.listener is not None:
+            self.listener(name, self.entries)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        self.enter(name)
         w, c = time.perf_counter(), time.thread_time()
         try:
             yield
@@ -294,7 +413,7 @@ class _StageClock:
         return {"wall_s": dict(self.wall), "cpu_s": dict(self.cpu)}
 
 
-def _window_sets(rec, sw: StreamWindower, clock: _StageClock) -> Iterator:
+def _window_sets(rec: Recording, sw: StreamWindower, clock: _StageClock) -> Iterator[WindowSet]:
     """Decode a recording chunk by chunk and window it; yields non-empty WindowSets."""
     chunks = rec.chunks()
     try:
@@ -303,7 +422,7 @@ def _window_sets(rec, sw: StreamWindower, clock: _StageClock) -> Iterator:
                 chunk = next(chunks, None)
             with clock.stage("preprocess"):
                 last = chunk is None
-                ws = sw.finish() if last else sw.feed(chunk)
+                ws = sw.finish() if chunk is None else sw.feed(chunk)
             del chunk
             if len(ws):
                 yield ws

@@ -394,3 +394,15 @@ def recording_windows(
     out = WindowSet.concat(parts, window)
     out.quality = sw.quality()
     return out
+
+
+#: quality figures of a recording as a whole (a rate, shares, a flag): an export of several keeps the last one's
+_QUALITY_LAST_WINS = frozenset({"native_rate_hz", "coverage", "gyro_present", "saturated_share"})
+
+
+def merge_quality(total: dict[str, float], part: dict[str, float]) -> dict[str, float]:
+    """Fold one recording's :meth:`StreamWindower.quality` into an export's (several recordings, a zip):
+    counts and durations add up; rates, shares and flags keep the last recording's value. Updates ``total``."""
+    for k, v in part.items():
+        total[k] = v if k in _QUALITY_LAST_WINS else total.get(k, 0.0) + v
+    return total

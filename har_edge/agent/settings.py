@@ -41,6 +41,15 @@ class AgentSettings(_Section):
     outbox_max_mb: float = Field(1024.0, gt=0, description="ingestion pauses while the outbox is larger than this")
     max_archive_mb: float = Field(512.0, gt=0, description="a zip expanding beyond this is refused")
     max_file_mb: float = Field(2048.0, gt=0, description="a dropped file larger than this is refused")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="a file whose processing died this many times at the same point (found in work/ at start) "
+        "is quarantined as internal",
+    )
+    disk_full_retry_s: float = Field(
+        30.0, gt=0, description="while the disk is full, how often the waiting file is tried again"
+    )
 
 
 class SyncSettings(_Section):

@@ -1,36 +1,51 @@
 """The drop folder: which files are complete, claiming them, and where they go afterwards.
 
 A file is taken once its size and mtime stayed the same for ``settle_s`` and its
-own structure says it is whole (FIT header, size and CRC; zip end record). A
-file that stays incomplete for much longer than that is taken anyway, so a
-truncated export ends in quarantine with its reason instead of waiting forever.
+own structure says it is whole (FIT header, size and CRC; zip end record). A file
+too short to identify (under :data:`MIN_IDENTIFY_BYTES`, an empty one included) is
+never whole: a copy that opened the file and paused is not taken as empty. A file
+that stays incomplete for much longer than that (``stale_s``) is taken anyway, so a
+truncated export ends in quarantine with its reason instead of waiting forever; when
+it was first seen so is kept in the outbox (``inbox_seen``), so a restart does not
+reset that timer.
 Study tables travel in pairs (``…accelerometer…`` + ``…gyroscope…`` with one
 prefix) and are claimed together.
 
 Claiming is an atomic rename into ``work/``; after processing the file moves to
 ``archive/<date>/`` (or is deleted) or to ``quarantine/`` with ``<name>.reason.json``.
-Files left in ``work/`` by a crash are recovered at start.
+Files left in ``work/`` by a crash are recovered at start. Every rename is made
+durable with an fsync of the directories involved.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from har_edge.agent import __version__
 from har_edge.agent.decode import check_complete, pair_key
 from har_edge.agent.errors import HarEdgeError
+from har_edge.agent.modelstore import fsync_dir
 
 if TYPE_CHECKING:
     from har_edge.agent.decode.fit import Verified
 
 log = logging.getLogger(__name__)
+
+#: fewer bytes than this cannot say what a file is (a FIT header is 12 bytes): such a file is never complete
+MIN_IDENTIFY_BYTES = 12
+
+#: sync's lock while it pushes, and the folder of its temporary files (``har_edge.sync.push``)
+SYNC_PUSH_LOCK = ".sync-push.lock"
+SYNC_TMP = ".sync-tmp"
 
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".swp", ".reason.json")
 
@@ -45,6 +60,39 @@ class _Seen:
     size: int
     mtime_ns: int
     stable_since: float
+    #: wall time (ms) the file was first seen settled but incomplete, unchanged since (from the outbox)
+    incomplete_since_ms: int | None = None
+
+
+class SeenStore(Protocol):
+    """Where first-seen times of incomplete inbox files outlive the process (the outbox)."""
+
+    def first_seen_ms(self, name: str, size: int, mtime_ns: int, now: int | None = None) -> int: ...
+
+    def seen_names(self) -> set[str]: ...
+
+    def forget_seen(self, names: Iterable[str]) -> None: ...
+
+
+def file_complete(path: Path) -> Verified | bool:
+    """The watcher's completeness rule: long enough to identify, and whole by its format's own check.
+
+    For a whole FIT file the result is the proof of its check (a truthy ``Verified``), for decoding to reuse.
+    """
+    try:
+        if path.stat().st_size < MIN_IDENTIFY_BYTES:
+            return False
+    except FileNotFoundError:
+        return False
+    return check_complete(path)
+
+
+def _move(src: Path, dest: Path) -> None:
+    """Rename (or copy across filesystems) and make it durable: fsync of both directories."""
+    shutil.move(str(src), dest)
+    fsync_dir(dest.parent)
+    if src.parent != dest.parent:
+        fsync_dir(src.parent)
 
 
 def _unique(dest: Path) -> Path:
@@ -59,7 +107,10 @@ def _unique(dest: Path) -> Path:
 
 
 class DropFolder:
-    def __init__(self, data_dir: Path, *, settle_s: float = 2.0, archive: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, *, settle_s: float = 2.0, archive: bool = True, seen: SeenStore | None = None
+    ) -> None:
+        self.data_dir = data_dir
         self.inbox = data_dir / "inbox"
         self.work = data_dir / "work"
         self.archive = data_dir / "archive"
@@ -73,6 +124,8 @@ class DropFolder:
         self._seen: dict[Path, _Seen] = {}
         #: proofs of the FIT checks done by ready(), by inbox path, for decoding to skip a second CRC pass
         self._verified: dict[Path, Verified] = {}
+        self.seen_store = seen
+        self._stored_seen: set[str] = seen.seen_names() if seen is not None else set()
 
     # -- readiness -----------------------------------------------------------
 
@@ -100,18 +153,19 @@ class DropFolder:
             self._seen.pop(gone, None)
         for gone in set(self._verified) - set(entries):
             self._verified.pop(gone, None)
+        self._prune_stored({p.name for p in entries})
         settled: dict[Path, float] = {}
         for p in entries:
             age = self._stable_for(p, now)
             if age is None or age < self.settle_s:
                 continue
-            if age < self.stale_s:
-                complete = check_complete(p)
-                if not complete:
-                    self._verified.pop(p, None)  # an earlier proof no longer says anything
+            complete = file_complete(p)
+            if not complete:
+                self._verified.pop(p, None)  # an earlier proof no longer says anything
+                if self._incomplete_for(p, age) < self.stale_s:
                     continue
-                if complete is not True:
-                    self._verified[p] = complete
+            elif complete is not True:
+                self._verified[p] = complete
             settled[p] = age
         groups: list[list[Path]] = []
         pairs: dict[str, dict[str, Path]] = {}
@@ -130,6 +184,35 @@ class DropFolder:
                     groups.append([p])  # partner never came: process alone (or quarantine, for gyro)
         groups.sort(key=lambda g: min(self._mtime(p) for p in g))
         return groups
+
+    def _incomplete_for(self, path: Path, age: float) -> float:
+        """Seconds a settled file has been incomplete: this process's view, or the outbox's if longer."""
+        seen = self._seen[path]
+        if self.seen_store is None:
+            return age
+        if seen.incomplete_since_ms is None:
+            seen.incomplete_since_ms = self.seen_store.first_seen_ms(path.name, seen.size, seen.mtime_ns)
+            self._stored_seen.add(path.name)
+        return max(age, (time.time() * 1000 - seen.incomplete_since_ms) / 1000)
+
+    def _prune_stored(self, inbox_names: set[str]) -> None:
+        """Forget stored first-seen times of files no longer in the inbox nor in work/."""
+        if self.seen_store is None or not (self._stored_seen - inbox_names):
+            return
+        try:
+            in_work = {p.name for p in self.work.iterdir()}
+        except FileNotFoundError:
+            in_work = set()
+        gone = self._stored_seen - inbox_names - in_work
+        if gone:
+            self.seen_store.forget_seen(gone)
+            self._stored_seen -= gone
+
+    def next_check_in(self, now: float) -> float | None:
+        """Seconds until the soonest file being watched may have settled (None: nothing waits to settle)."""
+        waits = [s.stable_since + self.settle_s - now for s in self._seen.values()]
+        waits = [w for w in waits if w > 0]
+        return min(waits) if waits else None
 
     @staticmethod
     def _mtime(p: Path) -> float:
@@ -158,7 +241,36 @@ class DropFolder:
             self._seen.pop(p, None)
             self._verified.pop(p, None)
             claimed.append(dest)
+        fsync_dir(self.work)
+        fsync_dir(self.inbox)
         return claimed
+
+    def unclaim(self, group: list[Path]) -> list[Path]:
+        """Put files from work/ back into the inbox (found incomplete at recovery: they wait there)."""
+        out = []
+        for p in group:
+            dest = _unique(self.inbox / p.name)
+            os.rename(p, dest)
+            out.append(dest)
+        fsync_dir(self.inbox)
+        fsync_dir(self.work)
+        return out
+
+    def clean_leftovers(self) -> int:
+        """Remove what an interrupted run left: export scratch folders, and sync's temporary folders when no
+        sync push is running (its lock is free). Returns how many were removed."""
+        victims = list((self.work / ".scratch").glob("export-*"))
+        sync_tmp = self.data_dir / SYNC_TMP
+        if sync_tmp.is_dir() and not _held(self.data_dir / SYNC_PUSH_LOCK):
+            victims += list(sync_tmp.glob("tmp*"))
+        for v in victims:
+            if v.is_dir() and not v.is_symlink():
+                shutil.rmtree(v, ignore_errors=True)
+            else:
+                v.unlink(missing_ok=True)
+        if victims:
+            log.info("removed %d scratch folder(s) left by an interrupted run", len(victims))
+        return len(victims)
 
     def leftovers(self) -> list[list[Path]]:
         """Groups left in work/ by an interrupted run, to be processed again."""
@@ -181,17 +293,19 @@ class DropFolder:
         for p in group:
             if self.keep_archive:
                 dest_dir = self.archive / day
-                dest_dir.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(p), _unique(dest_dir / p.name))
+                if not dest_dir.is_dir():
+                    dest_dir.mkdir(parents=True, exist_ok=True)
+                    fsync_dir(self.archive)
+                _move(p, _unique(dest_dir / p.name))
             else:
                 p.unlink(missing_ok=True)
+                fsync_dir(p.parent)
 
     def to_quarantine(self, group: list[Path], error: HarEdgeError | Exception) -> list[Path]:
         out = []
         kind = getattr(error, "kind", type(error).__name__)
         for p in group:
             dest = _unique(self.quarantine / p.name)
-            shutil.move(str(p), dest)
             reason = {
                 "file": p.name,
                 "kind": kind,
@@ -200,9 +314,15 @@ class DropFolder:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "group": [q.name for q in group],
             }
+            for extra in ("stage", "traceback"):
+                if getattr(error, extra, None):
+                    reason[extra] = getattr(error, extra)
+            # the reason first (a full disk fails here, with the file still in work/), then the move
             tmp = dest.with_name(dest.name + ".reason.json.tmp")
             tmp.write_text(json.dumps(reason, indent=2) + "\n", encoding="utf-8")
+            _move(p, dest)
             os.replace(tmp, dest.with_name(dest.name + ".reason.json"))
+            fsync_dir(self.quarantine)
             out.append(dest)
         return out
 
@@ -217,3 +337,20 @@ class DropFolder:
             Path(str(p) + ".reason.json").unlink(missing_ok=True)
             moved.append(dest)
         return moved
+
+
+def _held(lock: Path) -> bool:
+    """True when another process holds this flock (sync's push lock)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)

@@ -3,8 +3,9 @@
 The agent owns the outbox schema (``har_edge.agent.outbox``); sync writes only the
 delivery columns (``files.run_id``, ``files.artifact_delivered_ms``,
 ``files.finished_ms``, ``metrics.delivered_ms``, ``deployments.delivered_ms``)
-plus one table of its own, ``sync_refusals``: items the server answered with a
-permanent error (a 4xx). Such an item is marked delivered (so it stops
+plus ``sync_refusals`` (defined with the other tables in
+``har_edge.agent.outbox_schema``): items the server answered with a permanent error
+(a 4xx). Such an item is marked delivered (so it stops
 blocking the backlog) *and* listed there with the server's answer, so nothing
 disappears silently.
 """
@@ -14,37 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    and_,
-    delete,
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import and_, delete, func, insert, select, update
 
 from har_edge.agent.outbox import Outbox, deployments, files, labels, metrics, now_ms, windows
+from har_edge.agent.outbox import sync_refusals as refusals
 
-sync_metadata = MetaData()
-
-refusals = Table(
-    "sync_refusals",
-    sync_metadata,
-    Column("id", Integer, primary_key=True),
-    Column("time_ms", BigInteger, nullable=False),
-    # file | params | metrics | artifact | finish | deployment | device
-    Column("kind", String(16), nullable=False),
-    Column("file_id", Integer),  # NULL for device-level items
-    Column("object", Text, nullable=False),
-    Column("error", Text, nullable=False),
-)
+__all__ = ["Delivery", "PendingPoint", "refusals"]
 
 
 @dataclass(frozen=True)
@@ -60,9 +36,7 @@ class Delivery:
     """The sync side of one outbox."""
 
     def __init__(self, outbox: Outbox) -> None:
-        self.outbox = outbox
-        with outbox.transaction() as conn:
-            sync_metadata.create_all(conn, checkfirst=True)
+        self.outbox = outbox  # the outbox owns every table, sync_refusals included (schema v2)
 
     # -- reading ----------------------------------------------------------------
 

@@ -6,7 +6,9 @@ Judged from what the agent stored in the outbox, against thresholds in
 - the agent recorded ``load_failed`` for it (it could not load the folder);
 - of the first ``health_files`` files processed under it, more than
   ``health_max_failed_share`` failed (failures that cannot be the model's
-  fault, ``health_ignored_error_kinds``, do not count and are not judged);
+  fault, ``health_ignored_error_kinds``, do not count and are not judged; an
+  ``internal`` failure, a bug in har-edge, counts only when it happened in
+  inference, ``files.error_stage``);
 - their mean confidence fell below ``health_min_confidence_ratio`` times the
   previous model's over its last ``health_files`` files (skipped when the
   previous model left no files to compare with).
@@ -60,7 +62,9 @@ def judge(outbox: Outbox, p: Probation, s: SyncSettings) -> Verdict:
                 files.c.processed_ms >= p.since_ms,
                 or_(
                     files.c.status == "processed",
-                    (files.c.status == "failed") & files.c.error_kind.not_in(s.health_ignored_error_kinds),
+                    (files.c.status == "failed")
+                    & files.c.error_kind.not_in(s.health_ignored_error_kinds)
+                    & or_(files.c.error_kind != "internal", files.c.error_stage == "inference"),
                 ),
             )
             .order_by(files.c.id)
