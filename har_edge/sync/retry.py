@@ -146,7 +146,8 @@ class Backoff:
     def failed(self, now: float) -> float:
         """Record a failure at ``now``; return the delay until the next attempt."""
         self.failures += 1
-        delay = min(self.maximum_s, self.initial_s * 2.0 ** (self.failures - 1))
+        # 2.0 ** 1024 overflows (days of failures at the cap); the cap is reached long before 2 ** 1000
+        delay = min(self.maximum_s, self.initial_s * 2.0 ** min(self.failures - 1, 1000))
         delay *= 1.0 - self.jitter * self.rng.random()
         self.not_before = now + delay
         return delay
