@@ -11,10 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 #: long FIT fixtures are shared with the tests (tests/fitgen.py writes them once)
@@ -22,15 +24,19 @@ FIXTURES = ROOT / ".cache" / "tests"
 #: the bench's own scratch (data folders, windows handed to workers); emptied per run
 SCRATCH = ROOT / ".cache" / "bench"
 
+_T = TypeVar("_T")
+
 
 # -- fixtures ----------------------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=1)
-def fitgen():
+def fitgen() -> ModuleType:
     """tests/fitgen.py (the FIT fixture writer the tests use), loaded by path."""
     path = ROOT / "tests" / "fitgen.py"
     spec = importlib.util.spec_from_file_location("har_edge_fitgen", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} cannot be loaded as a module: is the tests folder there?")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -39,7 +45,8 @@ def fitgen():
 
 def imu_fixture(hours: float, seed: int = 0) -> Path:
     """A 50 Hz accel + gyro FIT recording of ``hours`` (written once, ~30 s for 24 h, then cached)."""
-    return fitgen().cached_fit(FIXTURES, hours=hours, seed=seed)
+    path: Path = fitgen().cached_fit(FIXTURES, hours=hours, seed=seed)
+    return path
 
 
 # -- clocks and statistics -----------------------------------------------------------------------------
@@ -51,23 +58,23 @@ class Sample:
     cpu: float  # process CPU seconds (all threads)
 
 
-def timed(fn: Callable[[], object]) -> tuple[object, Sample]:
+def timed(fn: Callable[[], _T]) -> tuple[_T, Sample]:
     w, c = time.perf_counter(), time.process_time()
     out = fn()
     return out, Sample(time.perf_counter() - w, time.process_time() - c)
 
 
-def median(xs) -> float:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else float("nan")
+def median(xs: Iterable[float | None]) -> float:
+    present = [x for x in xs if x is not None]
+    return statistics.median(present) if present else float("nan")
 
 
-def spread(xs) -> str:
-    """``min–max`` of a list, for the notes."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
+def spread(xs: Iterable[float | None]) -> str:
+    """``min-max`` (an en dash between) of a list, for the notes."""
+    present = [x for x in xs if x is not None]
+    if not present:
         return ""
-    return f"{min(xs):.3g}–{max(xs):.3g}"
+    return f"{min(present):.3g}\N{EN DASH}{max(present):.3g}"
 
 
 # -- the table -----------------------------------------------------------------------------------------
@@ -88,18 +95,29 @@ class Row:
 @dataclass
 class Report:
     rows: list[Row] = field(default_factory=list)
-    raw: dict = field(default_factory=dict)  # every number measured, for results.json
+    raw: dict[str, Any] = field(default_factory=dict)  # every number measured, for results.json
     notes: list[str] = field(default_factory=list)
 
-    def add(self, *args, **kwargs) -> Row:
-        row = Row(*args, **kwargs)
+    def add(
+        self,
+        section: str,
+        figure: str,
+        value: str,
+        baseline: str = "",
+        ratio: str = "",
+        target: str = "",
+        ok: bool | None = None,
+        note: str = "",
+    ) -> Row:
+        row = Row(section, figure, value, baseline, ratio, target, ok, note)
         self.rows.append(row)
         return row
 
     def table(self) -> str:
         """The figures as a Markdown table; notes are numbered below it."""
         head = ("section", "figure", "value", "baseline (same run)", "ratio", "target", "met")
-        body, notes = [], []
+        body: list[tuple[str, ...]] = []
+        notes: list[str] = []
         for r in self.rows:
             figure = r.figure
             if r.note:
@@ -109,7 +127,10 @@ class Report:
                 (r.section, figure, r.value, r.baseline, r.ratio, r.target, {True: "yes", False: "NO", None: ""}[r.ok])
             )
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+
+        def line(cells: Sequence[str]) -> str:
+            return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
         out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
         out += [line(b) for b in body]
         if notes:
@@ -164,7 +185,7 @@ class RssSampler:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -190,7 +211,9 @@ MB = 1024 * 1024
 # -- processes -------------------------------------------------------------------------------------
 
 
-def python_worker(module: str, args: list[str], *, env: dict | None = None, timeout: float = 600) -> dict:
+def python_worker(
+    module: str, args: list[str], *, env: dict[str, str] | None = None, timeout: float = 600
+) -> dict[str, Any]:
     """Run ``python -m <module> <args>`` (a worker printing one JSON object last) and return that object."""
     proc = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, env=env or dict(os.environ),
@@ -198,13 +221,14 @@ def python_worker(module: str, args: list[str], *, env: dict | None = None, time
     )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"{module} failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 # -- the machine -------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
+def machine() -> dict[str, Any]:
     cpu = ""
     flags: set[str] = set()
     try:
@@ -225,7 +249,7 @@ def machine() -> dict:
     import numpy
 
     try:
-        from ai_edge_litert import __version__ as litert  # type: ignore[attr-defined]
+        from ai_edge_litert import __version__ as litert
     except Exception:
         litert = "?"
     return {

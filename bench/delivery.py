@@ -15,10 +15,20 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import numpy as np
 
 from bench.common import SCRATCH, Report, fmt
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from bench.mlflow_server import MlflowServer
+    from har_edge.agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +39,7 @@ TARGET_SHARE = 0.80
 T0_MS = 1_742_802_739_000  # 2025-03-24 07:52:19 UTC, the fixtures' start
 
 
-def fill_outbox(outbox, points: int) -> tuple[int, int]:
+def fill_outbox(outbox: Outbox, points: int) -> tuple[int, int]:
     """Files of 24 h of windows until ``points`` metric points are queued; (files, points)."""
     from har_edge.agent.manifest import read_manifest
     from har_edge.agent.model import BUNDLED_MODEL_DIR
@@ -61,7 +71,9 @@ def fill_outbox(outbox, points: int) -> tuple[int, int]:
     return files, queued
 
 
-def raw_ceiling(client, experiment_id: str, outbox, batches: int, offset: int) -> tuple[int, float]:
+def raw_ceiling(
+    client: MlflowClient, experiment_id: str, outbox: Outbox, batches: int, offset: int
+) -> tuple[int, float]:
     """(points, seconds) of plain log_batch calls of 1000 queued points (their keys, timestamps, steps) to a new run."""
     from mlflow.entities import Metric
 
@@ -81,7 +93,7 @@ def raw_ceiling(client, experiment_id: str, outbox, batches: int, offset: int) -
     return len(rows), time.perf_counter() - t0
 
 
-def run(report: Report, server, *, points: int = POINTS, quick: bool = False) -> None:
+def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bool = False) -> None:
     from har_edge.agent.outbox import Outbox
     from har_edge.agent.settings import load_settings
     from har_edge.sync.push import Pusher
@@ -89,17 +101,19 @@ def run(report: Report, server, *, points: int = POINTS, quick: bool = False) ->
     S = "3 sync"
     root = SCRATCH / "sync"
     shutil.rmtree(root, ignore_errors=True)
-    settings = load_settings(env={}, data_dir=root, device_id="bench-device",
-                             sync={"tracking_uri": server.url, "request_timeout_s": 60, "experiment": "bench"})  # fmt: skip
+    settings = load_settings(
+        env={}, data_dir=root, device_id="bench-device",
+        sync={"tracking_uri": server.url, "request_timeout_s": 60, "experiment": "bench"},
+    )  # fmt: skip
     outbox = Outbox(settings.outbox_path)
     files, queued = fill_outbox(outbox, points)
     pusher = Pusher(settings, outbox)
     pusher.experiment_id()  # the experiment exists before the clock starts
     client = pusher.client
-    in_batches = {"s": 0.0, "calls": 0, "points": 0}
+    in_batches: dict[str, float] = {"s": 0.0, "calls": 0, "points": 0}
     original = client.log_batch
 
-    def timed_log_batch(run_id, metrics=(), *args, **kwargs):
+    def timed_log_batch(run_id: str, metrics: Sequence[Metric] = (), *args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
         try:
             return original(run_id, metrics, *args, **kwargs)
@@ -109,10 +123,10 @@ def run(report: Report, server, *, points: int = POINTS, quick: bool = False) ->
                 in_batches["calls"] += 1
                 in_batches["points"] += len(metrics)
 
-    in_artifacts = {"s": 0.0, "calls": 0}
+    in_artifacts: dict[str, float] = {"s": 0.0, "calls": 0}
     original_artifact = client.log_artifact
 
-    def timed_log_artifact(*args, **kwargs):
+    def timed_log_artifact(*args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
         try:
             return original_artifact(*args, **kwargs)
@@ -123,12 +137,14 @@ def run(report: Report, server, *, points: int = POINTS, quick: bool = False) ->
     n_raw = 6 if quick else RAW_BATCHES
     # the ceiling, half before the push and half after it (the server's store grows meanwhile)
     n_before, s_before = raw_ceiling(client, pusher.experiment_id(), outbox, n_raw - n_raw // 2, offset=n_raw // 2)
-    client.log_batch = timed_log_batch  # instrumentation only: the same calls, timed
-    client.log_artifact = timed_log_artifact
-    t0 = time.perf_counter()
-    push = pusher.push(time.time())
-    push_s = time.perf_counter() - t0
-    client.log_batch, client.log_artifact = original, original_artifact
+    # instrumentation only: the same calls, timed
+    with (
+        mock.patch.object(client, "log_batch", timed_log_batch),
+        mock.patch.object(client, "log_artifact", timed_log_artifact),
+    ):
+        t0 = time.perf_counter()
+        push = pusher.push(time.time())
+        push_s = time.perf_counter() - t0
     delivered = push.points + push.device_points
     if push.files_finished != files or push.points < queued:
         report.notes.append(f"sync: {push.summary()} (expected {files} files, {queued} points)")
@@ -149,17 +165,20 @@ def run(report: Report, server, *, points: int = POINTS, quick: bool = False) ->
     push_rate = delivered / push_s
     single_rate = n_single / single_s
     share = push_rate / raw_rate
-    report.add(S, f"sync.push of {fmt(queued)} queued points ({files} file{'s' if files > 1 else ''} of 24 h)", f"{fmt(push_rate)} points/s",
+    report.add(S, f"sync.push of {fmt(queued)} queued points ({files} file{'s' if files > 1 else ''} of 24 h)",
+               f"{fmt(push_rate)} points/s",
                baseline=f"raw log_batch {fmt(raw_rate)} points/s", ratio=f"{share * 100:.0f}% of raw",
                target=f">= {TARGET_SHARE * 100:.0f}%", ok=share >= TARGET_SHARE,
                note=f"{push_s:.1f} s for runs, params, points, {push.artifacts} per-window CSVs "
                     f"({fmt(files * 43_200)} rows) and FINISHED: {in_batches['s']:.1f} s in {in_batches['calls']} "
                     f"metric log_batch calls ({fmt(in_batches['points'] / max(in_batches['s'], 1e-9))} points/s while "
-                    f"in them), {in_artifacts['s']:.1f} s uploading CSVs, {push_s - in_batches['s'] - in_artifacts['s']:.1f} s "
+                    f"in them), {in_artifacts['s']:.1f} s uploading CSVs, "
+                    f"{push_s - in_batches['s'] - in_artifacts['s']:.1f} s "
                     "in everything else (outbox reads and marks, runs, params)")  # fmt: skip
     report.add(S, "one log_metric call per point", f"{fmt(single_rate)} points/s",
                ratio=f"push {push_rate / single_rate:.0f}x",
-               note=f"{n_single} calls; {fmt(queued / single_rate / 60)} min for the same {fmt(queued)} points")  # fmt: skip
+               note=f"{n_single} calls; {fmt(queued / single_rate / 60)} min "
+                    f"for the same {fmt(queued)} points")  # fmt: skip
     report.add(S, "raw log_batch of 1000 (ceiling)", f"{fmt(raw_rate)} points/s",
                note=f"{fmt(n_raw_points)} of the same points (keys, timestamps, steps), half before the push and half "
                     "after, in runs of their own, no sync logic")  # fmt: skip

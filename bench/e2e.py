@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import SCRATCH, Report, fmt, imu_fixture, median, spread, timed
 
@@ -41,7 +42,7 @@ def _drop(src: Path, inbox: Path) -> Path:
     return dest
 
 
-def agent_pass(fixture: Path, root: Path, model_dir: Path | None) -> dict:
+def agent_pass(fixture: Path, root: Path, model_dir: Path | None) -> dict[str, Any]:
     """One drop -> outbox through Agent.step; returns wall/CPU and the processor's stage figures."""
     from har_edge.agent.daemon import Agent
     from har_edge.agent.settings import load_settings
@@ -88,13 +89,16 @@ def decode_sdk(path: Path) -> int:
         stream.close()
     if errors:
         raise RuntimeError(f"garmin-fit-sdk: {errors[0]}")
-    n = 0
-    for key, field in (
-        ("accelerometer_data_mesgs", "calibrated_accel_x"),
-        ("gyroscope_data_mesgs", "calibrated_gyro_x"),
-    ):
-        n += sum(len(m.get(field) or ()) for m in messages.get(key, ()))
+    n = sum(_samples(m.get("calibrated_accel_x")) for m in messages.get("accelerometer_data_mesgs", []))
+    n += sum(_samples(m.get("calibrated_gyro_x")) for m in messages.get("gyroscope_data_mesgs", []))
     return n
+
+
+def _samples(value: float | list[float | None] | None) -> int:
+    """Samples in one SDK message's axis field (a message of one sample may hold a plain number)."""
+    if value is None:
+        return 0
+    return len(value) if isinstance(value, list) else 1
 
 
 def decode_fitdecode(path: Path) -> int:
@@ -138,13 +142,16 @@ def run(report: Report, *, model_dir: Path | None, repeats: int = REPEATS, quick
     other = median([p["cpu"] - sum(p["stages"]["cpu_s"].get(k, 0.0) for k in split) for p in passes])
     report.add(S, f"24 h export ({day.stat().st_size / 1e6:.0f} MB FIT) drop -> outbox", f"{median(walls):.1f} s wall",
                target=f"<= {TARGET_WALL_S:.0f} s", ok=median(walls) <= TARGET_WALL_S,
-               note=f"Agent.step, {fmt(windows)} windows with {passes[0]['model']}; {len(passes)} runs {spread(walls)} s")  # fmt: skip
+               note=f"Agent.step, {fmt(windows)} windows with {passes[0]['model']}; "
+                    f"{len(passes)} runs {spread(walls)} s")  # fmt: skip
     report.add(S, "  CPU seconds (all threads)", f"{median(cpus):.1f} s",
-               note=f"{fmt(windows / median(cpus))} windows per CPU-second; wall/CPU {median(walls) / median(cpus):.2f}")  # fmt: skip
+               note=f"{fmt(windows / median(cpus))} windows per CPU-second; "
+                    f"wall/CPU {median(walls) / median(cpus):.2f}")  # fmt: skip
     report.add(S, "  split: decode / preprocess / inference / store / check+hash+move",
                " / ".join(f"{v:.2f}" for v in (*split.values(), other)) + " s CPU",
                note="wall: " + " / ".join(f"{stage('wall_s', k):.2f}" for k in split) + " s (decode includes the scan "
-                    "that indexes the file; chunks of 8,192 samples per sensor are decoded, windowed and inferred in turn)")  # fmt: skip
+                    "that indexes the file; chunks of 8,192 samples per sensor are decoded, windowed and inferred "
+                    "in turn)")  # fmt: skip
     report.raw["e2e"] = {"fixture": str(day), "passes": passes}
 
     # decoders on the same (smaller) file

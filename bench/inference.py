@@ -24,11 +24,17 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from bench.common import ROOT, SCRATCH, Report, fmt, imu_fixture, median, python_worker, spread
+
+if TYPE_CHECKING:
+    from har_edge.agent.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +51,14 @@ def tflite_macs(model_path: Path) -> tuple[int, dict[str, int]]:
     from har_edge.agent.runtime import _import_interpreter
 
     Interpreter, _ = _import_interpreter()
-    interp = Interpreter(model_path=str(model_path), num_threads=1)
+    interp: Any = Interpreter(model_path=str(model_path), num_threads=1)  # _get_ops_details is private API
     inp = interp.get_input_details()[0]
     if int(inp["shape"][0]) != 1:
         interp.resize_tensor_input(inp["index"], [1, *inp["shape"][1:]], strict=False)
     interp.allocate_tensors()
     shapes = {t["index"]: tuple(int(s) for s in t["shape"]) for t in interp.get_tensor_details()}
-    total, by_op = 0, {}
+    total = 0
+    by_op: dict[str, int] = {}
     for op in interp._get_ops_details():
         name = op["op_name"]
         ins = [i for i in op["inputs"] if i >= 0]
@@ -81,8 +88,10 @@ class Peak:
     """One core's float32 GFLOP/s from numpy matmul, in this process (BLAS limited to 1 thread)."""
 
     def __init__(self) -> None:
+        self._limits: Callable[..., Any] | None
+        self.info: dict[str, Any]
         try:
-            from threadpoolctl import threadpool_info, threadpool_limits
+            from threadpoolctl import threadpool_info, threadpool_limits  # type: ignore[import-untyped]
         except ImportError:
             self._limits = None
             self.info = {}
@@ -111,7 +120,7 @@ class Peak:
         return best
 
 
-def subprocess_peak(env_overrides: dict[str, str | None]) -> dict:
+def subprocess_peak(env_overrides: dict[str, str | None]) -> dict[str, Any]:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     for k, v in env_overrides.items():
         if v is None:
@@ -124,7 +133,7 @@ def subprocess_peak(env_overrides: dict[str, str | None]) -> dict:
 # -- windows -------------------------------------------------------------------------------------------
 
 
-def real_windows(model, n: int) -> tuple[np.ndarray, np.ndarray]:
+def real_windows(model: LoadedModel, n: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """``n`` windows of a decoded 1 h recording (the agent's own decode and preprocessing): raw and scaled."""
     from har_edge.agent.decode.fit import decode_fit
     from har_edge.agent.preprocess import apply_scaler, recording_windows
@@ -135,7 +144,7 @@ def real_windows(model, n: int) -> tuple[np.ndarray, np.ndarray]:
     return raw, np.ascontiguousarray(apply_scaler(raw, m.scaler.mean, m.scaler.scale), np.float32)
 
 
-def agreement_windows(model, fallback: np.ndarray) -> tuple[np.ndarray, str]:
+def agreement_windows(model: LoadedModel, fallback: NDArray[np.float32]) -> tuple[NDArray[np.float32], str]:
     """Raw windows to compare int8 and float on: the trainer's held-out test split when it is there."""
     prepared = ROOT / "build" / "trainer" / "prepared.npz"
     try:
@@ -157,23 +166,27 @@ class KerasWorker:
                "--model", str(keras_path or ""), "--classes", str(classes)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)  # fmt: skip
+        if self.proc.stdin is None or self.proc.stdout is None or self.proc.stderr is None:  # pragma: no cover
+            raise RuntimeError("the Keras worker has no pipes")
+        self._stdin, self._stdout, self._stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self.info = self._read()
 
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
+    def _read(self) -> dict[str, Any]:
+        line = self._stdout.readline()
         if not line:
-            raise RuntimeError(f"the Keras worker stopped: {self.proc.stderr.read()[-3000:]}")
-        return json.loads(line)
+            raise RuntimeError(f"the Keras worker stopped: {self._stderr.read()[-3000:]}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
 
-    def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
+    def ask(self, **cmd: object) -> dict[str, Any]:
+        self._stdin.write(json.dumps(cmd) + "\n")
+        self._stdin.flush()
         return self._read()
 
     def close(self) -> None:
         try:
-            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-            self.proc.stdin.close()
+            self._stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self._stdin.close()
             self.proc.wait(timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
@@ -202,7 +215,8 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
 
     macs, by_op = tflite_macs(model_dir / "model.tflite")
     keras_file = keras_path if keras_path is not None else default_keras_path()
-    keras_from_file = keras_file is not None and Path(keras_file).is_file()
+    keras_local = Path(keras_file) if keras_file is not None and Path(keras_file).is_file() else None
+    keras_from_file = keras_local is not None
     if keras_path is not None and not keras_from_file:
         raise FileNotFoundError(f"--keras {keras_path} does not exist")
     log.info(
@@ -211,7 +225,7 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
         macs,
         keras_file if keras_from_file else "trainer.model",
     )
-    worker = KerasWorker(windows_file, Path(keras_file) if keras_from_file else None, len(m.labels))
+    worker = KerasWorker(windows_file, keras_local, len(m.labels))
     kinfo = worker.info
     same_arch = macs > 0 and abs(kinfo["macs"] - macs) <= 0.05 * max(macs, 1)
 
@@ -224,10 +238,10 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
     for b in keras_batches:
         worker.ask(op="warm", batch=b)
     peak = Peak()
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     try:
         for i in range(rounds):
-            row: dict = {"peak_gflops": peak.round()}
+            row: dict[str, Any] = {"peak_gflops": peak.round()}
             for c, runner in runners.items():
                 w, cpu = time.perf_counter(), time.process_time()
                 runner.predict(x)
@@ -238,7 +252,8 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
             row["keras_single"] = worker.ask(op="single", n=SINGLE_PER_ROUND)
             rows.append(row)
             log.info("inference round %d/%d done", i + 1, rounds)
-        agreement = agree_note = None
+        agreement: float | None = None
+        agree_note = ""
         if keras_from_file and same_arch:
             raw_eval, agree_note = agreement_windows(model, raw_windows)
             scaled_file, probs_file = SCRATCH / "agreement_windows.npy", SCRATCH / "keras_probs.npy"
@@ -288,15 +303,22 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
 
     t1 = per_cpu(base_key)
     report.add(S, f"int8 TFLite, 1 thread, batch {agent_batch} (agent default)", f"{fmt(median(t1))} w/s/core",
-               note=f"{m.name} {m.version}; {fmt(macs / 1e6)} M MACs/window; wall {fmt(median(per_wall(base_key)))} w/s")  # fmt: skip
+               note=f"{m.name} {m.version}; {fmt(macs / 1e6)} M MACs/window; "
+                    f"wall {fmt(median(per_wall(base_key)))} w/s")  # fmt: skip
     if best_key != base_key:
         report.add(S, f"int8 TFLite, 1 thread, batch {best_key.rsplit('_b', 1)[1]}",
-                   f"{fmt(median(per_cpu(best_key)))} w/s/core", ratio=f"{median(per_cpu(best_key)) / median(t1):.2f}x b{agent_batch}")  # fmt: skip
+                   f"{fmt(median(per_cpu(best_key)))} w/s/core",
+                   ratio=f"{median(per_cpu(best_key)) / median(t1):.2f}x b{agent_batch}")  # fmt: skip
     two = next((k for k in rows[0] if k.startswith("tflite_2t")), None)
     if two:
         one_same_batch = two.replace("_2t_", "_1t_")
-        speedup = [a / b for a, b in zip(per_wall(two), per_wall(one_same_batch))] if one_same_batch in rows[0] else []
-        report.add(S, f"int8 TFLite, 2 threads, batch {two.rsplit('_b', 1)[1]}", f"{fmt(median(per_wall(two)))} w/s (wall)",
+        speedup = (
+            [a / b for a, b in zip(per_wall(two), per_wall(one_same_batch), strict=True)]
+            if one_same_batch in rows[0]
+            else []
+        )
+        report.add(S, f"int8 TFLite, 2 threads, batch {two.rsplit('_b', 1)[1]}",
+                   f"{fmt(median(per_wall(two)))} w/s (wall)",
                    ratio=f"{median(speedup):.2f}x 1 thread" if speedup else "",
                    note=f"{fmt(median(per_cpu(two)))} w/s per CPU-second")  # fmt: skip
     kb = median(keras_call)
@@ -308,10 +330,11 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
             f"({fmt(kinfo['macs'] / 1e6)} M MACs)"
         )
     )
-    ratio_keras = [a / b for a, b in zip(per_cpu(best_key), keras_call)]
-    ratio_predict = [a / b for a, b in zip(per_cpu(best_key), keras_predict)]
+    ratio_keras = [a / b for a, b in zip(per_cpu(best_key), keras_call, strict=True)]
+    ratio_predict = [a / b for a, b in zip(per_cpu(best_key), keras_predict, strict=True)]
     report.add(S, "Keras float, batched call model(x), 1 thread", f"{fmt(kb)} w/s/core",
-               note=f"best of batch {'/'.join(map(str, keras_batches))}; TF {kinfo['tensorflow']}; {kinfo['origin']}")  # fmt: skip
+               note=f"best of batch {'/'.join(map(str, keras_batches))}; TF {kinfo['tensorflow']}; "
+                    f"{kinfo['origin']}")  # fmt: skip
     report.add(S, "int8 TFLite vs batched Keras call", f"{median(ratio_keras):.2f}x" if same_arch else "n/a",
                baseline=f"{fmt(kb)} w/s/core", ratio=f"{median(ratio_keras):.2f}x" if same_arch else "",
                target=">= 4x", ok=(median(ratio_keras) >= 4) if same_arch else None,
@@ -321,10 +344,11 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
                note="Keras's compiled predict loop: the strongest Keras baseline")  # fmt: skip
     single_ms = [r["keras_single"]["wall"] / r["keras_single"]["n"] * 1000 for r in rows]
     single_rate = [r["keras_single"]["n"] / r["keras_single"]["cpu"] for r in rows]
+    vs_single = median([a / b for a, b in zip(per_cpu(best_key), single_rate, strict=True)])
     report.add(S, "Keras predict() on one window", f"{fmt(median(single_ms))} ms/window",
-               ratio=f"int8 batched {median([a / b for a, b in zip(per_cpu(best_key), single_rate)]):.0f}x faster" if same_arch else "",
+               ratio=f"int8 batched {vs_single:.0f}x faster" if same_arch else "",
                note=f"{fmt(median(single_rate))} w/s/core")  # fmt: skip
-    eff = [a / f for a, f in zip(per_cpu(best_key), floors)]
+    eff = [a / f for a, f in zip(per_cpu(best_key), floors, strict=True)]
     report.add(S, "MAC floor (MACs/window / one core's matmul peak)", f"{fmt(median(floors))} w/s/core",
                note=f"peak {fmt(median(peaks))} GFLOP/s float32 (numpy matmul, best of 40 per round, OpenBLAS "
                     f"{peak.info.get('architecture', '?')}); {peak_note}".rstrip("; "))  # fmt: skip

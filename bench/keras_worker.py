@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
@@ -45,7 +46,7 @@ def default_keras_path() -> Path | None:
         return root / "build" / "trainer" / "train" / "model.keras"
 
 
-def keras_macs(model) -> int:
+def keras_macs(model: Any) -> int:
     """Multiply-accumulates per window of the Conv1D/Conv2D/Dense layers."""
     from keras import layers
 
@@ -64,7 +65,7 @@ def keras_macs(model) -> int:
     return int(total)
 
 
-def load(path: str | None, window: int, channels: int, classes: int):
+def load(path: str | None, window: int, channels: int, classes: int) -> tuple[Any, str]:
     import keras
 
     if path:
@@ -99,9 +100,9 @@ def main() -> int:
         "input_shape": list(model.input_shape[1:]), "output_size": int(model.output_shape[-1]),
     }) + "\n")  # fmt: skip
     out.flush()
-    batches: dict[int, list] = {}
+    batches: dict[int, list[Any]] = {}
 
-    def tensors(batch: int) -> list:
+    def tensors(batch: int) -> list[Any]:
         if batch not in batches:  # converted once, outside the clock
             batches[batch] = [tf.constant(x[i : i + batch]) for i in range(0, len(x), batch)]
         return batches[batch]

@@ -18,21 +18,28 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.common import MB, ROOT, SCRATCH, Report, RssSampler, imu_fixture, median
+from bench.mlflow_server import MlflowServer
 
 log = logging.getLogger(__name__)
 
 TARGET_MB = 80.0
 ROOT_DIR = "memory"
+#: what is byte-compiled before the measured processes start (relative to the repository root)
+COMPILED = ("har_edge",)
 
 
 def _har_edge() -> str:
     return str(Path(sys.executable).with_name("har-edge"))
 
 
-def _wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+def _wait_for(
+    cond: Callable[[], object], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if proc is not None and proc.poll() is not None:
@@ -52,10 +59,10 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _compile() -> None:
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "agent", "sync"], cwd=ROOT, env=_env(), check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *COMPILED], cwd=ROOT, env=_env(), check=True)
 
 
-def _process_file(root: Path, sampler: RssSampler, src: Path, proc: subprocess.Popen) -> dict:
+def _process_file(root: Path, sampler: RssSampler, src: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     inbox = root / "inbox"
     dest = inbox / src.name
     try:
@@ -82,9 +89,9 @@ def run_agent(report: Report, *, model_dir: Path | None) -> None:
     day, hour = imu_fixture(24), imu_fixture(1)
     extra = {"HAR_EDGE_AGENT__MODEL_DIR": str(model_dir)} if model_dir else {}
     _compile()
-    logf = open(root / "agent.log", "wb")
-    proc = subprocess.Popen([_har_edge(), "--data-dir", str(root), "agent", "run"], env=_env(**extra),
-                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    with open(root / "agent.log", "wb") as logf:  # the daemon writes to its own copy of the descriptor
+        proc = subprocess.Popen([_har_edge(), "--data-dir", str(root), "agent", "run"], env=_env(**extra),
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         with RssSampler(proc.pid) as sampler:
             _wait_for(lambda: b"watching" in (root / "agent.log").read_bytes(), 120, "agent start", proc)
@@ -103,7 +110,6 @@ def run_agent(report: Report, *, model_dir: Path | None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        logf.close()
     h, d = runs
     report.add(S, "agent daemon, idle (models loaded, watching)", f"{idle:.0f} MB RSS",
                note="Python + numpy + pydantic + SQLAlchemy + LiteRT + model + watchdog, before any file")  # fmt: skip
@@ -112,15 +118,16 @@ def run_agent(report: Report, *, model_dir: Path | None) -> None:
                note=f"median of {d['samples']} samples over {d['claim_to_archive_s']:.1f} s (claim -> archive); "
                     f"idle + {d['steady_mb'] - idle:.0f} MB")  # fmt: skip
     report.add(S, "agent daemon, peak (24 h export)", f"{d['peak_mb']:.0f} MB RSS",
-               note=f"VmHWM {hwm:.0f} MB; after the file {after:.0f} MB; drop -> archive {d['drop_to_archive_s']:.1f} s "
-                    "with the default settle of 2 s")  # fmt: skip
-    report.add(S, "memory vs file length: 1 h vs 24 h export", f"{h['steady_mb']:.0f} vs {d['steady_mb']:.0f} MB steady",
+               note=f"VmHWM {hwm:.0f} MB; after the file {after:.0f} MB; "
+                    f"drop -> archive {d['drop_to_archive_s']:.1f} s with the default settle of 2 s")  # fmt: skip
+    report.add(S, "memory vs file length: 1 h vs 24 h export",
+               f"{h['steady_mb']:.0f} vs {d['steady_mb']:.0f} MB steady",
                ratio=f"+{d['steady_mb'] - h['steady_mb']:.1f} MB for 24x the data",
                note=f"peak {h['peak_mb']:.0f} vs {d['peak_mb']:.0f} MB")  # fmt: skip
     report.raw["memory_agent"] = {"idle_mb": idle, "after_mb": after, "hwm_mb": hwm, "runs": runs}
 
 
-def run_sync_once(report: Report, server) -> None:
+def run_sync_once(report: Report, server: MlflowServer) -> None:
     S = "4 memory"
     root = SCRATCH / ROOT_DIR
     if not (root / "outbox.sqlite").exists():
@@ -140,5 +147,6 @@ def run_sync_once(report: Report, server) -> None:
     report.add(S, "sync once (the memory section's outbox: 2 files)", f"{max(rss) / MB:.0f} MB peak RSS",
                note=f"median {median(rss) / MB:.0f} MB over {wall:.1f} s; exit {code}; "
                     f"{out[0][:120] if out else ''}")  # fmt: skip
-    report.raw["memory_sync_once"] = {"peak_mb": max(rss) / MB, "median_mb": median(rss) / MB, "hwm_mb": sampler.hwm / MB,
-                                      "wall_s": wall, "exit": code, "output": out[-5:]}  # fmt: skip
+    report.raw["memory_sync_once"] = {"peak_mb": max(rss) / MB, "median_mb": median(rss) / MB,
+                                      "hwm_mb": sampler.hwm / MB, "wall_s": wall, "exit": code,
+                                      "output": out[-5:]}  # fmt: skip

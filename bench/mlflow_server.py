@@ -1,4 +1,4 @@
-"""A local ``mlflow server`` on 127.0.0.1: the bench's sync and memory sections and the tests (tests/conftest.py) use it.
+"""A local ``mlflow server`` on 127.0.0.1, for the bench's sync and memory sections and the tests (tests/conftest.py).
 
 It needs 30-50 s before ``/health`` answers on a small machine, so the bench
 starts it in the background early and waits for it only when it is needed.
@@ -20,7 +20,8 @@ from pathlib import Path
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class MlflowServer:
@@ -30,7 +31,7 @@ class MlflowServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = self.root / "server.log"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.started_s: float | None = None
         self._ready = threading.Event()
         self._error: str | None = None
@@ -48,15 +49,16 @@ class MlflowServer:
         self._ready.clear()  # a restart (tests stop and start the same server) waits again
         self._error = None
         self._t0 = time.perf_counter()
-        self.proc = subprocess.Popen(
-            cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=self.root
-        )
-        threading.Thread(target=self._poll, name="mlflow-health", daemon=True).start()
+        with open(self.log, "ab") as log:  # the server writes to its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=self.root
+            )
+        threading.Thread(target=self._poll, args=(self.proc,), name="mlflow-health", daemon=True).start()
 
-    def _poll(self, timeout: float = 300.0) -> None:
+    def _poll(self, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 self._error = f"mlflow server exited: {self.log.read_text()[-2000:]}"
                 break
             try:

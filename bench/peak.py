@@ -12,11 +12,12 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
 
-def measure(n: int = 512, repeats: int = 300) -> dict:
+def measure(n: int = 512, repeats: int = 300) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     a = rng.random((n, n), dtype=np.float32)
     b = rng.random((n, n), dtype=np.float32)
@@ -30,9 +31,9 @@ def measure(n: int = 512, repeats: int = 300) -> dict:
         dt = time.thread_time() - t
         if dt > 0:
             rates.append(2 * n**3 / dt / 1e9)
-    info: dict = {"OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)")}
+    info: dict[str, Any] = {"OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)")}
     try:
-        from threadpoolctl import threadpool_info
+        from threadpoolctl import threadpool_info  # type: ignore[import-untyped]
 
         pools = [p for p in threadpool_info() if p.get("internal_api") == "openblas"]
         if pools:

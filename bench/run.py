@@ -85,20 +85,20 @@ def main(argv: list[str] | None = None) -> int:
 
             server = MlflowServer(SCRATCH / "mlflow-server")
             server.start_background()
-        if "memory" in wanted:
-            from bench import memory
+            if "memory" in wanted:
+                from bench import memory
 
-            memory.run_agent(report, model_dir=args.model_dir)
-        if "sync" in wanted:
-            from bench import delivery
+                memory.run_agent(report, model_dir=args.model_dir)
+            if "sync" in wanted:
+                from bench import delivery
 
-            server.wait()
-            delivery.run(report, server, points=args.sync_points if not args.quick else 10_000, quick=args.quick)
-        if "memory" in wanted:
-            from bench import memory
+                server.wait()
+                delivery.run(report, server, points=args.sync_points if not args.quick else 10_000, quick=args.quick)
+            if "memory" in wanted:
+                from bench import memory
 
-            server.wait()
-            memory.run_sync_once(report, server)
+                server.wait()
+                memory.run_sync_once(report, server)
     finally:
         if server is not None:
             server.stop()

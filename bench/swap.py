@@ -22,9 +22,15 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.common import FIXTURES, SCRATCH, Report, fitgen, fmt, imu_fixture, median, spread
+
+if TYPE_CHECKING:
+    from har_edge.agent.manifest import Manifest
+    from har_edge.agent.pipeline import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ def _install(models: Path, src: Path, version: str) -> None:
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
-def expected_windows(path: Path, manifest) -> int:
+def expected_windows(path: Path, manifest: Manifest) -> int:
     from har_edge.agent.decode.fit import decode_fit
     from har_edge.agent.preprocess import recording_windows
 
@@ -67,8 +73,7 @@ def run(report: Report, *, model_dir: Path | None, files: int = FILES) -> None:
         _install(settings.models_dir, src, v)
     set_pointer(settings.models_dir, versions[0])
     agent = Agent(settings)
-    agent.models.refresh()
-    manifest = agent.models.model.manifest
+    manifest = agent.models.refresh().manifest
     gen = fitgen()
     exports = [gen.cached_fit(FIXTURES, hours=0.05, seed=100 + i) for i in range(files + 1)]
     exports, next_export = exports[:-1], exports[-1]
@@ -82,7 +87,20 @@ def run(report: Report, *, model_dir: Path | None, files: int = FILES) -> None:
         assert claimed is not None
         return claimed
 
-    latencies, cpu_ms, pointer_ms, refresh_ms, lost, wrong = [], [], [], [], 0, 0
+    def first_progress(into: list[tuple[float, float]]) -> Callable[[int], None]:
+        """A progress callback noting the clocks when the first windows are predicted."""
+
+        def progress(n: int) -> None:
+            if not into:
+                into.append((time.perf_counter(), time.process_time()))
+
+        return progress
+
+    latencies: list[float] = []
+    cpu_ms: list[float] = []
+    pointer_ms: list[float] = []
+    refresh_ms: list[float] = []
+    lost = wrong = 0
     for i, path in enumerate(exports):
         target = versions[(i + 1) % 2]
         claimed = claim(path)
@@ -91,9 +109,7 @@ def run(report: Report, *, model_dir: Path | None, files: int = FILES) -> None:
         set_pointer(settings.models_dir, target)  # the writer's part (symlink, rename, fsync of the folder)
         t0, c0 = time.perf_counter(), time.process_time()
         pointer_ms.append((t0 - t) * 1000)
-        outcome = agent.handle(
-            claimed, progress=lambda n: first.append((time.perf_counter(), time.process_time())) if not first else None
-        )
+        outcome = agent.handle(claimed, progress=first_progress(first))
         row = agent.outbox.file(outcome.file_id)
         latencies.append((first[0][0] - t0) * 1000)
         cpu_ms.append((first[0][1] - c0) * 1000)
@@ -104,20 +120,20 @@ def run(report: Report, *, model_dir: Path | None, files: int = FILES) -> None:
         refresh_ms.append((time.perf_counter() - t1) * 1000)
 
     # the pointer moves while an export is being processed
-    current = agent.models.model.manifest.version
+    current = agent.models.refresh().manifest.version  # unchanged pointer: the loaded model
     other = versions[1] if current == versions[0] else versions[0]
     claimed = claim(long_export)
     done = threading.Event()
-    holder: dict = {}
+    holder: dict[str, Outcome] = {}
 
     def work() -> None:
         holder["outcome"] = agent.handle(claimed, progress=lambda n: done.set())
 
-    t = threading.Thread(target=work)
-    t.start()
+    worker = threading.Thread(target=work)
+    worker.start()
     done.wait(60)
     set_pointer(settings.models_dir, other)  # mid-export
-    t.join()
+    worker.join()
     mid = agent.outbox.file(holder["outcome"].file_id)
     lost += expect[long_export] - (mid.windows or 0)
     wrong += mid.model_version != current  # finishes on the model it started with
@@ -129,14 +145,16 @@ def run(report: Report, *, model_dir: Path | None, files: int = FILES) -> None:
     med = median(latencies)
     report.add(S, "new pointer -> first window on the new model", f"{med:.0f} ms",
                target=f"<= {TARGET_MS:.0f} ms", ok=med <= TARGET_MS and wrong == 0,
-               note=f"median of {len(latencies)} swaps ({spread(latencies)} ms; {median(cpu_ms):.0f} ms CPU): load + "
-                    f"verify the folder (sha256, golden windows), hash and decode a 3 min export, infer its first batch; "
+               note=f"median of {len(latencies)} swaps ({spread(latencies)} ms; {median(cpu_ms):.0f} ms CPU): "
+                    "load + verify the folder (sha256, golden windows), hash and decode a 3 min export, "
+                    "infer its first batch; "
                     f"set_pointer itself (the writer's rename + fsync) {median(pointer_ms):.1f} ms more")  # fmt: skip
     report.add(S, "windows lost across swaps", f"{lost}", target="0", ok=lost == 0 and wrong == 0,
                note=f"{len(exports) + 2} exports ({fmt(sum(expect.values()))} windows), one with the pointer moved "
                     f"mid-file (it finished on {current}, the next ran on {after.model_version}); "
                     f"exports on the wrong model: {wrong}")  # fmt: skip
     report.raw["swap"] = {
-        "latencies_ms": latencies, "cpu_ms": cpu_ms, "set_pointer_ms": pointer_ms, "refresh_unchanged_ms": refresh_ms, "lost": lost, "wrong_model": wrong,
+        "latencies_ms": latencies, "cpu_ms": cpu_ms, "set_pointer_ms": pointer_ms, "refresh_unchanged_ms": refresh_ms,
+        "lost": lost, "wrong_model": wrong,
         "expected": {p.name: n for p, n in expect.items()},
     }  # fmt: skip

@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from har_edge.sync import cli as sync_cli
     except ImportError:  # the bare agent runs without the sync extra's packages
-        sync_cli = None  # type: ignore[assignment]
-    if sync_cli is not None:
+        pass
+    else:
         sync_cli.register(sub, parents)
     return p
 

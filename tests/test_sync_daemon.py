@@ -47,6 +47,14 @@ def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets():
     assert b.ready(0) and b.failures == 0
 
 
+def test_backoff_stays_at_the_cap_after_days_of_failures():
+    # at the default 600 s cap, 1024 failures are about five days without a server
+    b = Backoff(10, 600, jitter=0.5, rng=random.Random(3))
+    delays = [b.failed(1000.0) for _ in range(2000)]
+    assert all(300 <= d <= 600 for d in delays[-1000:])
+    assert b.failures == 2000 and not b.ready(1000.0) and b.ready(1000.0 + delays[-1])
+
+
 def test_push_job_backs_off_while_the_server_is_unreachable(data_dir):
     settings = load_settings(
         env={},

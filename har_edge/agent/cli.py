@@ -10,11 +10,18 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Never
 
 from har_edge.agent.errors import HarEdgeError
 from har_edge.agent.settings import Settings
 from har_edge.common.cli import Exit, add_command, stop_event
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from har_edge.agent.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +29,7 @@ log = logging.getLogger(__name__)
 # -- agent ---------------------------------------------------------------------
 
 
-def cmd_agent_run(settings: Settings, args) -> int:
+def cmd_agent_run(settings: Settings, args: argparse.Namespace) -> int:
     from har_edge.agent.daemon import Agent
 
     agent = Agent(settings)
@@ -34,16 +41,20 @@ def cmd_agent_run(settings: Settings, args) -> int:
     return Exit.OK
 
 
-def _progress_bar(total_hint: str):
+def _progress_bar(total_hint: str) -> tuple[tqdm[Never] | None, Callable[[int], None] | None]:
     if not sys.stderr.isatty():
         return None, None
     from tqdm import tqdm
 
     bar = tqdm(desc=total_hint, unit=" windows", leave=False)
-    return bar, bar.update
+
+    def update(n: int) -> None:
+        bar.update(n)
+
+    return bar, update
 
 
-def cmd_agent_process(settings: Settings, args) -> int:
+def cmd_agent_process(settings: Settings, args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
@@ -62,6 +73,12 @@ def cmd_agent_process(settings: Settings, args) -> int:
             staged = Path(tmp) / src.name
             shutil.copy2(src, staged)
             claimed = agent.folder.claim([staged])
+            if claimed is None:  # the staged copy vanished before it was moved into work/
+                print(
+                    f"{src.name}: its staged copy vanished before it could be claimed; not processed", file=sys.stderr
+                )
+                failed += 1
+                continue
             bar, update = _progress_bar(src.name)
             try:
                 outcome = agent.handle(claimed, progress=update)
@@ -78,7 +95,7 @@ def cmd_agent_process(settings: Settings, args) -> int:
     return Exit.FAILED if failed else Exit.OK
 
 
-def cmd_agent_replay(settings: Settings, args) -> int:
+def cmd_agent_replay(settings: Settings, args: argparse.Namespace) -> int:
     from har_edge.agent.watcher import DropFolder
 
     moved = DropFolder(settings.data_dir).replay(args.names or None)
@@ -89,7 +106,7 @@ def cmd_agent_replay(settings: Settings, args) -> int:
     return Exit.OK
 
 
-def cmd_status(settings: Settings, args) -> int:
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from har_edge.agent.modelstore import ActiveModel
     from har_edge.agent.outbox import Outbox
 
@@ -125,7 +142,7 @@ def cmd_status(settings: Settings, args) -> int:
     return Exit.OK
 
 
-def cmd_health(settings: Settings, args) -> int:
+def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 when the outbox takes writes and the active model verifies; 1 otherwise (container HEALTHCHECK)."""
     from sqlalchemy import text
 
@@ -151,7 +168,7 @@ def cmd_health(settings: Settings, args) -> int:
     return Exit.OK
 
 
-def read_pointer_failed(settings: Settings, model) -> bool:
+def read_pointer_failed(settings: Settings, model: LoadedModel) -> bool:
     """True when models/current names a version other than the one that loaded."""
     from har_edge.agent.modelstore import read_pointer
 

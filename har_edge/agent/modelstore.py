@@ -7,8 +7,10 @@ The agent looks at the pointer between files only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from har_edge.agent.errors import ModelError
@@ -32,18 +34,14 @@ def set_pointer(models_dir: Path, target: str | None, name: str = CURRENT) -> No
     models_dir = Path(models_dir)
     link = models_dir / name
     if target is None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             link.unlink()
-        except FileNotFoundError:
-            pass
         return
     if "/" in target or target in ("", ".", ".."):
         raise ValueError(f"model version {target!r} is not a folder name")
     tmp = models_dir / f".{name}.tmp.{os.getpid()}"
-    try:
+    with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    except FileNotFoundError:
-        pass
     os.symlink(target, tmp)
     os.replace(tmp, link)
     fsync_dir(models_dir)
@@ -62,7 +60,13 @@ class ActiveModel:
     """Holds the loaded model and reloads it when the pointer moved (call ``refresh`` between files)."""
 
     def __init__(
-        self, models_dir: Path, *, explicit: Path | None = None, threads: int = 1, batch: int = 64, on_load_failure=None
+        self,
+        models_dir: Path,
+        *,
+        explicit: Path | None = None,
+        threads: int = 1,
+        batch: int = 64,
+        on_load_failure: Callable[[str | None, ModelError], None] | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
         self.explicit = Path(explicit) if explicit else None

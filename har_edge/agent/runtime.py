@@ -9,16 +9,35 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 
 from har_edge.agent.errors import ModelValidationError, RuntimeUnavailable
 
 log = logging.getLogger(__name__)
 
+#: a tensor's details as the interpreter gives them (``index``, ``shape``, ``dtype``, ``quantization``, ...)
+TensorDetails = dict[str, Any]
 
-def _import_interpreter():
+
+class InterpreterLike(Protocol):
+    """The part of a LiteRT / tflite_runtime ``Interpreter`` har-edge uses (neither module is typed)."""
+
+    def get_input_details(self) -> list[TensorDetails]: ...
+    def get_output_details(self) -> list[TensorDetails]: ...
+    def get_tensor_details(self) -> list[TensorDetails]: ...
+    def resize_tensor_input(self, input_index: int, tensor_size: Sequence[int], strict: bool = ...) -> None: ...
+    def allocate_tensors(self) -> None: ...
+    def set_tensor(self, tensor_index: int, value: NDArray[Any]) -> None: ...
+    def invoke(self) -> None: ...
+    def get_tensor(self, tensor_index: int) -> NDArray[Any]: ...
+
+
+def _import_interpreter() -> tuple[Callable[..., InterpreterLike], str]:
     forced = os.environ.get("HAR_EDGE_TFLITE_RUNTIME", "")
     errors = []
     if forced in ("", "ai_edge_litert"):
@@ -72,15 +91,15 @@ class TFLiteRunner:
         if len(shape) != 3:
             raise ModelValidationError(f"{self.path} input shape {shape} is not (batch, window, channels)")
         self.window, self.channels = shape[1], shape[2]
-        self.input_dtype = np.dtype(self._in["dtype"])
-        self.output_dtype = np.dtype(self._out["dtype"])
+        self.input_dtype: np.dtype[Any] = np.dtype(self._in["dtype"])
+        self.output_dtype: np.dtype[Any] = np.dtype(self._out["dtype"])
         self.output_size = int(self._out["shape"][-1])
         self._in_q = self._quant(self._in)
         self._out_q = self._quant(self._out)
         self._resize(self.batch)
 
     @staticmethod
-    def _quant(detail) -> tuple[float, int] | None:
+    def _quant(detail: Mapping[str, Any]) -> tuple[float, int] | None:
         scale, zero = detail.get("quantization", (0.0, 0))
         if np.dtype(detail["dtype"]) in (np.int8, np.uint8):
             if not scale:
@@ -96,7 +115,7 @@ class TFLiteRunner:
             raise ModelValidationError(f"{self.path} cannot run batches of {n}: {exc}") from None
         self._n = n
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, str | int]:
         return {
             "runtime": self.runtime,
             "window": self.window,
@@ -106,15 +125,16 @@ class TFLiteRunner:
             "output_size": self.output_size,
         }
 
-    def _quantize(self, x: np.ndarray) -> np.ndarray:
+    def _quantize(self, x: NDArray[np.float32]) -> NDArray[Any]:
         if self._in_q is None:
             return x.astype(self.input_dtype, copy=False)
         scale, zero = self._in_q
         info = np.iinfo(self.input_dtype)
         q = np.rint(x / np.float32(scale)) + zero
-        return np.clip(q, info.min, info.max).astype(self.input_dtype)
+        quantized: NDArray[Any] = np.clip(q, info.min, info.max).astype(self.input_dtype)  # numpy types np.clip as Any
+        return quantized
 
-    def _quantize_into(self, x: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
+    def _quantize_into(self, x: NDArray[np.float32], out: NDArray[Any], tmp: NDArray[np.float32]) -> None:
         """``out[:] = _quantize(x)`` without temporaries (same operations, same rounding)."""
         if self._in_q is None:
             out[...] = x.astype(self.input_dtype, copy=False)
@@ -127,13 +147,13 @@ class TFLiteRunner:
         np.clip(tmp, info.min, info.max, out=tmp)
         out[...] = tmp
 
-    def _dequantize(self, y: np.ndarray) -> np.ndarray:
+    def _dequantize(self, y: NDArray[Any]) -> NDArray[np.float32]:
         if self._out_q is None:
             return y.astype(np.float32, copy=False)
         scale, zero = self._out_q
         return ((y.astype(np.float32) - zero) * np.float32(scale)).astype(np.float32)
 
-    def predict(self, scaled: np.ndarray, timings: list[float] | None = None) -> np.ndarray:
+    def predict(self, scaled: NDArray[np.floating[Any]], timings: list[float] | None = None) -> NDArray[np.float32]:
         """Probabilities (n, output_size) for standardised windows (n, window, channels).
 
         When ``timings`` is given, the per-window inference time of each batch

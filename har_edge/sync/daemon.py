@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import Settings
@@ -27,6 +28,9 @@ from har_edge.sync.errors import LockBusy, RegistryError, ServerAccessDenied, Se
 from har_edge.sync.models import ModelManager, PullReport
 from har_edge.sync.push import Pusher, PushReport, pending_summary
 from har_edge.sync.retry import Backoff
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +124,7 @@ class SyncDaemon:
 
     # -- schedule ----------------------------------------------------------------------------
 
-    def scheduler(self):
+    def scheduler(self) -> BackgroundScheduler:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         s = self.settings.sync

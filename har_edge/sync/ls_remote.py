@@ -20,6 +20,7 @@ def main(argv: list[str]) -> int:
     try:
         from dulwich.client import LocalGitClient, get_transport_and_path
         from dulwich.porcelain import ls_remote
+        from dulwich.refs import Ref
         from dulwich.repo import Repo
 
         url, prefix = argv[0], argv[1].encode()
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> int:
                 for r in unpeeled:
                     commit = repo.get_peeled(r)
                     if commit != refs[r]:  # an annotated tag
-                        refs[r + b"^{}"] = commit
+                        refs[Ref(r + b"^{}")] = commit
         sys.stdout.write("".join(f"{s.decode()}\t{r.decode()}\n" for r, s in sorted(refs.items())))
         return 0
     except Exception as exc:  # one line for the parent's error message, whatever failed

@@ -24,11 +24,15 @@ import os
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from har_edge.agent.settings import Settings
 from har_edge.sync.errors import ServerAccessDenied, ServerRejected
 from har_edge.sync.retry import translate
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,7 @@ def configure_environment(settings: Settings, env: MutableMapping[str, str] | No
             env[name] = value
 
 
-def make_client(settings: Settings, target: Target | None = None):
+def make_client(settings: Settings, target: Target | None = None) -> MlflowClient:
     """An MlflowClient for the target (imports mlflow: ~2 s, so only when there is something to do)."""
     target = target or resolve_target(settings)
     configure_environment(settings)
@@ -112,7 +116,7 @@ def make_client(settings: Settings, target: Target | None = None):
     return MlflowClient(tracking_uri=target.uri)
 
 
-def ensure_experiment(client, target: Target, name: str) -> str:
+def ensure_experiment(client: MlflowClient, target: Target, name: str) -> str:
     """The id of the experiment ``name``, created when missing; a deleted one is a configuration error."""
     try:
         exp = client.get_experiment_by_name(name)

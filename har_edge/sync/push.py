@@ -27,8 +27,10 @@ import logging
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
 
 from har_edge.agent import __version__
 from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
@@ -41,9 +43,15 @@ from har_edge.sync.locks import file_lock
 from har_edge.sync.mlflow_client import Target, ensure_experiment, make_client, resolve_target
 from har_edge.sync.predictions import ARTIFACT_NAME, write_predictions_csv
 from har_edge.sync.retry import translate
-from har_edge.sync.state import active_manifest, known_models
+from har_edge.sync.state import KnownModel, active_manifest, known_models
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 LOCK_NAME = ".sync-push.lock"
 LOCK_WAIT_S = 120.0
@@ -68,7 +76,7 @@ class PushReport:
     artifacts: int = 0
     deployments: int = 0
     refused: list[str] = field(default_factory=list)
-    backlog: dict = field(default_factory=dict)
+    backlog: dict[str, int | None] = field(default_factory=dict)
     stopped: bool = False
 
     @property
@@ -92,6 +100,37 @@ class _RunGone(Exception):
     """The run of a file no longer accepts data (deleted on the server)."""
 
 
+class _FileRow(Protocol):
+    """The columns of a pending ``files`` row (:meth:`Delivery.pending_files`) that a push reads."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def format(self) -> str | None: ...
+    @property
+    def received_ms(self) -> int: ...
+    @property
+    def processed_ms(self) -> int: ...
+    @property
+    def windows(self) -> int: ...
+    @property
+    def model_name(self) -> str | None: ...
+    @property
+    def model_version(self) -> str | None: ...
+    @property
+    def model_sha256(self) -> str | None: ...
+    @property
+    def agent_version(self) -> str: ...
+    @property
+    def run_id(self) -> str | None: ...
+    @property
+    def artifact_delivered_ms(self) -> int | None: ...
+
+
 class Pusher:
     """Delivers one device's outbox to MLflow. Not thread-safe: one pass at a time (a lock file enforces it)."""
 
@@ -109,21 +148,21 @@ class Pusher:
                 f"device id {self.device!r} holds a quote or backslash: set device_id (HAR_EDGE_DEVICE_ID) "
                 "to letters, digits, '-', '_' or '.'"
             ) from None
-        self._client = None
+        self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._device_run: str | None = None
         self._last_heartbeat_ms: int | None = None
-        self._known = None
+        self._known: dict[str, KnownModel] | None = None
 
     # -- plumbing ---------------------------------------------------------------
 
     @property
-    def client(self):
+    def client(self) -> MlflowClient:
         if self._client is None:
             self._client = make_client(self.settings, self.target)
         return self._client
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, what: str, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Call MLflow, turning its exceptions into unreachable / access denied / rejected."""
         try:
             return fn(*args, **kwargs)
@@ -140,9 +179,26 @@ class Pusher:
             self._experiment_id = ensure_experiment(self.client, self.target, self.sync.experiment)
         return self._experiment_id
 
-    def _run(self, what: str, identity: dict[str, str], **kwargs) -> tuple[str, bool]:
+    def _run(
+        self,
+        what: str,
+        identity: dict[str, str],
+        *,
+        tags: Mapping[str, str],
+        run_name: str,
+        start_time: int | None = None,
+    ) -> tuple[str, bool]:
         try:
-            return self._call(what, runs.find_or_create_run, self.client, self.experiment_id(), identity, **kwargs)
+            return self._call(
+                what,
+                runs.find_or_create_run,
+                self.client,
+                self.experiment_id(),
+                identity,
+                tags=tags,
+                run_name=run_name,
+                start_time=start_time,
+            )
         except ServerRejected as exc:
             # not about one item: the experiment or the account is wrong, and every file would fail alike
             raise ServerAccessDenied(f"{exc}: check sync.experiment and the account's permissions") from exc
@@ -186,10 +242,10 @@ class Pusher:
         if not force and last is not None and 0 <= now_ms_ - last < self.sync.heartbeat_interval_s * 1000:
             return False
         b = self.delivery.backlog()
-        values = {
-            "backlog_files": b["files"],
-            "backlog_points": b["points"],
-            "backlog_deployments": b["deployments"],
+        values: dict[str, float] = {
+            "backlog_files": b["files"] or 0,
+            "backlog_points": b["points"] or 0,
+            "backlog_deployments": b["deployments"] or 0,
             "oldest_undelivered_age_s": max(0.0, (now_ms_ - b["oldest_ms"]) / 1000) if b["oldest_ms"] else 0.0,
             "disk_free_mb": shutil.disk_usage(self.settings.data_dir).free / 1e6,
         }
@@ -213,7 +269,7 @@ class Pusher:
                 log.info("created the device run %s for %s", self._device_run, self.device)
         return self._device_run
 
-    def _push_device(self, report: PushReport, stop) -> None:
+    def _push_device(self, report: PushReport, stop: threading.Event | None) -> None:
         first = True
         while not self._stopped(stop, report):
             pts = self.delivery.pending_points(None, self.sync.batch_size)
@@ -241,7 +297,7 @@ class Pusher:
 
     # -- deployments ------------------------------------------------------------------
 
-    def _push_deployments(self, report: PushReport, stop) -> None:
+    def _push_deployments(self, report: PushReport, stop: threading.Event | None) -> None:
         for d in self.delivery.pending_deployments():
             if self._stopped(stop, report):
                 return
@@ -277,10 +333,10 @@ class Pusher:
 
     # -- files ----------------------------------------------------------------------------
 
-    def _file_identity(self, f) -> dict[str, str]:
+    def _file_identity(self, f: _FileRow) -> dict[str, str]:
         return {runs.KIND: "file", runs.DEVICE: self.device, runs.FILE_SHA: f.sha256}
 
-    def _file_tags(self, f) -> dict[str, str]:
+    def _file_tags(self, f: _FileRow) -> dict[str, str]:
         tags = {
             runs.FILE_NAME: f.name[:MAX_TAG_VALUE],
             runs.FILE_FORMAT: f.format or "",
@@ -291,7 +347,7 @@ class Pusher:
         }
         return {k: v for k, v in tags.items() if v}
 
-    def _file_params(self, f) -> dict[str, str]:
+    def _file_params(self, f: _FileRow) -> dict[str, str]:
         params = {"model_name": f.model_name, "model_version": f.model_version}
         if self._known is None:
             self._known = known_models(self.settings.models_dir)
@@ -309,7 +365,7 @@ class Pusher:
             )
         return {k: v for k, v in params.items() if v}
 
-    def _push_file(self, f, report: PushReport, stop) -> None:
+    def _push_file(self, f: _FileRow, report: PushReport, stop: threading.Event | None) -> None:
         run_id, created = f.run_id, False
         if run_id is None:
             run_id, created = self._run(
@@ -361,7 +417,7 @@ class Pusher:
             self.delivery.refuse_file(f.id, msg)
             report.refused.append(f"file {f.name}")
 
-    def _params_with_first_points(self, f, run_id: str, report: PushReport) -> bool:
+    def _params_with_first_points(self, f: _FileRow, run_id: str, report: PushReport) -> bool:
         """On a run just created (it has no params to conflict with) params ride with the first points.
 
         Saves a request per file. False when that batch was refused: then params and points go apart.
@@ -383,7 +439,7 @@ class Pusher:
         self._mark(pts, [], f.id, report)
         return True
 
-    def _push_params(self, f, run_id: str, report: PushReport) -> None:
+    def _push_params(self, f: _FileRow, run_id: str, report: PushReport) -> None:
         if self.delivery.refused("params", f.id):
             return
         from mlflow.entities import Param
@@ -396,7 +452,7 @@ class Pusher:
                 raise _RunGone(str(exc)) from exc
             self._refuse("params", f.id, f"params of {f.name}", exc, report)
 
-    def _push_artifact(self, f, run_id: str, report: PushReport) -> None:
+    def _push_artifact(self, f: _FileRow, run_id: str, report: PushReport) -> None:
         if f.windows:
             names, starts, probs = self.outbox.file_windows(f.id)
             tmp_root = Path(self.settings.data_dir) / ".sync-tmp"
@@ -415,7 +471,9 @@ class Pusher:
 
     # -- points --------------------------------------------------------------------------
 
-    def _send_points(self, run_id: str, pts: list[PendingPoint], what: str, top: bool = True):
+    def _send_points(
+        self, run_id: str, pts: list[PendingPoint], what: str, top: bool = True
+    ) -> tuple[list[PendingPoint], list[tuple[PendingPoint, str]]]:
         """(acknowledged, [(point, error)]) for a chunk; a rejected chunk is split to find the bad points."""
         from mlflow.entities import Metric
 
@@ -440,7 +498,14 @@ class Pusher:
             return True
         return run.info.lifecycle_stage == "deleted"
 
-    def _mark(self, ok: list[PendingPoint], bad, file_id: int | None, report: PushReport, device: bool = False) -> None:
+    def _mark(
+        self,
+        ok: list[PendingPoint],
+        bad: list[tuple[PendingPoint, str]],
+        file_id: int | None,
+        report: PushReport,
+        device: bool = False,
+    ) -> None:
         self.delivery.mark_points([p.id for p in ok])
         if device:
             report.device_points += len(ok)

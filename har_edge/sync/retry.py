@@ -47,7 +47,7 @@ def _unreachable_types() -> tuple[type[BaseException], ...]:
     try:
         import requests
 
-        return UNREACHABLE_TYPES + (requests.ConnectionError, requests.Timeout)
+        return (*UNREACHABLE_TYPES, requests.ConnectionError, requests.Timeout)
     except ImportError:  # pragma: no cover - requests comes with mlflow
         return UNREACHABLE_TYPES
 
@@ -60,12 +60,8 @@ def classify(exc: BaseException) -> Failure | None:
         return Failure.ACCESS
     if isinstance(exc, ServerRejected):
         return Failure.REJECTED
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:  # pragma: no cover
-        MlflowException = ()  # type: ignore[assignment]
-    if MlflowException and isinstance(exc, MlflowException):
-        code = str(exc.error_code or "INTERNAL_ERROR")
+    code = _mlflow_error_code(exc)
+    if code is not None:
         if code in ACCESS_CODES:
             return Failure.ACCESS
         if code in TEMPORARY_CODES:
@@ -80,6 +76,17 @@ def classify(exc: BaseException) -> Failure | None:
         pass
     if isinstance(exc, _unreachable_types()):
         return Failure.UNREACHABLE
+    return None
+
+
+def _mlflow_error_code(exc: BaseException) -> str | None:
+    """The error code of an ``MlflowException`` (INTERNAL_ERROR when it has none); None for any other exception."""
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(exc, MlflowException):
+        return str(exc.error_code or "INTERNAL_ERROR")
     return None
 
 
@@ -139,7 +146,8 @@ class Backoff:
     def failed(self, now: float) -> float:
         """Record a failure at ``now``; return the delay until the next attempt."""
         self.failures += 1
-        delay = min(self.maximum_s, self.initial_s * 2 ** (self.failures - 1))
+        # 2.0 ** 1024 overflows (days of failures at the cap); the cap is reached long before 2 ** 1000
+        delay = min(self.maximum_s, self.initial_s * 2.0 ** min(self.failures - 1, 1000))
         delay *= 1.0 - self.jitter * self.rng.random()
         self.not_before = now + delay
         return delay

@@ -16,6 +16,10 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ def identity_filter(identity: Mapping[str, str]) -> str:
     return " AND ".join(parts)
 
 
-def find_run(client, experiment_id: str, identity: Mapping[str, str]) -> str | None:
+def find_run(client: MlflowClient, experiment_id: str, identity: Mapping[str, str]) -> str | None:
     """The run carrying all identity tags (the oldest, if a race ever made two), or None."""
     runs = client.search_runs(
         [experiment_id], identity_filter(identity), max_results=5, order_by=["attributes.start_time ASC"]
@@ -58,11 +62,12 @@ def find_run(client, experiment_id: str, identity: Mapping[str, str]) -> str | N
             ", ".join(f"{k}={v}" for k, v in identity.items()),
             runs[0].info.run_id,
         )
-    return runs[0].info.run_id
+    run_id: str = runs[0].info.run_id  # RunInfo.run_id is a property subclass: mypy sees Any
+    return run_id
 
 
 def find_or_create_run(
-    client,
+    client: MlflowClient,
     experiment_id: str,
     identity: Mapping[str, str],
     *,
