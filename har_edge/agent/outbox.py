@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import and_, bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection, CursorResult, Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 
@@ -41,8 +41,28 @@ from har_edge.agent.outbox_schema import (
     sync_refusals,
     windows,
 )
+from har_edge.common.states import FileStatus
 
 log = logging.getLogger(__name__)
+
+#: What "pending" means, defined once: an item the server has not acknowledged yet. A processed file is
+#: pending until its run is FINISHED (its points, predictions and the finish all acknowledged); a metric
+#: point or a deployment record until it is marked delivered. Duplicates and failed files are never sent.
+PENDING_FILE = and_(files.c.status == FileStatus.PROCESSED.value, files.c.finished_ms.is_(None))
+PENDING_POINT = metrics.c.delivered_ms.is_(None)
+PENDING_DEPLOYMENT = deployments.c.delivered_ms.is_(None)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Pending items (see ``PENDING_*``) and the time of the oldest one, for status, heartbeat and the CLI."""
+
+    files: int
+    windows: int
+    points: int
+    deployments: int
+    oldest_ms: int | None
+
 
 _T = TypeVar("_T")
 
@@ -358,26 +378,44 @@ class Outbox:
             rows = conn.execute(select(metrics).where(cond).order_by(metrics.c.id)).all()
         return [MetricPoint(r.key, r.value, r.timestamp_ms, r.step) for r in rows]
 
+    def backlog(self) -> Backlog:
+        """What is pending: not yet acknowledged by the server (the one definition, see :class:`Backlog`)."""
+        with self.engine.connect() as conn:
+            n_files, n_windows, oldest_file = conn.execute(
+                select(func.count(), func.coalesce(func.sum(files.c.windows), 0), func.min(files.c.processed_ms)).where(
+                    PENDING_FILE
+                )
+            ).one()
+            n_points = conn.execute(select(func.count()).where(PENDING_POINT)).scalar()
+            oldest_device = conn.execute(
+                select(func.min(metrics.c.timestamp_ms)).where(metrics.c.file_id.is_(None), PENDING_POINT)
+            ).scalar()
+            n_dep, oldest_dep = conn.execute(
+                select(func.count(), func.min(deployments.c.time_ms)).where(PENDING_DEPLOYMENT)
+            ).one()
+        oldest = [t for t in (oldest_file, oldest_device, oldest_dep) if t is not None]
+        return Backlog(
+            files=int(n_files),
+            windows=int(n_windows or 0),
+            points=int(n_points or 0),
+            deployments=int(n_dep),
+            oldest_ms=min(oldest) if oldest else None,
+        )
+
     def status_counts(self) -> dict[str, Any]:
+        backlog = self.backlog()
         with self.engine.connect() as conn:
             by_status: dict[str, int] = dict(
                 conn.execute(select(files.c.status, func.count()).group_by(files.c.status)).all()
             )
-            pending_windows = conn.execute(
-                select(func.coalesce(func.sum(files.c.windows), 0)).where(
-                    files.c.status == "processed", files.c.artifact_delivered_ms.is_(None)
-                )
-            ).scalar()
-            pending_points = conn.execute(select(func.count()).where(metrics.c.delivered_ms.is_(None))).scalar()
-            oldest = conn.execute(
-                select(func.min(metrics.c.timestamp_ms)).where(metrics.c.delivered_ms.is_(None))
-            ).scalar()
             last = conn.execute(select(files).order_by(files.c.id.desc()).limit(1)).first()
         return {
             "files": {k: int(v) for k, v in by_status.items()},
-            "windows_pending_delivery": int(pending_windows or 0),
-            "metric_points_pending": int(pending_points or 0),
-            "oldest_pending_ms": oldest,
+            "files_pending_delivery": backlog.files,
+            "windows_pending_delivery": backlog.windows,
+            "metric_points_pending": backlog.points,
+            "deployments_pending": backlog.deployments,
+            "oldest_pending_ms": backlog.oldest_ms,
             "last_file": None
             if last is None
             else {

@@ -17,7 +17,19 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, delete, func, insert, select, update
 
-from har_edge.agent.outbox import Outbox, deployments, files, labels, metrics, now_ms, windows
+from har_edge.agent.outbox import (
+    PENDING_DEPLOYMENT,
+    PENDING_FILE,
+    PENDING_POINT,
+    Backlog,
+    Outbox,
+    deployments,
+    files,
+    labels,
+    metrics,
+    now_ms,
+    windows,
+)
 from har_edge.agent.outbox import sync_refusals as refusals
 
 __all__ = ["Delivery", "PendingPoint", "refusals"]
@@ -42,7 +54,7 @@ class Delivery:
 
     def pending_files(self, limit: int | None = None) -> list:
         """Processed files whose run is not finished yet, oldest first."""
-        q = select(files).where(files.c.status == "processed", files.c.finished_ms.is_(None)).order_by(files.c.id)
+        q = select(files).where(PENDING_FILE).order_by(files.c.id)
         if limit is not None:
             q = q.limit(limit)
         with self.outbox.engine.connect() as conn:
@@ -52,7 +64,7 @@ class Delivery:
         cond = metrics.c.file_id.is_(None) if file_id is None else metrics.c.file_id == file_id
         q = (
             select(metrics.c.id, metrics.c.key, metrics.c.value, metrics.c.timestamp_ms, metrics.c.step)
-            .where(cond, metrics.c.delivered_ms.is_(None))
+            .where(cond, PENDING_POINT)
             .order_by(metrics.c.id)
             .limit(limit)
         )
@@ -61,9 +73,7 @@ class Delivery:
 
     def pending_deployments(self) -> list:
         with self.outbox.engine.connect() as conn:
-            return conn.execute(
-                select(deployments).where(deployments.c.delivered_ms.is_(None)).order_by(deployments.c.id)
-            ).all()
+            return conn.execute(select(deployments).where(PENDING_DEPLOYMENT).order_by(deployments.c.id)).all()
 
     def file_labels(self, file_id: int) -> list[str]:
         with self.outbox.engine.connect() as conn:
@@ -84,29 +94,9 @@ class Delivery:
             return conn.execute(select(refusals).order_by(refusals.c.id)).all()
 
     def backlog(self) -> dict[str, int | None]:
-        """Pending items and the time of the oldest one (ms), for the heartbeat and the CLI."""
-        with self.outbox.engine.connect() as conn:
-            n_files, oldest_file = conn.execute(
-                select(func.count(), func.min(files.c.processed_ms)).where(
-                    files.c.status == "processed", files.c.finished_ms.is_(None)
-                )
-            ).one()
-            n_points = conn.execute(select(func.count()).where(metrics.c.delivered_ms.is_(None))).scalar()
-            oldest_device = conn.execute(
-                select(func.min(metrics.c.timestamp_ms)).where(
-                    metrics.c.file_id.is_(None), metrics.c.delivered_ms.is_(None)
-                )
-            ).scalar()
-            n_dep, oldest_dep = conn.execute(
-                select(func.count(), func.min(deployments.c.time_ms)).where(deployments.c.delivered_ms.is_(None))
-            ).one()
-        oldest = [t for t in (oldest_file, oldest_device, oldest_dep) if t is not None]
-        return {
-            "files": int(n_files),
-            "points": int(n_points or 0),
-            "deployments": int(n_dep),
-            "oldest_ms": min(oldest) if oldest else None,
-        }
+        """Pending files, points and deployments and the time of the oldest (ms), as the outbox defines them."""
+        b: Backlog = self.outbox.backlog()
+        return {"files": b.files, "points": b.points, "deployments": b.deployments, "oldest_ms": b.oldest_ms}
 
     def last_device_point_ms(self, key: str) -> int | None:
         with self.outbox.engine.connect() as conn:
