@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from har_edge.agent.errors import ModelValidationError, RuntimeUnavailable
+from har_edge.agent.nativelog import filtered_stderr
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class TFLiteRunner:
         self.output_size = int(self._out["shape"][-1])
         self._in_q = self._quant(self._in)
         self._out_q = self._quant(self._out)
-        self._resize(self.batch)
+        with filtered_stderr():  # the first allocation prints LiteRT's XNNPACK banner on fd 2
+            self._resize(self.batch)
 
     @staticmethod
     def _quant(detail) -> tuple[float, int] | None:
