@@ -14,6 +14,7 @@ loop, and the loop never waits for a scrape.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -98,9 +99,12 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send(200, b"ready\n")
             else:
                 self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("http: the client of %s went away", path)
         except Exception:  # a scrape must never take the agent down
             log.exception("http: %s failed", path)
-            self._send(500, b"internal error (see the agent's log)\n")
+            with contextlib.suppress(OSError):
+                self._send(500, b"internal error (see the agent's log)\n")
 
 
 def _run_check(check: Check) -> str | None:
@@ -205,7 +209,8 @@ def agent_checks(agent: Agent) -> list[Check]:
         return None
 
     def budget() -> str | None:
-        if agent.over_budget():
+        # what the loop last decided (Agent.over_budget()); asking again here would wait on the outbox's lock
+        if getattr(agent, "_paused", False):
             return f"outbox over agent.outbox_max_mb = {agent.settings.agent.outbox_max_mb:g}: ingestion paused"
         return None
 
