@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from har_edge import __version__
+from har_edge import __version__, doctor
 from har_edge.agent import cli as agent_cli
 from har_edge.agent.errors import ConfigError, HarEdgeError
 from har_edge.agent.logs import setup_logging
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         sync_cli.register(sub, parents)
+    doctor.register(sub, parents)
     return p
 
 

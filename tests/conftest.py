@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "tests"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _agents_serve_no_http_unless_asked():
+    """``har-edge agent run`` started by a test serves HTTP only on a port the test gives it (tests run in parallel)."""
+    os.environ.setdefault("HAR_EDGE_HTTP__ADDRESS", "")
 
 
 @pytest.fixture

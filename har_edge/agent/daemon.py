@@ -246,6 +246,9 @@ class Agent:
             def on_any_event(self, event: FileSystemEvent) -> None:
                 wake.set()
 
+        from har_edge.agent.http import start_agent_endpoints
+
+        http = start_agent_endpoints(self)  # /metrics, /healthz, /readyz on http.address (None: off)
         self.models.refresh()
         self.recover()
         observer: Any = Observer()
@@ -270,4 +273,6 @@ class Agent:
         finally:
             observer.stop()
             observer.join(timeout=5)
+            if http is not None:
+                http.stop()
             log.info("agent stopped")

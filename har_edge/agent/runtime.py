@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from har_edge.agent.errors import ModelValidationError, RuntimeUnavailable
+from har_edge.agent.nativelog import filtered_stderr
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ class TFLiteRunner:
         self.output_size = int(self._out["shape"][-1])
         self._in_q = self._quant(self._in)
         self._out_q = self._quant(self._out)
-        self._resize(self.batch)
+        with filtered_stderr():  # the first allocation prints LiteRT's XNNPACK banner on fd 2
+            self._resize(self.batch)
 
     @staticmethod
     def _quant(detail: Mapping[str, Any]) -> tuple[float, int] | None:

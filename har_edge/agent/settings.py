@@ -136,6 +136,22 @@ class SyncSettings(_Section):
         return tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else v
 
 
+class HttpSettings(_Section):
+    """The agent's HTTP endpoints: /metrics (Prometheus), /healthz, /readyz (docs/observe.md)."""
+
+    address: str = Field(
+        "127.0.0.1:9464", description="host:port served by `har-edge agent run`; empty turns the endpoints off"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        from har_edge.agent.http import parse_address  # one parser for the setting and the server
+
+        parse_address(v.strip())
+        return v.strip()
+
+
 class Settings(_Section):
     data_dir: Path = Field(Path("var"), description="holds inbox, archive, quarantine, outbox, models, logs")
     device_id: str = Field("", description="default: the host name")
@@ -143,6 +159,7 @@ class Settings(_Section):
     log_json: bool = False
     agent: AgentSettings = AgentSettings()
     sync: SyncSettings = SyncSettings()
+    http: HttpSettings = HttpSettings()
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -42,11 +42,12 @@ def cmd_sync_run(settings: Settings, args) -> int:
 def cmd_sync_once(settings: Settings, args) -> int:
     """One push and one pull; print what was delivered and fetched."""
     from har_edge.sync.daemon import SyncDaemon
+    from har_edge.sync.passes import record
 
     daemon = SyncDaemon(settings)
     now = time.time()
     code = Exit.OK
-    push = daemon.push_job(now)
+    push = record(daemon.outbox, "push", daemon.push_job(now))
     target = daemon.pusher.target
     if push.report is not None:
         r = push.report
@@ -63,7 +64,7 @@ def cmd_sync_once(settings: Settings, args) -> int:
             code = Exit.UNREACHABLE
         elif not isinstance(push.error, (ServerUnreachable, ServerAccessDenied)):
             code = Exit.FAILED
-    pull = daemon.pull_job(now)
+    pull = record(daemon.outbox, "pull", daemon.pull_job(now))
     if pull.report is not None:
         p = pull.report
         if p.releases:

@@ -26,6 +26,7 @@ from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import Settings
 from har_edge.sync.errors import LockBusy, RegistryError, ServerAccessDenied, ServerUnreachable
 from har_edge.sync.models import ModelManager, PullReport
+from har_edge.sync.passes import record
 from har_edge.sync.push import Pusher, PushReport, pending_summary
 from har_edge.sync.retry import Backoff
 
@@ -133,7 +134,7 @@ class SyncDaemon:
         once = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         start = datetime.now(UTC)  # the first push and pull right away, then on the interval
         sched.add_job(
-            lambda: self.push_job(time.time()),
+            lambda: record(self.outbox, "push", self.push_job(time.time())),
             "interval",
             id="push",
             name="push outbox",
@@ -143,7 +144,7 @@ class SyncDaemon:
             **once,
         )
         sched.add_job(
-            lambda: self.pull_job(time.time()),
+            lambda: record(self.outbox, "pull", self.pull_job(time.time())),
             "interval",
             id="pull",
             name="pull models",
@@ -153,7 +154,7 @@ class SyncDaemon:
             **once,
         )
         sched.add_job(
-            lambda: self.health_job(time.time()),
+            lambda: record(self.outbox, "health", self.health_job(time.time())),
             "interval",
             id="health",
             name="health gate",
