@@ -18,6 +18,7 @@ from sync_helpers import release_version, restore_mlflow_env  # noqa: F401 - an 
 from har_edge import doctor
 from har_edge.agent.model import BUNDLED_MODEL_DIR
 from har_edge.agent.modelstore import set_pointer
+from har_edge.agent.outbox import SCHEMA_VERSION as OUTBOX_SCHEMA
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import load_settings
 
@@ -84,7 +85,7 @@ def test_outbox_ok_absent_and_schema_mismatch(tmp_path):
     assert r.status == doctor.OK and "does not exist yet" in r.message and not path.exists()
     Outbox(path).close()
     r = doctor.check_outbox(path)
-    assert r.status == doctor.OK and "quick_check ok, schema version 1" in r.message
+    assert r.status == doctor.OK and f"quick_check ok, schema version {OUTBOX_SCHEMA}" in r.message
     with sqlite3.connect(path) as c:
         c.execute("UPDATE schema_version SET version = 99")
     r = doctor.check_outbox(path)

@@ -7,9 +7,8 @@ scrape the agent every second and runs every PromQL of the shipped Grafana
 dashboard through Prometheus's query API: each must return data. Grafana
 itself is not run here (no package of it on PyPI or Debian).
 
-Verdicts: ``files.monitor_status`` belongs to the monitor feature; where the
-outbox has no such column yet the test adds it with ALTER TABLE and sets one
-verdict, as the monitor would.
+Verdicts: ``files.monitor_status`` (outbox schema v2) is set by the monitor; the
+tests set one verdict as the monitor would.
 """
 
 from __future__ import annotations
@@ -170,8 +169,6 @@ def test_verdicts_read_the_monitor_column_when_there(settings, walk_fit, tmp_pat
     other = tmp_path / "other.fit"
     write_imu_fit(other, rate_hz=50, seconds=60, start=START, seed=3)
     _process(agent, other)
-    with sqlite3.connect(settings.outbox_path) as c:
-        c.execute("ALTER TABLE files ADD COLUMN monitor_status TEXT")
     reg = agent_registry(agent)
     assert not any(k[0].startswith("har_edge_monitor_verdicts") for k in _scrape(reg))  # all NULL: no verdict
     with sqlite3.connect(settings.outbox_path) as c:
@@ -427,9 +424,6 @@ def test_prometheus_scrapes_a_running_agent_and_every_panel_has_data(tmp_path, p
         assert _wait(lambda: prom.value(processed) == 1, 90, every=0.5)
         # the monitor's verdict, as the monitor feature stores it
         with sqlite3.connect(data / "outbox.sqlite", timeout=30) as c:
-            cols = {r[1] for r in c.execute("PRAGMA table_info(files)")}
-            if "monitor_status" not in cols:
-                c.execute("ALTER TABLE files ADD COLUMN monitor_status TEXT")
             c.execute("UPDATE files SET monitor_status = 'ok' WHERE name = 'walk.fit'")
         # sync: one pass to a closed port (fails: the file waits), then one to a local MLflow store (succeeds)
         sync_env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}

@@ -194,7 +194,7 @@ class Outbox:
         self.engine = _sqlite_engine(self.path, busy_timeout_s)
         try:
             if check:
-                self._quick_check()
+                self._guard(self._quick_check)  # opening itself can fail (a folder where the file should be)
             #: the schema version the file had when opened (0: a new file)
             self.opened_version = self._guard(lambda: migrate(self.engine, self.path))
         except BaseException:

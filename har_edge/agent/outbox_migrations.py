@@ -24,7 +24,15 @@ from sqlalchemy import Engine, insert, select, text, update
 from sqlalchemy.engine import Connection
 
 from har_edge.agent.errors import SchemaVersionError
-from har_edge.agent.outbox_schema import attempts, inbox_seen, metadata, schema_version, sync_refusals
+from har_edge.agent.outbox_schema import (
+    attempts,
+    inbox_seen,
+    metadata,
+    schema_version,
+    sync_failures,
+    sync_passes,
+    sync_refusals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +62,18 @@ def _v2(conn: Connection) -> None:
     for ix in attempts.indexes:
         ix.create(conn, checkfirst=True)
     inbox_seen.create(conn, checkfirst=True)
+    sync_passes.create(conn, checkfirst=True)
+    sync_failures.create(conn, checkfirst=True)
     _add_columns(conn, "files", {"error_stage": "VARCHAR(16)", "monitor_status": "VARCHAR(16)", "monitor_json": "TEXT"})
 
 
 MIGRATIONS: list[Migration] = [
-    Migration(2, "sync_refusals, attempts, inbox_seen; files.error_stage, monitor_status, monitor_json", _v2),
+    Migration(
+        2,
+        "sync_refusals, attempts, inbox_seen, sync_passes, sync_failures; files.error_stage, monitor_status, "
+        "monitor_json",
+        _v2,
+    ),
 ]
 
 #: the version this code writes

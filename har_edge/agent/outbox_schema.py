@@ -149,3 +149,22 @@ inbox_seen = Table(
     Column("mtime_ns", BigInteger, nullable=False),
     Column("first_seen_ms", BigInteger, nullable=False),
 )
+
+#: v2: how the sync daemon's passes went (push, pull, health), read by the agent's /metrics: one row per task
+sync_passes = Table(
+    "sync_passes",
+    metadata,
+    Column("task", Text, primary_key=True),
+    Column("last_success_ms", BigInteger),
+    Column("last_failure_ms", BigInteger),
+    Column("last_error", Text),
+)
+
+#: v2: failed sync passes counted by task and error kind
+sync_failures = Table(
+    "sync_failures",
+    metadata,
+    Column("task", Text, primary_key=True),
+    Column("kind", Text, primary_key=True),
+    Column("count", BigInteger, nullable=False, default=0),
+)

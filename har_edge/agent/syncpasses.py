@@ -1,9 +1,8 @@
 """How the sync daemon's passes went, kept in the outbox so the agent's /metrics can export it.
 
-Two small tables, created on first write (like ``sync_refusals``, they need no
-schema version): ``sync_passes`` holds one row per task (push, pull, health)
-with the time of its last success and last failure, ``sync_failures`` a
-count per task and error kind. The sync daemon writes them
+Two small tables of the outbox's schema (v2, :mod:`har_edge.agent.outbox_schema`):
+``sync_passes`` holds one row per task (push, pull, health) with the time of its
+last success and last failure, ``sync_failures`` a count per task and error kind. The sync daemon writes them
 (:func:`record_pass`, one tiny transaction per pass); the agent's metrics
 collector reads them (:func:`read_passes`) and tolerates their absence.
 The agent defines them so that neither side imports the other's code.
@@ -17,13 +16,6 @@ from dataclasses import dataclass
 from sqlalchemy import text
 
 from har_edge.agent.outbox import Outbox, now_ms
-
-_CREATE = (
-    "CREATE TABLE IF NOT EXISTS sync_passes (task TEXT PRIMARY KEY, last_success_ms INTEGER, "
-    "last_failure_ms INTEGER, last_error TEXT)",
-    "CREATE TABLE IF NOT EXISTS sync_failures (task TEXT NOT NULL, kind TEXT NOT NULL, "
-    "count INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (task, kind))",
-)
 
 
 @dataclass(frozen=True)
@@ -40,8 +32,6 @@ def record_pass(
     """Store the outcome of one pass of ``task``: a success when ``error_kind`` is None."""
     at = at_ms if at_ms is not None else now_ms()
     with outbox.transaction() as conn:
-        for sql in _CREATE:
-            conn.execute(text(sql))
         if error_kind is None:
             conn.execute(
                 text(
