@@ -165,6 +165,7 @@ class Processor:
         starts_parts: list[np.ndarray] = []
         probs_parts: list[np.ndarray] = []
         quality: dict[str, float] = {}
+        outside = np.zeros(m.n_channels, np.float64)  # scaled values beyond the int8 input range, per channel
         try:
             with clock.stage("decode"):
                 recordings = open_export(
@@ -187,7 +188,7 @@ class Processor:
                     # whole batches only: a chunk's last few windows wait for the next chunk's
                     for windows, starts in batcher.add(ws):
                         with clock.stage("inference"):
-                            probs_parts.append(model.predict(windows, per_window))
+                            probs_parts.append(model.predict(windows, per_window, outside))
                             starts_parts.append(starts)
                         if progress is not None:
                             progress(len(starts))
@@ -195,7 +196,8 @@ class Processor:
                 for k, v in q.items():  # several recordings (a zip): sums, and the last rate
                     quality[k] = (
                         quality.get(k, 0.0) + v
-                        if k not in ("native_rate_hz", "coverage", "gyro_present", "saturated_share")
+                        if k
+                        not in ("native_rate_hz", "coverage", "gyro_present", "saturated_share", "gyro_saturated_share")
                         else v
                     )
             fmt = ",".join(sorted({r.format for r in recordings}))
@@ -211,6 +213,9 @@ class Processor:
             )
         starts = np.concatenate(starts_parts)
         probs = np.concatenate(probs_parts)
+        values = len(probs) * m.window
+        for c, n_out in zip(m.channels, outside.tolist()):
+            quality[f"input_outside_share_{c.name}"] = n_out / values if values else 0.0
         if len(starts) > 1 and not (np.diff(starts) >= 0).all():
             order = np.argsort(starts, kind="stable")
             starts, probs = starts[order], probs[order]
