@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from har_edge.agent.errors import ChecksumMismatch, ModelError
-from har_edge.agent.manifest import CHANNELS, Manifest, read_manifest, verify_files
+from har_edge.agent.manifest import Manifest, read_manifest, verify_files
 from har_edge.agent.model import BUNDLED_MODEL_DIR, load_model
 from har_edge.agent.modelstore import CURRENT, PREVIOUS, fsync_dir, read_pointer, set_pointer
 from har_edge.agent.outbox import Outbox
@@ -195,10 +195,7 @@ class ModelManager:
                 f"release {release.tag} holds a manifest of version {m.version}: "
                 "the tag and the manifest must agree; re-release it"
             )
-        want = [name for name, _unit in CHANNELS]
-        got = [c.name for c in m.channels]
-        if got != want:
-            raise ModelRefused(f"{m.name} {m.version} expects channels {got}; the agent feeds {want}")
+        m.channel_map  # every channel is one the agent can feed, in a unit it converts to (ManifestError)
         verify_files(folder, m)
         return m
 

@@ -57,7 +57,7 @@ def _exports(paths: list[Path]) -> list[list[Path]]:
     """Group table pairs (…-accelerometer_data / …-gyroscope_data) into one export; others alone."""
     from har_edge.agent.decode import pair_key
 
-    groups: dict[tuple[str, str], list[Path]] = {}
+    groups: dict[tuple[str, str], list[Path]] = {}  # (folder, prefix) -> the pair
     singles: list[list[Path]] = []
     for p in paths:
         if p.is_dir():
@@ -68,7 +68,7 @@ def _exports(paths: list[Path]) -> list[list[Path]]:
         if key is None:
             singles.append([p])
         else:
-            groups.setdefault(key, []).append(p)
+            groups.setdefault((str(p.parent), key[0]), []).append(p)
     return singles + [sorted(v) for v in groups.values()]
 
 
