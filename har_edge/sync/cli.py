@@ -234,8 +234,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ver.add_argument("version", nargs="?", help="only this installed version (default: active and previous)")
     ver.add_argument("--release", metavar="VERSION", help="fetch this release and check it without activating it")
     ver.set_defaults(func=cmd_models_verify)
-    pin = msub.add_parser("pin", help="activate exactly this version and stay on it (--clear: follow the newest)")
-    pin.add_argument("version", nargs="?")
+    pin = msub.add_parser(
+        "pin", help="activate exactly NAME@VERSION (or VERSION of sync.model_name) and stay on it (--clear: follow)"
+    )
+    pin.add_argument("version", nargs="?", metavar="NAME@VERSION")
     pin.add_argument("--clear", action="store_true", help="remove the pin")
     pin.set_defaults(func=cmd_models_pin)
     rb = msub.add_parser("rollback", help="switch back to the previous model and refuse the active one")
