@@ -341,7 +341,10 @@ class ModelManager:
             state.probation = None
             state.save(self.models_dir)
             return
-        verdict = judge(self.outbox, p, self.sync)
+        new_m = self.manifest_of(p.folder)
+        prev_m = self.manifest_of(p.previous_folder)  # None folder: the bundled model
+        labels = (new_m.labels if new_m else None, prev_m.labels if prev_m else None)
+        verdict = judge(self.outbox, p, self.sync, labels=labels)
         report.health = verdict.state
         if verdict.state == "pending":
             log.debug("health gate for %s: %s", p.version, verdict.reason)
@@ -349,6 +352,9 @@ class ModelManager:
             log.info("%s passed the health gate: %s", p.version, verdict.reason)
             state.probation = None
             state.save(self.models_dir)
+            self.outbox.record_deployment(
+                from_version=p.previous_version, to_version=p.folder, outcome="healthy", reason=verdict.reason
+            )
         else:
             log.error("%s failed the health gate: %s", p.version, verdict.reason)
             self._rollback(now, report, reason=f"health gate: {verdict.reason}", refuse=True)
