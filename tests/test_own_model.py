@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sync_helpers import restore_mlflow_env  # noqa: F401 - fixture
 from trainer_helpers import git, write_study_pair
 
 from har_edge.agent.channels import ACCEL_MS2_PER_G, ChannelMap
@@ -417,3 +418,79 @@ def test_a_missing_golden_file_is_refused_and_har_train_golden_regenerates_it(im
     m = load_model(folder).manifest
     with np.load(folder / GOLDEN_FILE) as g:
         assert g["windows"].shape == (m.golden.count, WINDOW, 6)
+
+
+# -- identity and the health gate (real git + DVC registry, real outbox) ----------------------------
+
+
+def _sync_settings(data_dir: Path, registry, **sync):
+    from har_edge.agent.settings import load_settings
+
+    return load_settings(
+        env={}, data_dir=data_dir, device_id="dev-own", agent={"settle_s": 0.0}, sync={"registry": registry, **sync}
+    )
+
+
+def test_model_identity_is_name_and_version(tmp_path, data_dir, restore_mlflow_env):
+    from sync_helpers import BUNDLED, RegistryRepo
+
+    from har_edge.sync.errors import SyncError
+    from har_edge.sync.models import ModelManager
+
+    reg = RegistryRepo(tmp_path / "registry", name="study-har")
+    reg.release(BUNDLED.version)  # the same version as the bundled model, another model
+    mm = ModelManager(_sync_settings(data_dir, reg.url, model_name="study-har"))
+    report = mm.update(time.time())
+    assert report.activated == BUNDLED.version, report.summary()  # the bundled model is no reason to skip it
+    assert read_manifest(mm.folder_of(mm.pointers()[0])).name == "study-har"
+    assert mm.pin_version(f"study-har@{BUNDLED.version}", time.time()).note == (
+        f"study-har@{BUNDLED.version} is already active"
+    )
+    with pytest.raises(SyncError, match="follows study-har: set sync.model_name = har-cnn"):
+        mm.pin_version("har-cnn@1.0.0", time.time())
+
+    other = ModelManager(_sync_settings(tmp_path / "var2", reg.url, model_name="har-cnn"))
+    assert other.update(time.time()).note == (
+        "the registry has releases of study-har; you follow har-cnn: set sync.model_name"
+    )
+
+
+def test_models_verify_checks_agent_model_dir(tmp_path, data_dir, restore_mlflow_env):
+    from har_edge.sync.models import ModelManager
+
+    broken = tmp_path / "mine"
+    shutil.copytree(BUNDLED_MODEL_DIR, broken)
+    (broken / "model.tflite").write_bytes(b"not a model")
+    from har_edge.agent.settings import load_settings
+
+    mm = ModelManager(load_settings(env={}, data_dir=data_dir, device_id="d", agent={"model_dir": str(broken)}))
+    ((label, _version, problem),) = mm.verify_installed()
+    assert label == f"agent.model_dir {broken}" and problem is not None and "sha256" in problem
+
+
+def test_the_health_gate_compares_confidence_only_across_the_same_label_set(tmp_path, restore_mlflow_env):
+    from sync_helpers import add_file
+
+    from har_edge.agent.outbox import Outbox
+    from har_edge.agent.settings import SyncSettings
+    from har_edge.sync.health import judge
+    from har_edge.sync.state import Probation
+
+    ob = Outbox(tmp_path / "outbox.db")
+    six = ["walking", "walking_upstairs", "walking_downstairs", "sitting", "standing", "lying"]
+    eleven = [f"behaviour_{i}" for i in range(11)]
+    old_sha, new_sha = "a" * 64, "b" * 64
+    for seed in range(3):
+        add_file(ob, seed, minutes=2, labels=six, model_sha256=old_sha, confidence=0.95, processed_ms=1000 + seed)
+    since = 10_000
+    for seed in range(3, 6):
+        add_file(ob, seed, minutes=2, labels=eleven, model_sha256=new_sha, confidence=0.4, processed_ms=since + seed)
+    p = Probation(
+        folder="2.0.0", version="2.0.0", sha256=new_sha, since_ms=since,
+        previous_folder="1.0.0", previous_version="1.0.0", previous_sha256=old_sha,
+    )  # fmt: skip
+    s = SyncSettings()
+    differ = judge(ob, p, s, labels=(eleven, six))
+    assert differ.state == "healthy" and "confidence not compared: label sets differ" in differ.reason
+    same = judge(ob, p, s, labels=(six, six))  # what the old gate did: 11-class vs 6-class confidence
+    assert same.state == "failed" and "mean confidence" in same.reason and "criteria" in same.reason
