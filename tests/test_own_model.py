@@ -48,7 +48,14 @@ def test_the_bundled_v1_manifest_still_loads():
 
 def test_channels_are_matched_by_spelling_in_any_order_and_converted():
     cm = ChannelMap.from_channels(
-        [("Gz", "rad/s"), ("accel_x", "g"), ("Ay", "milli-g"), ("acc_z", "m/s^2"), ("gyr_x", "deg/s"), ("GYRO_Y", "dps")]
+        [
+            ("Gz", "rad/s"),
+            ("accel_x", "g"),
+            ("Ay", "milli-g"),
+            ("acc_z", "m/s^2"),
+            ("gyr_x", "deg/s"),
+            ("GYRO_Y", "dps"),
+        ]
     )
     stream = np.arange(12, dtype=np.float32).reshape(1, 2, 6) + 1
     out = cm.to_model(stream)
@@ -410,7 +417,7 @@ def test_a_missing_golden_file_is_refused_and_har_train_golden_regenerates_it(im
     folder = tmp_path / "copy"
     shutil.copytree(imported[0], folder)
     (folder / GOLDEN_FILE).unlink()
-    with pytest.raises(ChecksumMismatch, match="golden.npz is missing"):
+    with pytest.raises(ChecksumMismatch, match=r"golden\.npz is missing"):
         load_model(folder)
     assert main(["golden", str(folder)]) == EXIT_FAILED
     assert "--data" in capsys.readouterr().err
@@ -431,7 +438,7 @@ def _sync_settings(data_dir: Path, registry, **sync):
     )
 
 
-def test_model_identity_is_name_and_version(tmp_path, data_dir, restore_mlflow_env):
+def test_model_identity_is_name_and_version(tmp_path, data_dir):
     from sync_helpers import BUNDLED, RegistryRepo
 
     from har_edge.sync.errors import SyncError
@@ -446,7 +453,7 @@ def test_model_identity_is_name_and_version(tmp_path, data_dir, restore_mlflow_e
     assert mm.pin_version(f"study-har@{BUNDLED.version}", time.time()).note == (
         f"study-har@{BUNDLED.version} is already active"
     )
-    with pytest.raises(SyncError, match="follows study-har: set sync.model_name = har-cnn"):
+    with pytest.raises(SyncError, match=r"follows study-har: set sync\.model_name = har-cnn"):
         mm.pin_version("har-cnn@1.0.0", time.time())
 
     other = ModelManager(_sync_settings(tmp_path / "var2", reg.url, model_name="har-cnn"))
@@ -455,7 +462,7 @@ def test_model_identity_is_name_and_version(tmp_path, data_dir, restore_mlflow_e
     )
 
 
-def test_models_verify_checks_agent_model_dir(tmp_path, data_dir, restore_mlflow_env):
+def test_models_verify_checks_agent_model_dir(tmp_path, data_dir):
     from har_edge.sync.models import ModelManager
 
     broken = tmp_path / "mine"
@@ -468,7 +475,7 @@ def test_models_verify_checks_agent_model_dir(tmp_path, data_dir, restore_mlflow
     assert label == f"agent.model_dir {broken}" and problem is not None and "sha256" in problem
 
 
-def test_the_health_gate_compares_confidence_only_across_the_same_label_set(tmp_path, restore_mlflow_env):
+def test_the_health_gate_compares_confidence_only_across_the_same_label_set(tmp_path):
     from sync_helpers import add_file
 
     from har_edge.agent.outbox import Outbox

@@ -122,7 +122,7 @@ class ChannelMap:
     def to_stream(self, model_raw: np.ndarray) -> np.ndarray:
         """The inverse for a full 6-channel map: model-unit windows back to the stream's order and units."""
         model_raw = np.asarray(model_raw, dtype=np.float32)
-        out = np.zeros(model_raw.shape[:-1] + (6,), np.float32)
-        for j, (i, f) in enumerate(zip(self.index, self.factor)):
+        out = np.zeros((*model_raw.shape[:-1], 6), np.float32)
+        for j, (i, f) in enumerate(zip(self.index, self.factor, strict=True)):
             out[..., i] = model_raw[..., j] / np.float32(f)
         return out

@@ -214,7 +214,7 @@ class Processor:
         starts = np.concatenate(starts_parts)
         probs = np.concatenate(probs_parts)
         values = len(probs) * m.window
-        for c, n_out in zip(m.channels, outside.tolist()):
+        for c, n_out in zip(m.channels, outside.tolist(), strict=True):
             quality[f"input_outside_share_{c.name}"] = n_out / values if values else 0.0
         if len(starts) > 1 and not (np.diff(starts) >= 0).all():
             order = np.argsort(starts, kind="stable")

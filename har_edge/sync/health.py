@@ -111,7 +111,8 @@ def judge(
             return Verdict(
                 "failed",
                 f"{outside:.1%} of the scaled inputs under {p.version} lie beyond its int8 input range "
-                f"(more than {MAX_INPUT_OUTSIDE_SHARE:.0%}): wrong units or scaler? criteria: failure share, saturation",
+                f"(more than {MAX_INPUT_OUTSIDE_SHARE:.0%}): wrong units or scaler? "
+                "criteria: failure share, saturation",
             )
         new_labels, prev_labels = labels
         same_labels = new_labels is not None and prev_labels is not None and list(new_labels) == list(prev_labels)

@@ -185,8 +185,7 @@ class ModelManager:
         if not others:
             return f"the registry {self.registry.display} has no releases"
         return (
-            f"the registry has releases of {', '.join(others)}; you follow {self.sync.model_name}: "
-            "set sync.model_name"
+            f"the registry has releases of {', '.join(others)}; you follow {self.sync.model_name}: set sync.model_name"
         )
 
     def check_health(self, now: float) -> PullReport:
@@ -210,7 +209,7 @@ class ModelManager:
                 f"release {release.tag} holds a manifest of version {m.version}: "
                 "the tag and the manifest must agree; re-release it"
             )
-        m.channel_map  # every channel is one the agent can feed, in a unit it converts to (ManifestError)
+        _ = m.channel_map  # every channel is one the agent can feed, in a unit it converts to (ManifestError)
         verify_files(folder, m)
         return m
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from har_edge.agent.errors import ConfigError, HarEdgeError
 
-__all__ = ["ConfigError", "DataError", "GateFailed", "ImportRefused", "ReleaseError", "ToolFailed", "TrainerError", "UnsafePickle"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "GateFailed",
+    "ImportRefused",
+    "ReleaseError",
+    "ToolFailed",
+    "TrainerError",
+    "UnsafePickle",
+]
 
 
 class TrainerError(HarEdgeError):

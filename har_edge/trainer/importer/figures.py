@@ -92,7 +92,7 @@ def accuracy_figures(probs: np.ndarray, labels: np.ndarray, subjects: np.ndarray
 def speed_figure(model_path: Path, scaled: np.ndarray, runs: int = 3) -> dict:
     """ms per window in LiteRT, 1 thread, batches of 64 (as the agent runs), best of ``runs``."""
     runner = TFLiteRunner(model_path, threads=1, batch=64)
-    x = scaled[:256] if len(scaled) >= 64 else np.resize(scaled, (64,) + scaled.shape[1:])
+    x = scaled[:256] if len(scaled) >= 64 else np.resize(scaled, (64, *scaled.shape[1:]))
     best = float("inf")
     for _ in range(runs):
         t0 = time.perf_counter()

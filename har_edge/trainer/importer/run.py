@@ -15,7 +15,7 @@ import numpy as np
 
 from har_edge.agent.channels import STREAM, ChannelMap, sensor_of
 from har_edge.agent.errors import ManifestError
-from har_edge.agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, SCHEMA_VERSION, Manifest, write_manifest
+from har_edge.agent.manifest import GOLDEN_FILE, MODEL_FILE, SCHEMA_VERSION, Manifest, write_manifest
 from har_edge.agent.preprocess import apply_scaler
 from har_edge.agent.runtime import TFLiteRunner
 from har_edge.common.hashing import sha256_file
@@ -157,18 +157,19 @@ def run_import(settings: Settings, opt: ImportOptions) -> ImportResult:
     rep_idx = np.sort(rng.choice(len(calib), size=min(opt.representative, len(calib)), replace=False))
     calib_scaled = np.ascontiguousarray(apply_scaler(calib.raw[rep_idx], mean, scale))
     check_scaled = np.ascontiguousarray(apply_scaler(check.raw, mean, scale))
+    check_files = sorted({w.files[e] for e in set(check.export.tolist())}) if w.files else []
     on = (
-        f"{len(check)} held-out windows of {len(set(check.export.tolist()))} exports ({', '.join(sorted({w.files[e] for e in set(check.export.tolist())}))})"
+        f"{len(check)} held-out windows of {len(check_files)} exports ({', '.join(check_files)})"
         if w.source == "exports"
         else f"{len(check)} synthetic windows drawn from the {w.source} (no --data: indicative only)"
     )
     calibration = {
         "source": w.source,
         "files": w.files,
-        "windows": int(len(w)),
-        "representative_windows": int(len(rep_idx)),
-        "check_windows": int(len(check)),
-        "check_files": sorted({w.files[e] for e in set(check.export.tolist())}) if w.files else [],
+        "windows": len(w),
+        "representative_windows": len(rep_idx),
+        "check_windows": len(check),
+        "check_files": check_files,
     }
     if w.source != "exports":
         calibration["warning"] = (
