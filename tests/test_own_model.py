@@ -501,3 +501,68 @@ def test_the_health_gate_compares_confidence_only_across_the_same_label_set(tmp_
     assert differ.state == "healthy" and "confidence not compared: label sets differ" in differ.reason
     same = judge(ob, p, s, labels=(six, six))  # what the old gate did: 11-class vs 6-class confidence
     assert same.state == "failed" and "mean confidence" in same.reason and "criteria" in same.reason
+
+
+@pytest.mark.slow
+def test_when_the_quantizer_fails_a_float_tflite_runs_as_a_float_model(study, tmp_path, monkeypatch):
+    """ai-edge-quantizer handles our float model, so its failure is forced (the fallback path is the subject)."""
+    import keras
+    import tensorflow as tf
+
+    from har_edge.trainer.importer import run as import_run
+    from har_edge.trainer.importer.convert import rebuild
+
+    def refuse(*_a, **_k):
+        raise RuntimeError("unsupported op (forced by the test)")
+
+    monkeypatch.setattr(import_run, "_quantize_tflite", refuse)
+    rb = rebuild(keras.models.load_model(study.keras, compile=False))
+    flat = tmp_path / "float.tflite"
+    flat.write_bytes(tf.lite.TFLiteConverter.from_keras_model(rb.unrolled).convert())
+    out = tmp_path / "float-model"
+    s = Study(**{**study.__dict__, "keras": flat})
+    assert _import(s, out, "--data", *map(str, study.exports[:4]), name="study-float") == EXIT_OK
+    m = read_manifest(out)
+    assert (m.input_dtype, m.output_dtype) == ("float32", "float32")
+    assert m.measured["quantized"].on == "not quantized" and m.measured["agreement"].value is None
+    assert "not quantized" in m.measured["agreement"].on
+    model = load_model(out)  # the agent's float path: no quantization of the input, golden windows reproduce
+    assert model.input_range() is None
+    fit_windows = np.repeat(study.mean[None, None, :], WINDOW, axis=1).astype(np.float32)
+    assert model.predict(fit_windows).shape == (1, len(LABELS))
+
+
+@pytest.mark.slow
+def test_a_savedmodel_imports_unless_it_is_recurrent(tmp_path, capsys, study):
+    import keras
+
+    keras.utils.set_random_seed(2)
+    L = keras.layers
+    cnn = keras.Sequential([keras.Input((WINDOW, 6)), L.Conv1D(8, 5, activation="relu"), L.GlobalAveragePooling1D(),
+                            L.Dense(4, activation="softmax")])  # fmt: skip
+    cnn.export(str(tmp_path / "cnn"))
+    rnn = keras.Sequential([keras.Input((WINDOW, 6)), L.Bidirectional(L.LSTM(4)), L.Dense(4, activation="softmax")])
+    rnn.export(str(tmp_path / "rnn"))
+    base = ["--set", f"mlflow.tracking_uri={study.tracking_uri}", "import"]
+    tail = ["--labels", "a,b,c,d", "--name", "sm", "--version", "1.0.0", "--data", *map(str, study.exports[:4])]
+    assert main([*base, str(tmp_path / "cnn"), *tail, "-o", str(tmp_path / "o1")]) == EXIT_OK
+    assert read_manifest(tmp_path / "o1").training["source_kind"] == "savedmodel"
+    capsys.readouterr()
+    assert main([*base, str(tmp_path / "rnn"), *tail, "-o", str(tmp_path / "o2")]) == EXIT_FAILED
+    assert "save it as .keras" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_without_data_windows_come_from_the_baseline_and_the_manifest_says_so(study, tmp_path):
+    names = ["acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z"]
+    stats = {n: {"mean": float(mu), "std": float(sd), "min": -1e3, "max": 1e3}
+             for n, mu, sd in zip(names, study.mean, study.scale, strict=True)}  # fmt: skip
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"channels": stats, "classes": {"walking": stats}}))
+    out = tmp_path / "nodata"
+    code = _import(study, out, "--baseline", str(baseline), name="study-nodata")
+    assert code in (EXIT_OK, EXIT_GATE)
+    m = read_manifest(out)
+    assert m.calibration["source"] == "baseline-statistics" and "no --data" in m.calibration["warning"]
+    assert "indicative only" in m.measured["agreement"].on
+    assert m.training["baseline"]["channels"]["acc_x"]["mean"] == pytest.approx(float(study.mean[0]))
