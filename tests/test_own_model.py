@@ -568,3 +568,26 @@ def test_without_data_windows_come_from_the_baseline_and_the_manifest_says_so(st
     assert m.calibration["source"] == "baseline-statistics" and "no --data" in m.calibration["warning"]
     assert "indicative only" in m.measured["agreement"].on
     assert m.training["baseline"]["channels"]["acc_x"]["mean"] == pytest.approx(float(study.mean[0]))
+
+
+def test_every_file_records_inputs_beyond_the_int8_range_and_gyro_saturation(data_dir):
+    from fitgen import walk_signal, write_imu_fit
+
+    from har_edge.agent.daemon import Agent
+    from har_edge.agent.settings import load_settings
+
+    def spinning(t: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        accel, gyro = walk_signal(t, rng)
+        gyro[:, 2] = np.where(np.sin(2 * np.pi * 0.2 * t) > 0, 2000.0, gyro[:, 2])  # clipped at the sensor's range
+        return accel, gyro
+
+    agent = Agent(load_settings(env={}, data_dir=data_dir, device_id="dev-q", agent={"settle_s": 0.0}))
+    write_imu_fit(agent.folder.inbox / "spin.fit", rate_hz=50, seconds=60, seed=3, signal=spinning)
+    (outcome,) = agent.step(now=1e9)
+    assert outcome.status == "processed"
+    q = {p.key: p.value for p in agent.outbox.file_metrics(outcome.file_id) if p.key.startswith("quality_")}
+    assert 0.4 < q["quality_gyro_saturated_share"] < 0.6
+    channels = ["acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z"]
+    shares = {c: q[f"quality_input_outside_share_{c}"] for c in channels}
+    assert shares["gyro_z"] > 0.3, shares  # 2000 deg/s is far beyond the bundled model's int8 input range
+    assert shares["gyro_x"] < 0.01 and shares["acc_x"] < 0.01, shares

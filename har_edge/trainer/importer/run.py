@@ -178,6 +178,7 @@ def run_import(settings: Settings, opt: ImportOptions) -> ImportResult:
         )
 
     # -- conversion -----------------------------------------------------------
+    run_id = ""
     work = Path(tempfile.mkdtemp(prefix=f".{opt.out.name}-", dir=opt.out.parent if opt.out.parent.exists() else None))
     try:
         src_files: list[str] = []
@@ -307,6 +308,9 @@ def run_import(settings: Settings, opt: ImportOptions) -> ImportResult:
         shutil.move(str(work), str(opt.out))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        if run_id:
+            tracking.set_tags(settings, run_id, {"har.import": "failed"})
+            tracking.end_run(settings, run_id, "FAILED")
         raise
     version = _track(settings, opt, run_id, manifest, measured, calibration)
     seconds = time.perf_counter() - t0
