@@ -591,3 +591,26 @@ def test_every_file_records_inputs_beyond_the_int8_range_and_gyro_saturation(dat
     shares = {c: q[f"quality_input_outside_share_{c}"] for c in channels}
     assert shares["gyro_z"] > 0.3, shares  # 2000 deg/s is far beyond the bundled model's int8 input range
     assert shares["gyro_x"] < 0.01 and shares["acc_x"] < 0.01, shares
+
+
+@pytest.mark.slow
+def test_a_labelled_study_folder_gives_int8_accuracy(study, tmp_path):
+    from datetime import UTC, datetime
+
+    folder = tmp_path / "study-folder"
+    folder.mkdir()
+    rows = ["file,subject,label,start,end"]
+    for acc, gyro in zip(study.exports[::2], study.exports[1::2], strict=True):
+        shutil.copy(acc, folder)
+        shutil.copy(gyro, folder)
+        prefix = acc.name.split("-accelerometer")[0]
+        for line in (acc.parent / f"{prefix}.labels.csv").read_text().splitlines()[1:]:
+            a, b, label, subject = line.split(",")
+            iso = datetime.fromtimestamp(int(a) / 1000, tz=UTC).isoformat()
+            rows.append(f"{acc.name}|{gyro.name},{subject},{label},{iso},{b}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "from-folder"
+    assert _import(study, out, "--data", str(folder), "--labelled", name="study-folder") == EXIT_OK
+    m = read_manifest(out)
+    assert m.measured["int8_accuracy"].value is not None and m.calibration["source"] == "exports"
+    assert len(m.calibration["files"]) == 4 and m.calibration["check_files"]

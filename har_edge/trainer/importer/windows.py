@@ -5,10 +5,18 @@ Each export (FIT, study CSV/xlsx pair, zip) goes through
 exactly as the agent would feed it, then through the manifest's
 :class:`~har_edge.agent.channels.ChannelMap`, so calibration sees what serving sees.
 
-Labels (``--labelled``): a CSV beside each export, ``<export name>.labels.csv``,
-with the columns ``start_ms,end_ms,label`` and optionally ``subject`` (times in
-ms since the Unix epoch, the label a name or an index). A window gets a label
-when it lies wholly inside one interval; the others are unlabelled.
+Labels (``--labelled``), either way:
+
+* a CSV beside each export, ``<export name>.labels.csv`` (for a table pair,
+  ``<prefix>.labels.csv``), with the columns ``start_ms,end_ms,label`` and
+  optionally ``subject`` (epoch milliseconds or ISO 8601 times, the label a name
+  or an index);
+* a labelled export folder given as ``--data FOLDER``: the trainer's study
+  layout, a ``labels.csv`` with ``file,subject,label,start,end``
+  (``har_edge.trainer.data.garmin``); only its labelled windows are used.
+
+A window gets a label when it lies wholly inside one interval; the others are
+unlabelled (they still calibrate).
 
 Without exports, windows are drawn from the scaler's statistics (or the
 baseline's per-class statistics): the figures measured on them say so.
@@ -28,7 +36,8 @@ import numpy as np
 
 from har_edge.agent.decode import open_export
 from har_edge.agent.preprocess import StreamWindower
-from har_edge.trainer.errors import ImportRefused
+from har_edge.trainer.data.garmin import parse_time_ms
+from har_edge.trainer.errors import DataError, ImportRefused
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +69,6 @@ def _exports(paths: list[Path]) -> list[list[Path]]:
     groups: dict[tuple[str, str], list[Path]] = {}  # (folder, prefix) -> the pair
     singles: list[list[Path]] = []
     for p in paths:
-        if p.is_dir():
-            raise ImportRefused(f"--data {p} is a folder: pass the export files")
         if p.name.endswith(".labels.csv"):
             continue
         key = pair_key(p)
@@ -87,6 +94,40 @@ def _label_file(export: list[Path]) -> Path:
     )
 
 
+def _from_study_folder(
+    folder: Path,
+    labels: list[str] | None,
+    channel_map: Any,
+    rate_hz: float,
+    window: int,
+    step: int,
+    max_gap_s: float,
+    raws: list,
+    exports: list,
+    labs: list,
+    subs: list,
+    files: list,
+) -> None:
+    """Windows of a labelled export folder (``labels.csv``: file,subject,label,start,end)."""
+    from har_edge.trainer.data.garmin import LABELS_FILE
+    from har_edge.trainer.data.garmin import read_labels as read_study_labels
+
+    if not (folder / LABELS_FILE).is_file():
+        raise ImportRefused(f"--data {folder} is a folder without {LABELS_FILE}: pass the export files themselves")
+    names = labels if labels is not None else []
+    if not names:
+        raise ImportRefused(f"--data {folder} is a labelled export folder: import with --labelled")
+    for export in read_study_labels(folder, tuple(names), rate_hz=rate_hz, max_gap_s=max_gap_s):
+        lw = export.windows(window, step)
+        if not len(lw):
+            continue
+        files.append(export.name)
+        raws.append(channel_map.to_model(lw.windows))
+        exports.append(np.full(len(lw), len(files) - 1))
+        labs.append(lw.labels.astype(int))
+        subs.append(lw.subjects.astype(object))
+
+
 def _read_labels(path: Path, labels: list[str]) -> list[tuple[int, int, int, str]]:
     out = []
     with path.open(newline="", encoding="utf-8") as fh:
@@ -94,8 +135,10 @@ def _read_labels(path: Path, labels: list[str]) -> list[tuple[int, int, int, str
             try:
                 lab = row["label"].strip()
                 idx = int(lab) if lab.lstrip("-").isdigit() else labels.index(lab)
-                out.append((int(float(row["start_ms"])), int(float(row["end_ms"])), idx, row.get("subject", "") or ""))
-            except (KeyError, ValueError):
+                where = f"{path.name}"
+                start, end = parse_time_ms(row["start_ms"], where), parse_time_ms(row["end_ms"], where)
+                out.append((start, end, idx, row.get("subject", "") or ""))
+            except (KeyError, ValueError, DataError):
                 raise ImportRefused(
                     f"{path}: row {row} is not start_ms,end_ms,label[,subject] with a label of {labels}"
                 ) from None
@@ -115,7 +158,12 @@ def from_exports(
     """Every window of the exports in the model's channels and units (labelled when ``labels`` given)."""
     raws, exports, labs, subs, files = [], [], [], [], []
     span_ms = window * 1000.0 / rate_hz
-    for e, export in enumerate(_exports([Path(p) for p in paths])):
+    folders = [Path(p) for p in paths if Path(p).is_dir()]
+    for folder in folders:
+        _from_study_folder(
+            folder, labels, channel_map, rate_hz, window, step, max_gap_s, raws, exports, labs, subs, files
+        )
+    for e, export in enumerate(_exports([Path(p) for p in paths if not Path(p).is_dir()]), start=len(files)):
         name = "+".join(p.name for p in export)
         files.append(name)
         scratch = Path(tempfile.mkdtemp(prefix="har-import-"))
