@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from har_edge.agent.errors import ChecksumMismatch, ManifestError
 from har_edge.common.hashing import sha256_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 GOLDEN_FILE = "golden.npz"
@@ -43,9 +43,29 @@ CHANNELS = (
 
 
 class Channel(BaseModel):
+    """One input channel: a common spelling of its name and its unit (see ``har_edge.agent.channels``)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str
     unit: str
+
+    @model_validator(mode="after")
+    def _known(self) -> Channel:
+        from har_edge.agent.channels import canonical_unit
+
+        try:
+            canonical_unit(self.name, self.unit)
+        except ManifestError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class Measurement(BaseModel):
+    """A gate figure with what it was measured on; ``value`` None: not measured (``on`` says why)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    value: float | None
+    on: str
 
 
 class Scaler(BaseModel):
@@ -95,6 +115,14 @@ class Manifest(BaseModel):
     created: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+    #: v2: every gate figure with what it was measured on (``har-train import`` writes it)
+    measured: dict[str, Measurement] = Field(default_factory=dict)
+    #: v2: unmeasured figures the operator accepted by name at release (``--accept-unmeasured``)
+    accepted_unmeasured: list[str] = Field(default_factory=list)
+    #: v2: where calibration and check windows came from (source, counts, warning)
+    calibration: dict[str, Any] = Field(default_factory=dict)
+    #: v2: float source files kept beside model.tflite (the original model, its unrolled rebuild)
+    source_files: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -108,7 +136,20 @@ class Manifest(BaseModel):
             raise ValueError("step must not exceed window")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
+        from har_edge.agent.channels import ChannelMap
+
+        try:
+            ChannelMap.from_channels([(c.name, c.unit) for c in self.channels])
+        except ManifestError as exc:
+            raise ValueError(str(exc)) from None
         return self
+
+    @property
+    def channel_map(self) -> Any:
+        """The :class:`har_edge.agent.channels.ChannelMap` from the agent's stream to this model's input."""
+        from har_edge.agent.channels import ChannelMap
+
+        return ChannelMap.from_channels([(c.name, c.unit) for c in self.channels])
 
     @property
     def n_channels(self) -> int:
@@ -119,7 +160,14 @@ class Manifest(BaseModel):
 
 
 #: ``UPGRADES[n](doc)`` lifts a version-``n`` document to version ``n + 1`` (pure: returns a new dict).
-UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
+    """v2 adds measured, accepted_unmeasured, calibration and source_files (empty for a v1 model)."""
+    out = dict(doc)
+    out.update(schema_version=2, measured={}, accepted_unmeasured=[], calibration={}, source_files=[])
+    return out
+
+
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
 
 
 def upgrade(raw: Any, *, source: str = "manifest") -> Any:
@@ -156,6 +204,13 @@ def read_manifest(folder: Path) -> Manifest:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors())
         raise ManifestError(f"{path} is not a valid har-edge manifest: {problems}") from None
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` into ``folder`` (the one writer of the file)."""
+    path = Path(folder) / MANIFEST_FILE
+    path.write_text(manifest.to_json(), encoding="utf-8")
+    return path
 
 
 def verify_files(folder: Path, manifest: Manifest) -> None:

@@ -9,8 +9,9 @@ the runtime loads the model, its input and output agree with the manifest, and
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,15 +30,46 @@ class LoadedModel:
     folder: Path
     manifest: Manifest
     runner: TFLiteRunner
+    channel_map: Any = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.channel_map is None:
+            self.channel_map = self.manifest.channel_map
 
     @property
     def label(self) -> str:
         return f"{self.manifest.name} {self.manifest.version}"
 
-    def predict(self, raw_windows: np.ndarray, timings: list[float] | None = None) -> np.ndarray:
-        """Probabilities for windows in raw SI units (the scaler is applied here)."""
+    def input_range(self) -> tuple[float, float] | None:
+        """The scaled values the int8 input can represent (None for a float input)."""
+        q = getattr(self.runner, "_in_q", None)
+        if q is None:
+            return None
+        scale, zero = q
+        info = np.iinfo(self.runner.input_dtype)
+        return (info.min - zero) * scale, (info.max - zero) * scale
+
+    def predict(
+        self, raw_windows: np.ndarray, timings: list[float] | None = None, outside: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Probabilities for stream windows (SI units, stream order): converted to the model's channels here.
+
+        ``outside`` (float64, one per model channel), when given, is increased by the
+        number of scaled values beyond the int8 input range (they are clipped).
+        """
+        return self.predict_model_units(self.channel_map.to_model(raw_windows), timings, outside)
+
+    def predict_model_units(
+        self, raw: np.ndarray, timings: list[float] | None = None, outside: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Probabilities for raw windows already in the manifest's channels and units (the scaler applied here)."""
         m = self.manifest
-        return self.runner.predict(apply_scaler(raw_windows, m.scaler.mean, m.scaler.scale), timings)
+        scaled = apply_scaler(raw, m.scaler.mean, m.scaler.scale)
+        if outside is not None:
+            rng = self.input_range()
+            if rng is not None:
+                outside += ((scaled < rng[0]) | (scaled > rng[1])).sum(axis=(0, 1))
+        return self.runner.predict(scaled, timings)
 
 
 def check_golden(model: LoadedModel) -> float:
@@ -47,6 +79,10 @@ def check_golden(model: LoadedModel) -> float:
     try:
         with np.load(path, allow_pickle=False) as data:
             windows, expected = data["windows"], data["probs"]
+    except FileNotFoundError:
+        raise ModelValidationError(
+            f"{path} is missing: a model folder needs its golden windows; regenerate them with `har-train golden`"
+        ) from None
     except (OSError, KeyError, ValueError) as exc:
         raise ModelValidationError(f"{path} is not a golden file with 'windows' and 'probs': {exc}") from None
     if len(windows) != g.count or expected.shape != (g.count, len(model.manifest.labels)):
@@ -54,7 +90,7 @@ def check_golden(model: LoadedModel) -> float:
             f"{path} holds {len(windows)} windows / outputs {expected.shape}, "
             f"the manifest says {g.count} windows of {len(model.manifest.labels)} labels"
         )
-    got = model.predict(windows)
+    got = model.predict_model_units(windows)
     dev = float(np.abs(got - expected).max())
     flips = int((got.argmax(1) != expected.argmax(1)).sum())
     if dev > g.atol or flips:

@@ -103,7 +103,7 @@ deployments = Table(
     Column("time_ms", BigInteger, nullable=False),
     Column("from_version", Text),
     Column("to_version", Text),
-    # activated | refused | rolled_back | load_failed | pinned
+    # activated | refused | rolled_back | load_failed | pinned | healthy (passed the health gate: criteria in reason)
     Column("outcome", String(32), nullable=False),
     Column("reason", Text, nullable=False, default=""),
     Column("delivered_ms", BigInteger),

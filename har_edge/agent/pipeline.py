@@ -284,6 +284,7 @@ class Processor:
         starts_parts: list[np.ndarray] = []
         probs_parts: list[np.ndarray] = []
         quality: dict[str, float] = {}
+        outside = np.zeros(m.n_channels, np.float64)  # scaled values beyond the int8 input range, per channel
         try:
             with clock.stage("decode"):
                 recordings = open_export(
@@ -310,7 +311,7 @@ class Processor:
                     # whole batches only: a chunk's last few windows wait for the next chunk's
                     for windows, starts in batcher.add(ws):
                         with clock.stage("inference"):
-                            probs_parts.append(model.predict(windows, per_window))
+                            probs_parts.append(model.predict(windows, per_window, outside))
                             starts_parts.append(starts)
                         if progress is not None:
                             progress(len(starts))
@@ -328,6 +329,9 @@ class Processor:
             )
         starts = np.concatenate(starts_parts)
         probs = np.concatenate(probs_parts)
+        values = len(probs) * m.window
+        for c, n_out in zip(m.channels, outside.tolist(), strict=True):
+            quality[f"input_outside_share_{c.name}"] = n_out / values if values else 0.0
         if len(starts) > 1 and not (np.diff(starts) >= 0).all():
             order = np.argsort(starts, kind="stable")
             starts, probs = starts[order], probs[order]

@@ -219,6 +219,7 @@ class StreamWindower:
         has_gyro: bool = True,
         accel_unit: str | None = None,
         saturation_g: float = 7.9,
+        saturation_dps: float = 1990.0,
     ) -> None:
         if window <= 0 or step <= 0:
             raise ValueError("window and step must be positive")
@@ -229,6 +230,8 @@ class StreamWindower:
         self.has_gyro = has_gyro
         self.accel_unit = accel_unit
         self._sat = np.float32(saturation_g * ACCEL_MS2_PER_G)
+        self._gsat = np.float32(saturation_dps)  # Garmin gyroscopes clip at +-2000 deg/s
+        self._gyro_saturated = 0
         self._acc, self._gyr = _Sensor(), _Sensor()
         self._t0: int | None = None
         self._next_k = 0
@@ -264,6 +267,7 @@ class StreamWindower:
             gt, gx, dis = _sorted_unique(chunk.gyro)
             self._disorder += dis
             self._n_gyr += len(gt)
+            self._gyro_saturated += int((np.abs(gx) >= self._gsat).any(axis=1).sum())
             self._gyr.add(gt, gx.astype(np.float32, copy=False))
         return self._advance(final=False)
 
@@ -367,6 +371,7 @@ class StreamWindower:
             "segments": self._segments,
             "coverage": (self._grid_kept / self.rate_hz) / span_s if span_s > 0 else 0.0,
             "saturated_share": self._saturated / self._n_acc if self._n_acc else 0.0,
+            "gyro_saturated_share": self._gyro_saturated / self._n_gyr if self._n_gyr else 0.0,
             "out_of_order": self._disorder,
             "windows": self._windows,
         }
@@ -397,7 +402,9 @@ def recording_windows(
 
 
 #: quality figures of a recording as a whole (a rate, shares, a flag): an export of several keeps the last one's
-_QUALITY_LAST_WINS = frozenset({"native_rate_hz", "coverage", "gyro_present", "saturated_share"})
+_QUALITY_LAST_WINS = frozenset(
+    {"native_rate_hz", "coverage", "gyro_present", "saturated_share", "gyro_saturated_share"}
+)
 
 
 def merge_quality(total: dict[str, float], part: dict[str, float]) -> dict[str, float]:

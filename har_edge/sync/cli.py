@@ -248,10 +248,10 @@ def register(
         msub,
         "pin",
         cmd_models_pin,
-        "activate exactly this version and stay on it (--clear: follow the newest)",
+        "activate exactly NAME@VERSION (or VERSION of sync.model_name) and stay on it (--clear: follow the newest)",
         parents,
     )
-    pin.add_argument("version", nargs="?", help="the released version to activate and stay on")
+    pin.add_argument("version", nargs="?", metavar="NAME@VERSION", help="the released model to activate and stay on")
     pin.add_argument("--clear", action="store_true", help="remove the pin")
     rb = add_command(
         msub, "rollback", cmd_models_rollback, "switch back to the previous model and refuse the active one", parents

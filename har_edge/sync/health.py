@@ -10,8 +10,15 @@ Judged from what the agent stored in the outbox, against thresholds in
   ``internal`` failure, a bug in har-edge, counts only when it happened in
   inference, ``files.error_stage``);
 - their mean confidence fell below ``health_min_confidence_ratio`` times the
-  previous model's over its last ``health_files`` files (skipped when the
-  previous model left no files to compare with).
+  previous model's over its last ``health_files`` files -- only when both
+  models have the same label set (confidence over 6 classes says nothing about
+  confidence over 11), and skipped when the previous model left no files;
+- otherwise the failure share and input saturation decide: more than
+  :data:`MAX_INPUT_OUTSIDE_SHARE` of the scaled input values beyond the int8
+  input range (mean over the files, worst channel) fails the model.
+
+The verdict's reason names the criteria that applied; it goes into the
+deployment record.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from har_edge.agent.settings import SyncSettings
 from har_edge.sync.state import Probation
 
 CONFIDENCE_KEY = "mean_confidence"
+OUTSIDE_PREFIX = "quality_input_outside_share_"
+#: share of scaled input values beyond the int8 input range that fails a new model
+MAX_INPUT_OUTSIDE_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,26 @@ def _mean_confidence(conn, file_ids: list[int]) -> float | None:
     ).scalar()
 
 
-def judge(outbox: Outbox, p: Probation, s: SyncSettings) -> Verdict:
+def _input_outside(conn, file_ids: list[int]) -> float | None:
+    """Mean over the files of the worst channel's share of inputs beyond the int8 range."""
+    if not file_ids:
+        return None
+    rows = conn.execute(
+        select(metrics.c.file_id, func.max(metrics.c.value))
+        .where(metrics.c.file_id.in_(file_ids), metrics.c.key.like(OUTSIDE_PREFIX + "%"))
+        .group_by(metrics.c.file_id)
+    ).all()
+    return sum(float(r[1]) for r in rows) / len(rows) if rows else None
+
+
+def judge(
+    outbox: Outbox,
+    p: Probation,
+    s: SyncSettings,
+    *,
+    labels: tuple[list[str] | None, list[str] | None] = (None, None),
+) -> Verdict:
+    """``labels``: (new model's, previous model's) label lists; confidence is compared only when they agree."""
     n = s.health_files
     with outbox.engine.connect() as conn:
         failed_load = conn.execute(
@@ -80,7 +109,26 @@ def judge(outbox: Outbox, p: Probation, s: SyncSettings) -> Verdict:
                 f"{failed} of the first {n} files under {p.version} failed ({', '.join(kinds)}), "
                 f"more than sync.health_max_failed_share={s.health_max_failed_share:g}",
             )
-        new_conf = _mean_confidence(conn, [r.id for r in rows if r.status == "processed"])
+        processed = [r.id for r in rows if r.status == "processed"]
+        outside = _input_outside(conn, processed)
+        if outside is not None and outside > MAX_INPUT_OUTSIDE_SHARE:
+            return Verdict(
+                "failed",
+                f"{outside:.1%} of the scaled inputs under {p.version} lie beyond its int8 input range "
+                f"(more than {MAX_INPUT_OUTSIDE_SHARE:.0%}): wrong units or scaler? "
+                "criteria: failure share, saturation",
+            )
+        new_labels, prev_labels = labels
+        same_labels = new_labels is not None and prev_labels is not None and list(new_labels) == list(prev_labels)
+        if not same_labels:
+            why = "label sets differ" if new_labels is not None and prev_labels is not None else "label sets unknown"
+            sat = f", inputs beyond int8 range {outside:.2%}" if outside is not None else ""
+            return Verdict(
+                "healthy",
+                f"{n} files processed, {failed} failed{sat}; criteria: failure share, saturation "
+                f"(confidence not compared: {why})",
+            )
+        new_conf = _mean_confidence(conn, processed)
         prev_ids = []
         if p.previous_sha256:
             prev_ids = list(
@@ -102,8 +150,13 @@ def judge(outbox: Outbox, p: Probation, s: SyncSettings) -> Verdict:
             return Verdict(
                 "failed",
                 f"mean confidence under {p.version} is {new_conf:.3f}, {ratio:.0%} of {prev_conf:.3f} under "
-                f"{p.previous_version} (below sync.health_min_confidence_ratio={s.health_min_confidence_ratio:g})",
+                f"{p.previous_version} (below sync.health_min_confidence_ratio={s.health_min_confidence_ratio:g}); "
+                "criteria: failure share, saturation, confidence (same label set)",
             )
-        return Verdict("healthy", f"{n} files, mean confidence {new_conf:.3f} vs {prev_conf:.3f} before")
+        return Verdict(
+            "healthy",
+            f"{n} files, mean confidence {new_conf:.3f} vs {prev_conf:.3f} before; "
+            "criteria: failure share, saturation, confidence (same label set)",
+        )
     note = "" if prev_conf else "; no earlier files to compare confidence with"
-    return Verdict("healthy", f"{n} files processed, {failed} failed{note}")
+    return Verdict("healthy", f"{n} files processed, {failed} failed{note}; criteria: failure share, saturation")

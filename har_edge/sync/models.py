@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from har_edge.agent.errors import ChecksumMismatch, ModelError
-from har_edge.agent.manifest import CHANNELS, Manifest, read_manifest, verify_files
+from har_edge.agent.manifest import Manifest, read_manifest, verify_files
 from har_edge.agent.model import BUNDLED_MODEL_DIR, load_model
 from har_edge.agent.modelstore import CURRENT, PREVIOUS, fsync_dir, read_pointer, set_pointer
 from har_edge.agent.outbox import Outbox
@@ -122,8 +122,10 @@ class ModelManager:
 
     def choose(self, releases: list[Release], state: ModelState) -> tuple[Release | None, str]:
         """The release to install now (or None) and why."""
-        current = self.manifest_of(self.pointers()[0])
-        cur_version = current.version if current else None
+        pointer = self.pointers()[0]
+        current = self.manifest_of(pointer) if pointer else None  # the bundled model is a fallback, never a reason
+        # identity is (name, version): an active model of another name is no reason to skip a release
+        cur_version = current.version if current is not None and current.name == self.sync.model_name else None
         pin = self.pin(state)
         if pin:
             rel = next((r for r in releases if r.version == pin), None)
@@ -162,10 +164,12 @@ class ModelManager:
                 return report
             releases = self.registry.releases()
             report.releases = [r.version for r in releases]
+            if not releases:
+                report.note = self.no_release_note()
             for _attempt in range(MAX_INSTALLS_PER_PASS):  # a refused release: the next best one, same pass
                 release, why = self.choose(releases, self.state())
                 if release is None:
-                    report.note = why
+                    report.note = why if releases else report.note
                     break
                 log.info("installing %s: %s", release.tag, why)
                 self._install(release, now, report, outcome="activated", reason=why)
@@ -173,6 +177,16 @@ class ModelManager:
                     break
         report.seconds = time.monotonic() - t0
         return report
+
+    def no_release_note(self) -> str:
+        """Why nothing of the followed name is released, naming what the registry does hold."""
+        assert self.registry is not None
+        others = [n for n in self.registry.names() if n != self.sync.model_name]
+        if not others:
+            return f"the registry {self.registry.display} has no releases"
+        return (
+            f"the registry has releases of {', '.join(others)}; you follow {self.sync.model_name}: set sync.model_name"
+        )
 
     def check_health(self, now: float) -> PullReport:
         report = PullReport()
@@ -195,10 +209,7 @@ class ModelManager:
                 f"release {release.tag} holds a manifest of version {m.version}: "
                 "the tag and the manifest must agree; re-release it"
             )
-        want = [name for name, _unit in CHANNELS]
-        got = [c.name for c in m.channels]
-        if got != want:
-            raise ModelRefused(f"{m.name} {m.version} expects channels {got}; the agent feeds {want}")
+        _ = m.channel_map  # every channel is one the agent can feed, in a unit it converts to (ManifestError)
         verify_files(folder, m)
         return m
 
@@ -329,7 +340,10 @@ class ModelManager:
             state.probation = None
             state.save(self.models_dir)
             return
-        verdict = judge(self.outbox, p, self.sync)
+        new_m = self.manifest_of(p.folder)
+        prev_m = self.manifest_of(p.previous_folder)  # None folder: the bundled model
+        labels = (new_m.labels if new_m else None, prev_m.labels if prev_m else None)
+        verdict = judge(self.outbox, p, self.sync, labels=labels)
         report.health = verdict.state
         if verdict.state == "pending":
             log.debug("health gate for %s: %s", p.version, verdict.reason)
@@ -337,6 +351,9 @@ class ModelManager:
             log.info("%s passed the health gate: %s", p.version, verdict.reason)
             state.probation = None
             state.save(self.models_dir)
+            self.outbox.record_deployment(
+                from_version=p.previous_version, to_version=p.folder, outcome="healthy", reason=verdict.reason
+            )
         else:
             log.error("%s failed the health gate: %s", p.version, verdict.reason)
             self._rollback(now, report, reason=f"health gate: {verdict.reason}", refuse=True)
@@ -389,16 +406,25 @@ class ModelManager:
     # -- pin -----------------------------------------------------------------------------------------
 
     def pin_version(self, version: str, now: float) -> PullReport:
-        """Activate exactly ``version`` (from the registry, or the local previous folder) and stay on it."""
+        """Activate exactly ``version`` or ``NAME@VERSION`` (from the registry, or the local previous folder)."""
         report = PullReport()
+        name = self.sync.model_name
+        if "@" in version:
+            name, version = version.split("@", 1)
+            version = version.removeprefix("v") if version[:1] == "v" and version[1:2].isdigit() else version
+            if name != self.sync.model_name:
+                raise SyncError(
+                    f"{name}@{version}: this device follows {self.sync.model_name}: set sync.model_name = {name} "
+                    "to run that model"
+                )
         with self.lock():
             state = self.state()
             state.refused.pop(version, None)  # a person asked for it: try again
             cur, prev = self.pointers()
             cur_m, prev_m = self.manifest_of(cur), self.manifest_of(prev)
-            if cur_m is not None and cur_m.version == version:
-                report.note = f"{version} is already active"
-            elif prev is not None and prev_m is not None and prev_m.version == version:
+            if cur is not None and cur_m is not None and (cur_m.name, cur_m.version) == (name, version):
+                report.note = f"{name}@{version} is already active"
+            elif prev is not None and prev_m is not None and (prev_m.name, prev_m.version) == (name, version):
                 folder = self.models_dir / prev
                 try:
                     m = self.verify(folder, None)
@@ -415,7 +441,10 @@ class ModelManager:
                 rel = next((r for r in releases if r.version == version), None)
                 if rel is None:
                     listed = ", ".join(r.version for r in releases) or "none"
-                    raise RegistryError(f"{version} is not released in {self.registry.display} (releases: {listed})")
+                    hint = f"; {self.no_release_note()}" if not releases else ""
+                    raise RegistryError(
+                        f"{name}@{version} is not released in {self.registry.display} (releases: {listed}){hint}"
+                    )
                 state.save(self.models_dir)
                 self._install(rel, now, report, outcome="pinned", reason="pinned by a person")
                 if report.refused:
@@ -455,6 +484,13 @@ class ModelManager:
 
     def verify_installed(self, version: str | None = None) -> list[tuple[str, str, str | None]]:
         """(folder, version, problem or None) for current and previous (or the folder holding ``version``)."""
+        explicit = self.settings.agent.model_dir
+        if explicit is not None and version is None:  # what the agent runs: agent.model_dir wins over models/
+            label = f"agent.model_dir {explicit}"
+            try:
+                return [(label, self.validate(Path(explicit)).version, None)]
+            except ModelError as exc:
+                return [(label, "?", str(exc))]
         cur, prev = self.pointers()
         names: list[str | None] = [p for p in (cur, prev) if p]
         if version is not None:

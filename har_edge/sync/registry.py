@@ -75,7 +75,19 @@ class Registry:
 
     def releases(self) -> list[Release]:
         """Every release of the model, oldest first. Raises RegistryUnreachable when the tags cannot be listed."""
-        args = [sys.executable, "-I", "-m", "har_edge.sync.ls_remote", self.url, tag_prefix(self.name)]
+        return parse_ls_remote(self._ls_remote(tag_prefix(self.name)), self.name)
+
+    def names(self) -> list[str]:
+        """Names of every model released in the registry (tags ``<name>@v<version>``)."""
+        found = set()
+        for line in self._ls_remote("refs/tags/").splitlines():
+            ref = line.split("\t")[-1].removeprefix("refs/tags/").removesuffix("^{}")
+            if "@v" in ref:
+                found.add(ref.rsplit("@v", 1)[0])
+        return sorted(found)
+
+    def _ls_remote(self, prefix: str) -> str:
+        args = [sys.executable, "-I", "-m", "har_edge.sync.ls_remote", self.url, prefix]
         try:
             res = run(args, timeout_s=self.timeout_s, env=self.env)
         except CommandTimeout as exc:
@@ -88,9 +100,8 @@ class Registry:
                 f"registry {self.display} could not be listed (ls-remote exit {res.returncode}: {res.tail()}): "
                 "check sync.registry and the network"
             )
-        releases = parse_ls_remote(res.stdout, self.name)
-        log.debug("registry %s: %d releases of %s in %.2f s", self.display, len(releases), self.name, res.seconds)
-        return releases
+        log.debug("registry %s: refs under %s listed in %.2f s", self.display, prefix, res.seconds)
+        return res.stdout
 
     def fetch(self, release: Release, dest: Path) -> Path:
         """Download ``models/<name>`` at the release's tag into ``dest`` (which must not exist)."""

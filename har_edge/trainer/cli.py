@@ -11,7 +11,11 @@
                         dvc add + push, commit, tag <name>@v<version>, MLflow registry
     bundle FOLDER DEST  verify a model folder and copy it to DEST (har_edge/agent/default_model)
     verify FOLDER       load a model folder as the edge does (sha256, shapes, golden windows)
-    check-config        validate params.yaml (exit 0) or name each problem (exit 1)
+    check-config        validate params.yaml (exit 0) or name each problem (exit 2)
+    import SOURCE --labels L --name N --version V -o OUT [--scaler S] [--data EXPORTS...] ...
+                        bring a study's own model in (docs/own-model.md)
+    golden FOLDER [--data EXPORTS...]
+                        regenerate a model folder's golden windows
 
 Exit codes are har-edge's (:mod:`har_edge.common.cli`): 0 done, 1 failed (message
 on stderr), 2 invalid configuration or usage, 4 the gate refused the model.
@@ -123,6 +127,7 @@ def cmd_release(s: Settings, a: argparse.Namespace) -> int:
         registry=a.registry or s.release.registry,
         remote=a.remote or s.release.remote,
         push_git=not a.no_git_push,
+        accept_unmeasured=[x.strip() for x in a.accept_unmeasured.split(",") if x.strip()],
     )
     print(json.dumps(r.as_dict(), indent=2))
     return Exit.OK
@@ -141,6 +146,61 @@ def cmd_verify(s: Settings, a: argparse.Namespace) -> int:
 
     runtimes = verify_folder(Path(a.folder))
     print(f"{a.folder}: verified in {', '.join(runtimes)}")
+    return Exit.OK
+
+
+def cmd_import(s: Settings, a: argparse.Namespace) -> int:
+    from har_edge.trainer.importer.run import ImportOptions, parse_units, run_import
+
+    opt = ImportOptions(
+        source=Path(a.source),
+        labels=a.labels,
+        name=a.name,
+        version=a.version,
+        out=Path(a.out),
+        scaler=Path(a.scaler) if a.scaler else None,
+        data=[Path(p) for p in a.data],
+        units=parse_units(a.units),
+        channels=[c.strip() for c in a.channels.split(",") if c.strip()],
+        rate_hz=a.rate,
+        window=a.window,
+        step=a.step,
+        labelled=a.labelled,
+        baseline=Path(a.baseline) if a.baseline else None,
+        min_agreement=a.min_agreement,
+    )
+    r = run_import(s, opt)
+    summary = {
+        "folder": str(r.folder),
+        "name": r.manifest.name,
+        "version": r.manifest.version,
+        "mlflow_run_id": r.run_id,
+        "registry_version": r.registry_version,
+        "import_seconds": round(r.seconds, 1),
+        "gate": r.manifest.training["gate"],
+        "measured": r.measured,
+        "calibration": r.calibration,
+    }
+    print(json.dumps(summary, indent=2))
+    return Exit.OK if r.manifest.training["gate"]["passed"] else Exit.GATE
+
+
+def cmd_golden(s: Settings, a: argparse.Namespace) -> int:
+    from har_edge.trainer.export import verify_folder
+    from har_edge.trainer.importer import golden
+
+    raw = None
+    if a.data:
+        from har_edge.agent.manifest import read_manifest
+        from har_edge.trainer.importer.windows import from_exports
+
+        m = read_manifest(Path(a.folder))
+        raw = from_exports(
+            [Path(p) for p in a.data], channel_map=m.channel_map, rate_hz=m.sample_rate_hz, window=m.window, step=m.step
+        ).raw
+    m = golden.regenerate(Path(a.folder), raw)
+    runtimes = verify_folder(Path(a.folder))
+    print(f"{a.folder}: {m.golden.count} golden windows written, verified in {', '.join(runtimes)}")
     return Exit.OK
 
 
@@ -173,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", default="", help="git working repository of the model registry")
     p.add_argument("--remote", default="", help="DVC remote URL (absolute path or URL)")
     p.add_argument("--no-git-push", action="store_true", help="do not push to the registry's git remote")
+    p.add_argument(
+        "--accept-unmeasured",
+        default="",
+        metavar="NAMES",
+        help="release although these gate figures were not measured, e.g. accuracy,macro_f1 (recorded)",
+    )
     p = add_command(
         sub, "bundle", cmd_bundle, "verify a model folder and copy it (e.g. to har_edge/agent/default_model)"
     )
@@ -181,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_command(sub, "verify", cmd_verify, "load a model folder as the edge does")
     p.add_argument("folder", help="the model folder to check")
     add_command(sub, "check-config", cmd_check_config, "validate the params file")
+    p = add_command(sub, "import", cmd_import, "import a study's own model (.keras, .h5, SavedModel, .tflite)")
+    p.add_argument("source", help="the trained model: .keras, .h5, a SavedModel folder or .tflite")
+    p.add_argument("--labels", required=True, help="labels JSON (list, {index: name} or {name: index}) or a,b,c")
+    p.add_argument("--scaler", default="", help="StandardScaler JSON (mean/scale); omit if the model scales itself")
+    p.add_argument("--name", required=True, help="the model's name (releases are tagged <name>@v<version>)")
+    p.add_argument("--version", required=True, help="the model's version (semver, e.g. 1.0.0)")
+    p.add_argument("-o", "--out", required=True, help="model folder to write")
+    p.add_argument("--data", nargs="+", default=[], metavar="EXPORT", help="the study's exports (FIT, CSV, zip)")
+    p.add_argument("--units", default="", help="per sensor, e.g. acc=g,gyro=rad/s (default acc=m/s^2,gyro=deg/s)")
+    p.add_argument("--channels", default="", help="input channel names in order (default acc_x,...,gyro_z)")
+    p.add_argument("--rate", type=float, default=50.0, help="sample rate the model was trained at (Hz)")
+    p.add_argument("--window", type=int, default=None, help="window length in samples (checked against the model)")
+    p.add_argument("--step", type=int, default=None, help="window step in samples (default: half a window)")
+    p.add_argument("--labelled", action="store_true", help="exports come with <export>.labels.csv files")
+    p.add_argument("--baseline", default="", help="training baseline JSON (per channel and per class statistics)")
+    p.add_argument("--min-agreement", type=float, default=None, help="gate threshold (default gate.min_agreement)")
+    p = add_command(sub, "golden", cmd_golden, "regenerate a model folder's golden windows")
+    p.add_argument("folder", help="the model folder whose golden.npz is rewritten")
+    p.add_argument("--data", nargs="+", default=[], metavar="EXPORT", help="draw new golden windows from exports")
     return ap
 
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from har_edge.agent.errors import ConfigError, HarEdgeError
 
-__all__ = ["ConfigError", "DataError", "GateFailed", "ReleaseError", "ToolFailed", "TrainerError", "UnsafePickle"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "GateFailed",
+    "ImportRefused",
+    "ReleaseError",
+    "ToolFailed",
+    "TrainerError",
+    "UnsafePickle",
+]
 
 
 class TrainerError(HarEdgeError):
@@ -37,3 +46,9 @@ class ToolFailed(TrainerError):
     """An external command (git, dvc, pip) failed or timed out."""
 
     kind = "tool"
+
+
+class ImportRefused(TrainerError):
+    """A model, labels, scaler or data that ``har-train import`` refuses (the message says what to hand over)."""
+
+    kind = "import"

@@ -31,7 +31,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from har_edge.agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, read_manifest, verify_files
+from har_edge.agent.manifest import (
+    GOLDEN_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    Manifest,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
 from har_edge.common import proc
 from har_edge.common.proc import CommandTimeout, Result, dvc_command, tool_env
 from har_edge.common.releases import model_path, tag_name
@@ -40,6 +48,7 @@ from har_edge.trainer import tracking
 from har_edge.trainer.errors import GateFailed, ReleaseError, ToolFailed
 from har_edge.trainer.export import verify_folder
 from har_edge.trainer.gate import check_gate
+from har_edge.trainer.importer.figures import ACCEPT_NAMES
 from har_edge.trainer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,13 +116,44 @@ class Tools:
         return self._identity
 
 
-def check_release_gate(manifest: Manifest, settings: Settings) -> None:
-    """Refuse a model that failed (or never went through) the gate, or is below today's thresholds."""
+def unmeasured_figures(manifest: Manifest) -> list[str]:
+    """Gate figures the manifest records as not measured (an import without labelled data, a float model)."""
+    from har_edge.trainer.importer.figures import GATE_CHECKS
+
+    return [k for k in GATE_CHECKS if k in manifest.measured and manifest.measured[k].value is None]
+
+
+def check_release_gate(manifest: Manifest, settings: Settings, accept_unmeasured: list[str] | None = None) -> None:
+    """Refuse a model that failed (or never went through) the gate, or is below today's thresholds.
+
+    A figure that was not measured is refused unless it is named in ``accept_unmeasured``.
+    """
+    from har_edge.trainer.importer.figures import ACCEPT_NAMES, GATE_CHECKS
+
     what = f"{manifest.name} {manifest.version}"
     gate = manifest.training.get("gate")
     if not isinstance(gate, dict) or gate.get("passed") is not True:
         raise GateFailed(f"{what}: its manifest does not record a passed gate: export it again with `har-train export`")
+    accepted: set[str] = set()
+    for name in accept_unmeasured or []:
+        if name not in ACCEPT_NAMES:
+            raise GateFailed(f"--accept-unmeasured {name}: not a gate figure; one of {sorted(ACCEPT_NAMES)}")
+        accepted.add(ACCEPT_NAMES[name])
+    missing = [k for k in unmeasured_figures(manifest) if k not in accepted]
+    if missing:
+        short = {v: k for k, v in ACCEPT_NAMES.items() if not k.startswith("int8_")}
+        names = ",".join(short.get(k, k) for k in missing)
+        why = "; ".join(f"{k}: {manifest.measured[k].on}" for k in missing)
+        raise GateFailed(
+            f"{what}: {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} not measured ({why}): "
+            f"measure {'it' if len(missing) == 1 else 'them'} (import with --labelled data) or release knowingly "
+            f"with --accept-unmeasured {names}"
+        )
+    skip = {GATE_CHECKS[k][0] for k in accepted if k in GATE_CHECKS}
     for source, thresholds in (("the manifest's", gate.get("thresholds", {})), ("params.yaml", settings.gate)):
+        if not isinstance(thresholds, dict):
+            thresholds = thresholds.model_dump()
+        thresholds = {k: v for k, v in thresholds.items() if k not in skip}
         result = check_gate(manifest.metrics, thresholds)
         if not result.passed:
             raise GateFailed(
@@ -171,7 +211,8 @@ def _copy_model(folder: Path, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for name in (MODEL_FILE, MANIFEST_FILE, GOLDEN_FILE):
+    extra = read_manifest(folder).source_files  # the float source released beside model.tflite
+    for name in (MODEL_FILE, MANIFEST_FILE, GOLDEN_FILE, *extra):
         shutil.copyfile(folder / name, dest / name)
 
 
@@ -181,14 +222,25 @@ def _git_remote(t: Tools) -> str | None:
 
 
 def release(
-    settings: Settings, folder: Path, *, registry: str, remote: str = "", push_git: bool = True
+    settings: Settings,
+    folder: Path,
+    *,
+    registry: str,
+    remote: str = "",
+    push_git: bool = True,
+    accept_unmeasured: list[str] | None = None,
 ) -> ReleaseResult:
     folder = Path(folder)
     if not registry:
         raise ReleaseError("no registry given: pass --registry <git working repository> (or set release.registry)")
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
-    check_release_gate(manifest, settings)
+    check_release_gate(manifest, settings, accept_unmeasured)
+    accepted = sorted({ACCEPT_NAMES[n] for n in accept_unmeasured or []} & set(unmeasured_figures(manifest)))
+    if accepted != sorted(manifest.accepted_unmeasured):
+        # the operator's acceptance is written into the manifest (not a file the sha256s cover)
+        manifest = manifest.model_copy(update={"accepted_unmeasured": accepted})
+        write_manifest(folder, manifest)
     verify_folder(folder)
     repo = Path(registry).expanduser().resolve()
     t = Tools(repo, timeout_s=settings.release.timeout_s, site_cache=settings.cache_dir / "dvc-site")
@@ -215,6 +267,8 @@ def release(
         if t.git("diff", "--cached", "--quiet", check=False).returncode != 0:
             t.git("commit", "-q", "-m", f"release {name} {version}")
         message = f"{name} {version}\n\nsha256={manifest.sha256}\ndata_hash={manifest.data_hash}\n"
+        if manifest.accepted_unmeasured:
+            message += f"accepted_unmeasured={','.join(manifest.accepted_unmeasured)}\n"
         t.git("tag", "-a", tag, "-m", message)
         log.info("released %s as tag %s in %s (files pushed to %s)", name, tag, repo, remote_url)
     else:
@@ -285,10 +339,17 @@ def _register(
             "data_hash": manifest.data_hash,
             "registry": registry,
             "dvc_remote": remote,
+            "accepted_unmeasured": ",".join(manifest.accepted_unmeasured),
         },
         description=f"{manifest.name} {manifest.version}: dvc get {registry} {model_path(manifest.name)} --rev {tag}",
         alias=alias,
     )
+    if manifest.accepted_unmeasured:
+        c.set_model_version_tag(manifest.name, version, "accepted_unmeasured", ",".join(manifest.accepted_unmeasured))
+        if tracking.run_exists(settings, manifest.mlflow_run_id):
+            tracking.set_tags(
+                settings, manifest.mlflow_run_id, {"har.accepted_unmeasured": ",".join(manifest.accepted_unmeasured)}
+            )
     log.info("MLflow registry: %s version %s (%s)", manifest.name, version, "created" if created else "existing")
     return version, created
 
