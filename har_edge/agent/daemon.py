@@ -33,7 +33,13 @@ class Agent:
             batch=a.batch,
             on_load_failure=self._model_failed,
         )
-        self.processor = Processor(a, self.outbox, settings.work / ".scratch")
+        self.processor = Processor(
+            a,
+            self.outbox,
+            settings.work / ".scratch",
+            monitor=settings.monitor,
+            share_flagged_windows=settings.sync.share_flagged_windows,
+        )
         self._paused = False
 
     def _model_failed(self, pointer: str | None, exc: Exception) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from har_edge.agent.errors import ChecksumMismatch, ManifestError
+from har_edge.agent.monitor.reference import Reference
 from har_edge.common.hashing import sha256_file
 
 SCHEMA_VERSION = 1
@@ -95,6 +96,8 @@ class Manifest(BaseModel):
     created: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+    #: the training reference the edge monitors against (optional: older manifests have none)
+    reference: Reference | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

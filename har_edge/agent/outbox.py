@@ -13,6 +13,7 @@ daemon share the file).
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -84,6 +85,9 @@ files = Table(
     Column("error_kind", String(32)),
     Column("error_message", Text),
     Column("duplicate_of", Integer, ForeignKey("files.id")),
+    # monitor verdict (ok | warn | alert | too_short | no_reference) and its report (JSON)
+    Column("monitor_status", Text),
+    Column("monitor_json", Text),
     # delivery (written by sync)
     Column("run_id", String(64)),
     Column("artifact_delivered_ms", BigInteger),
@@ -137,6 +141,24 @@ deployments = Table(
     Column("delivered_ms", BigInteger),
 )
 
+#: scaled windows of a file kept for a retraining request (npz bytes: ``idx``, ``windows``)
+flagged_windows = Table(
+    "flagged_windows",
+    metadata,
+    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    Column("npz", LargeBinary, nullable=False),
+)
+
+#: device-level retraining requests raised by the monitor trigger (K of the last N files alerted)
+retrain_requests = Table(
+    "retrain_requests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("time_ms", BigInteger, nullable=False),
+    Column("files_json", Text, nullable=False),  # [{file_id, name, sha256, status, reasons}]
+    Column("delivered_ms", BigInteger),
+)
+
 
 @dataclass(frozen=True)
 class MetricPoint:
@@ -168,6 +190,8 @@ class FileRecord:
     model_sha256: str | None = None
     error_kind: str | None = None
     error_message: str | None = None
+    monitor_status: str | None = None
+    monitor_json: str | None = None
 
 
 def now_ms() -> int:
@@ -275,6 +299,7 @@ class Outbox:
         start_ms: np.ndarray | None = None,
         probs: np.ndarray | None = None,
         points: Iterable[MetricPoint] = (),
+        flagged_npz: bytes | None = None,
     ) -> int:
         """Store a file with its windows and metric points, all or nothing; return its id.
 
@@ -299,6 +324,8 @@ class Outbox:
                 cur.executemany(_METRICS_SQL, _metric_rows(file_id, points))
             finally:
                 cur.close()
+            if flagged_npz is not None:
+                conn.execute(insert(flagged_windows).values(file_id=file_id, npz=flagged_npz))
         return file_id
 
     def add_metrics(self, points: Iterable[MetricPoint], file_id: int | None = None) -> None:
@@ -392,6 +419,74 @@ class Outbox:
                 "error": last.error_message,
             },
         }
+
+    def recent_files(self, n: int = 10) -> list[dict]:
+        """The last ``n`` files, newest first, in the form ``har-edge status`` shows (the names are final)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(files).order_by(files.c.id.desc()).limit(n)).all()
+        out = []
+        for r in rows:
+            monitor = None
+            if r.monitor_status is not None:
+                reasons: list[str] = []
+                if r.monitor_json:
+                    try:
+                        reasons = list(json.loads(r.monitor_json).get("reasons", []))
+                    except (ValueError, AttributeError):
+                        reasons = ["(unreadable monitor report)"]
+                monitor = {"status": r.monitor_status, "reasons": reasons}
+            out.append(
+                {
+                    "name": r.name,
+                    "sha256": r.sha256,
+                    "status": "quarantined" if r.status == "failed" else r.status,
+                    "error_kind": r.error_kind,
+                    "windows": r.windows,
+                    "delivered": r.finished_ms is not None,
+                    "monitor": monitor,
+                }
+            )
+        return out
+
+    def recent_monitor(self, n: int) -> list:
+        """The last ``n`` processed files that have a monitor verdict (newest first)."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(files.c.id, files.c.name, files.c.sha256, files.c.monitor_status, files.c.monitor_json)
+                .where(files.c.status == "processed", files.c.monitor_status.is_not(None))
+                .order_by(files.c.id.desc())
+                .limit(n)
+            ).all()
+
+    def last_retrain_request(self):
+        with self.engine.connect() as conn:
+            return conn.execute(select(retrain_requests).order_by(retrain_requests.c.id.desc()).limit(1)).first()
+
+    def record_retrain_request(self, files_json: str, time_ms: int | None = None) -> int:
+        with self.transaction() as conn:
+            return conn.execute(
+                insert(retrain_requests).values(
+                    time_ms=time_ms if time_ms is not None else now_ms(), files_json=files_json
+                )
+            ).inserted_primary_key[0]
+
+    def pending_retrain_requests(self) -> list:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(retrain_requests)
+                .where(retrain_requests.c.delivered_ms.is_(None))
+                .order_by(retrain_requests.c.id)
+            ).all()
+
+    def mark_retrain_request(self, request_id: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                update(retrain_requests).where(retrain_requests.c.id == request_id).values(delivered_ms=now_ms())
+            )
+
+    def flagged_npz(self, file_id: int) -> bytes | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(flagged_windows.c.npz).where(flagged_windows.c.file_id == file_id)).scalar()
 
     def size_bytes(self) -> int:
         """Bytes the outbox holds: used pages (space freed by delivered rows counts as free) plus the WAL."""

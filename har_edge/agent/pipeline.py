@@ -22,9 +22,11 @@ from har_edge.agent import __version__
 from har_edge.agent.decode import open_export
 from har_edge.agent.errors import HarEdgeError, InputError, TooLarge, TooShort
 from har_edge.agent.model import LoadedModel
+from har_edge.agent.monitor.accumulate import MonitorAccumulator
+from har_edge.agent.monitor.verdict import MonitorReport, judge
 from har_edge.agent.outbox import FileRecord, Outbox, now_ms
-from har_edge.agent.preprocess import StreamWindower
-from har_edge.agent.settings import AgentSettings
+from har_edge.agent.preprocess import StreamWindower, apply_scaler
+from har_edge.agent.settings import AgentSettings, MonitorSettings
 from har_edge.agent.summary import iter_minute_points, summary_points
 from har_edge.common.hashing import export_sha256
 
@@ -44,8 +46,20 @@ class Outcome:
 class Processor:
     """Runs the pipeline for one export at a time against one outbox."""
 
-    def __init__(self, settings: AgentSettings, outbox: Outbox, scratch: Path) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        outbox: Outbox,
+        scratch: Path,
+        *,
+        monitor: MonitorSettings | None = None,
+        share_flagged_windows: bool = False,
+    ) -> None:
         self.settings = settings
+        self.monitor = monitor or MonitorSettings()
+        self.share_flagged_windows = share_flagged_windows
+        #: the monitor report of the last export processed
+        self.last_monitor: MonitorReport | None = None
         self.outbox = outbox
         self.scratch = Path(scratch)
         #: wall and CPU seconds per stage of the last export processed (for benchmarks and logs)
@@ -92,7 +106,7 @@ class Processor:
                     f"{name}: {size / 1e6:.0f} MB is over agent.max_file_mb = {self.settings.max_file_mb:.0f}: "
                     "split the export or raise the limit"
                 )
-            starts, probs, per_window, timings, quality, fmt = self._run(paths, model, name, progress)
+            starts, probs, per_window, timings, quality, fmt, acc = self._run(paths, model, name, progress)
         except InputError as exc:
             fid = self.outbox.record_file(
                 FileRecord(
@@ -122,6 +136,9 @@ class Processor:
             timestamp_ms=processed_ms,
         )
         points = itertools.chain(points, iter_minute_points(label_names=m.labels, start_ms=starts, probs=probs))
+        monitor, flagged = self._monitor_report(acc, model, timings, processed_ms)
+        if monitor is not None:
+            points = itertools.chain(points, monitor.metric_points(processed_ms))
         rec = FileRecord(
             **base,
             status="processed",
@@ -133,8 +150,16 @@ class Processor:
             model_name=m.name,
             model_version=m.version,
             model_sha256=m.sha256,
+            monitor_status=monitor.status if monitor is not None else None,
+            monitor_json=monitor.to_json() if monitor is not None else None,
         )
-        fid = self.outbox.record_file(rec, label_names=m.labels, start_ms=starts, probs=probs, points=points)
+        fid = self.outbox.record_file(
+            rec, label_names=m.labels, start_ms=starts, probs=probs, points=points, flagged_npz=flagged
+        )
+        if monitor is not None and monitor.status == "alert":
+            from har_edge.agent.monitor.trigger import check_trigger
+
+            check_trigger(self.outbox, self.monitor)
         store_s = time.perf_counter() - t_store
         total = time.perf_counter() - t_start
         if self.last_stages:
@@ -156,8 +181,43 @@ class Processor:
         )
         return Outcome("processed", fid, name, windows=len(probs), seconds=total)
 
+    def _monitor_report(
+        self, acc: MonitorAccumulator | None, model: LoadedModel, timings: dict[str, float], now: int
+    ) -> tuple[MonitorReport | None, bytes | None]:
+        """The file's verdict (and, for an alert when sharing is on, its kept windows as npz bytes)."""
+        self.last_monitor = None
+        if acc is None:
+            return None, None
+        t0 = time.perf_counter()
+        report = judge(acc.stats(), model.manifest.reference, self.monitor, list(model.manifest.labels))
+        monitor_s = timings.get("monitor", 0.0) + time.perf_counter() - t0
+        report.metrics["seconds"] = monitor_s
+        report.metrics["cost_share"] = monitor_s / timings["inference"] if timings.get("inference") else 0.0
+        self.last_monitor = report
+        flagged = None
+        if report.status == "alert" and acc.keep:
+            import io
+
+            idx, windows = acc.kept_windows()
+            buf = io.BytesIO()
+            np.savez_compressed(buf, idx=idx, windows=windows.astype(np.float32))
+            flagged = buf.getvalue()
+        return report, flagged
+
     def _run(self, paths, model: LoadedModel, name, progress):
         m = model.manifest
+        acc = (
+            MonitorAccumulator(
+                m.reference,
+                classes=len(m.labels),
+                channels=[c.name for c in m.channels],
+                low_confidence=self.settings.low_confidence,
+                input_range=getattr(model.runner, "input_range", None),
+                keep_windows=self.monitor.flagged_windows_per_file if self.share_flagged_windows else 0,
+            )
+            if self.monitor.enabled
+            else None
+        )
         scratch = self.scratch / f"export-{time.monotonic_ns()}"
         scratch.mkdir(parents=True, exist_ok=True)
         clock = _StageClock()
@@ -187,10 +247,17 @@ class Processor:
                     # whole batches only: a chunk's last few windows wait for the next chunk's
                     for windows, starts in batcher.add(ws):
                         with clock.stage("inference"):
-                            probs_parts.append(model.predict(windows, per_window))
+                            scaled = apply_scaler(windows, m.scaler.mean, m.scaler.scale)
+                            part = model.runner.predict(scaled, per_window)
+                            probs_parts.append(part)
                             starts_parts.append(starts)
+                        if acc is not None:
+                            with clock.stage("monitor"):
+                                acc.add(scaled, part)
                         if progress is not None:
                             progress(len(starts))
+                if acc is not None:
+                    acc.end_recording()
                 q = sw.quality()
                 for k, v in q.items():  # several recordings (a zip): sums, and the last rate
                     quality[k] = (
@@ -214,8 +281,8 @@ class Processor:
         if len(starts) > 1 and not (np.diff(starts) >= 0).all():
             order = np.argsort(starts, kind="stable")
             starts, probs = starts[order], probs[order]
-        timings = {k: clock.wall[k] for k in ("decode", "preprocess", "inference")}
-        return starts, probs, per_window, timings, quality, fmt
+        timings = {k: clock.wall[k] for k in ("decode", "preprocess", "inference", "monitor") if k in clock.wall}
+        return starts, probs, per_window, timings, quality, fmt, acc
 
 
 _malloc_trim = None
