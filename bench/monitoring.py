@@ -129,6 +129,10 @@ def measure(monitor: Any = None, limit: int | None = None) -> dict[str, Any]:
         for i, r in enumerate(x for x in recs if x.subject in held):
             path = sh.write_samples_fit(fixtures / f"{r.name}.fit", r.samples, start=sh.start_of(i))
             files.append(("in_distribution", r.name, path))
+            half = len(r.samples) // 2  # each half too: shorter files of the same recording (cut, not stitched)
+            for tag, part in (("a", r.samples[:half]), ("b", r.samples[half:])):
+                sp = fixtures / f"{r.name}-{tag}.fit"
+                files.append(("in_distribution", sp.stem, sh.write_samples_fit(sp, part, start=sh.start_of(i))))
             for kind, fn in sh.RECORDING_SHIFTS.items():
                 sp = fixtures / f"{r.name}-{kind}.fit"
                 files.append((kind, sp.stem, sh.write_samples_fit(sp, fn(r.samples), start=sh.start_of(i))))

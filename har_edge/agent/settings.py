@@ -50,21 +50,23 @@ class MonitorSettings(_Section):
     """
 
     enabled: bool = Field(True, description="compute a monitor verdict for every processed file")
-    min_windows: int = Field(60, ge=1, description="below this many windows a file is 'too short to judge'")
-    psi_warn: float = Field(0.5, gt=0, description="a histogram warns only with PSI >= this ...")
-    psi_alert: float = Field(1.0, gt=0, description="... and alerts only with PSI >= this ...")
-    psi_warn_ratio: float = Field(
-        1.5, gt=0, description="... and PSI >= this times what held-out recordings reach (reference typical_psi)"
+    min_windows: int = Field(
+        100, ge=1, description="below this many windows (200 s at a 2 s step) a file is 'too short to judge'"
     )
-    psi_alert_ratio: float = Field(2.5, gt=0, description="alert: PSI >= this times the held-out typical PSI")
-    feature_psi_warn: float = Field(0.75, gt=0, description="as psi_warn, for per-window features")
-    feature_psi_alert: float = Field(1.5, gt=0, description="as psi_alert, for per-window features")
+    psi_warn: float = Field(1.0, gt=0, description="a histogram warns only with PSI >= this ...")
+    psi_alert: float = Field(3.0, gt=0, description="... and alerts only with PSI >= this ...")
+    psi_warn_ratio: float = Field(
+        2.0, gt=0, description="... and PSI >= this times what held-out recordings reach (reference typical_psi)"
+    )
+    psi_alert_ratio: float = Field(3.0, gt=0, description="alert: PSI >= this times the held-out typical PSI")
+    feature_psi_warn: float = Field(2.0, gt=0, description="as psi_warn, for per-window features")
+    feature_psi_alert: float = Field(3.5, gt=0, description="as psi_alert, for per-window features")
     typical_psi_default: float = Field(
         0.5, gt=0, description="typical PSI assumed where the reference measured none (no held-out groups)"
     )
     typical_psi_floor: float = Field(0.1, gt=0, description="a typical PSI is never taken below this")
-    drift_warn: float = Field(1.0, gt=0, description="warn when the mean relative PSI (PSI / typical) >= this")
-    drift_alert: float = Field(1.6, gt=0, description="alert when the mean relative PSI >= this")
+    drift_warn: float = Field(1.5, gt=0, description="warn when the mean relative PSI (PSI / typical) >= this")
+    drift_alert: float = Field(2.5, gt=0, description="alert when the mean relative PSI >= this")
     saturation_warn: float = Field(
         0.01, ge=0, le=1, description="warn when this share of input values (above training's) is beyond the int8 range"
     )

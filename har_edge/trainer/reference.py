@@ -91,31 +91,39 @@ def _histograms(values: np.ndarray, names: list[str], bins: int) -> dict[str, Hi
     }
 
 
-MIN_GROUP_WINDOWS = 60
+#: held-out windows are cut into blocks of this many consecutive windows of one group (about a short file)
+BLOCK_WINDOWS = 90
+#: the typical PSI of a histogram: this quantile of its PSI over the blocks
+TYPICAL_QUANTILE = 0.95
 
 
 def _with_typical_psi(
     inp: InputSummary, feats: FeatureSummary, held_out: np.ndarray, groups: np.ndarray, names: list[str]
 ) -> tuple[InputSummary, FeatureSummary]:
-    """The summaries with ``typical_psi``: the largest PSI a held-out group reaches (counted as the edge does)."""
+    """The summaries with ``typical_psi``: what blocks of held-out windows (a short file each) reach.
+
+    Blocks of BLOCK_WINDOWS consecutive windows of one group hold one activity mix each, as a
+    real file does; the verdict reads a file's PSI relative to their TYPICAL_QUANTILE.
+    """
     from har_edge.agent.monitor.accumulate import DRIFT_STRIDE
 
-    ch_typ: dict[str, float] = {}
-    ft_typ: dict[str, float] = {}
     fnames = feature_names(names)
+    ch_vals: dict[str, list[float]] = {n: [] for n in names}
+    ft_vals: dict[str, list[float]] = {n: [] for n in fnames}
+    ch_b = BinSet([inp.channels[n].edges for n in names])
+    ch_share = np.concatenate([inp.channels[n].share for n in names])
+    ft_b = BinSet([feats.features[n].edges for n in fnames])
+    ft_share = np.concatenate([feats.features[n].share for n in fnames])
     for g in np.unique(groups):
-        w = held_out[groups == g]
-        if len(w) < MIN_GROUP_WINDOWS:
-            continue
-        w = w[::DRIFT_STRIDE]
-        for values, hists, typ, keys in (
-            (channel_samples(w), inp.channels, ch_typ, names),
-            (window_features(w), feats.features, ft_typ, fnames),
-        ):
-            b = BinSet([hists[n].edges for n in keys])
-            share = np.concatenate([hists[n].share for n in keys])
-            for n, v in zip(keys, b.psi(b.counts(values), share).tolist(), strict=True):
-                typ[n] = max(typ.get(n, 0.0), v)
+        gw = held_out[groups == g]
+        for a in range(0, len(gw) - BLOCK_WINDOWS + 1, BLOCK_WINDOWS):
+            w = gw[a : a + BLOCK_WINDOWS : DRIFT_STRIDE]
+            for n, v in zip(names, ch_b.psi(ch_b.counts(channel_samples(w)), ch_share).tolist(), strict=True):
+                ch_vals[n].append(v)
+            for n, v in zip(fnames, ft_b.psi(ft_b.counts(window_features(w)), ft_share).tolist(), strict=True):
+                ft_vals[n].append(v)
+    ch_typ = {n: float(np.quantile(v, TYPICAL_QUANTILE)) for n, v in ch_vals.items() if v}
+    ft_typ = {n: float(np.quantile(v, TYPICAL_QUANTILE)) for n, v in ft_vals.items() if v}
     if not ch_typ:
         return inp, feats
     chans = {n: h.model_copy(update={"typical_psi": round(ch_typ[n], 4)}) for n, h in inp.channels.items()}
