@@ -215,3 +215,65 @@ def test_status_lists_recent_files_with_their_verdicts(model_dir, fits, tmp_path
     assert set(recent[1]) == {"name", "sha256", "status", "error_kind", "windows", "delivered", "monitor"}
     plain = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True, timeout=60).stdout
     assert "gyro_10x.fit" in plain and "monitor alert" in plain
+
+
+def _push_and_check(settings, model_dir, fits, tmp_path):
+    import time
+
+    from har_edge.sync import runs
+    from har_edge.sync.push import Pusher
+
+    model = load_model(model_dir)
+    ob = Outbox(settings.outbox_path)
+    proc = Processor(
+        settings.agent, ob, settings.work / ".scratch", monitor=settings.monitor, share_flagged_windows=True
+    )
+    ids = [proc.process([fits[k]], model).file_id for k in ("in-1", "gyro_10x", "axes_swapped")]
+    assert len(ob.pending_retrain_requests()) == 1
+    p = Pusher(settings, ob)
+    report = p.push(time.time())
+    assert report.files_finished == 3 and not report.refused
+    for fid in ids:
+        row = ob.file(fid)
+        run = p.client.get_run(row.run_id)
+        assert run.data.tags[runs.MONITOR] == row.monitor_status
+        reasons = json.loads(row.monitor_json)["reasons"]
+        note = run.data.tags[runs.DESCRIPTION]
+        assert note.startswith(f"monitor: {row.monitor_status}") and all(r in note for r in reasons)
+        assert "monitor.drift_score" in run.data.metrics
+    assert p.client.get_run(ob.file(ids[1]).run_id).data.tags[runs.MONITOR] == "alert"
+    dev = p.client.get_run(p.device_run())
+    assert dev.data.tags[runs.RETRAIN_REQUESTED].startswith("request 1: 2 alerting files")
+    names = sorted(a.path for a in p.client.list_artifacts(dev.info.run_id, "retrain_requests"))
+    assert names == ["retrain_requests/flagged_windows_1.npz", "retrain_requests/retrain_request_1.json"]
+    got = Path(p.client.download_artifacts(dev.info.run_id, "retrain_requests", str(tmp_path / "dl")))
+    doc = json.loads((got / "retrain_request_1.json").read_text())
+    assert [f["sha256"] for f in doc["files"]] == [ob.file(i).sha256 for i in ids[1:]]
+    with np.load(got / "flagged_windows_1.npz") as z:
+        assert len(z.files) == 4 and all(z[k].shape[1:] == (200, 6) for k in z.files if k.endswith(".windows"))
+    assert ob.pending_retrain_requests() == []
+    assert p.push(time.time()).artifacts == 0  # delivered once
+
+
+def _sync_settings(tmp_path, uri):
+    import uuid
+
+    from har_edge.agent.settings import load_settings
+
+    return load_settings(
+        env={},
+        data_dir=tmp_path / "var",
+        device_id=f"dev-{uuid.uuid4().hex[:6]}",
+        sync={"tracking_uri": uri, "request_timeout_s": 30, "share_flagged_windows": True,
+              "experiment": f"monitor-{uuid.uuid4().hex[:8]}"},
+        monitor={"trigger_files": 3, "trigger_alerts": 2, "flagged_windows_per_file": 4},
+    )  # fmt: skip
+
+
+def test_verdicts_and_the_retraining_request_reach_the_local_store(model_dir, fits, tmp_path):
+    _push_and_check(_sync_settings(tmp_path, None), model_dir, fits, tmp_path)
+
+
+@pytest.mark.server
+def test_verdicts_and_the_retraining_request_reach_the_server(mlflow_server, model_dir, fits, tmp_path):
+    _push_and_check(_sync_settings(tmp_path, mlflow_server.url), model_dir, fits, tmp_path)
