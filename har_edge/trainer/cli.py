@@ -150,6 +150,24 @@ def cmd_check_config(s: Settings, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_adapt(s: Settings, a: argparse.Namespace) -> int:
+    from har_edge.trainer.adapt import adapt
+
+    r = adapt(
+        s,
+        Path(a.folder),
+        Path(a.out),
+        data=a.data,
+        from_mlflow=a.from_mlflow,
+        float_path=a.float_path,
+        version=a.version,
+        pseudo_label=a.pseudo_label,
+        max_accuracy_drop=a.max_accuracy_drop,
+    )
+    print(f"adapted {r.version} -> {r.folder}: {r.as_dict()}; release it with `har-train release {r.folder}`")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="har-train", description="Train, export and release har-edge models.")
     ap.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
@@ -180,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="load a model folder as the edge does")
     p.add_argument("folder")
     sub.add_parser("check-config", help="validate the params file")
+    p = sub.add_parser("adapt", help="AdaBN (+ pseudo-labels) on flagged data -> a new model folder to release")
+    p.add_argument("folder", help="model folder (with float/model.keras, or give --float)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="folder of exports (or one export) from the target devices")
+    src.add_argument("--from-mlflow", metavar="FILTER", help="MLflow run filter of device runs with shared windows")
+    p.add_argument("--float", dest="float_path", type=Path, help="the float Keras model (default FOLDER/float)")
+    p.add_argument("--out", required=True, help="the adapted model folder to write")
+    p.add_argument("--version", help="version of the adapted model (default: the next patch version)")
+    p.add_argument("--pseudo-label", action="store_true", help="fine-tune on confident target windows after AdaBN")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.02, help="allowed held-out test accuracy drop")
     return ap
 
 
@@ -193,6 +221,7 @@ COMMANDS = {
     "bundle": cmd_bundle,
     "verify": cmd_verify,
     "check-config": cmd_check_config,
+    "adapt": cmd_adapt,
 }
 
 
