@@ -4,13 +4,15 @@ From the float source (``--float PATH`` or ``MODEL_FOLDER/float/model.keras``; a
 only ``model.tflite`` is refused: int8 weights cannot be re-estimated):
 
 1. AdaBN: every BatchNormalization layer's moving mean and variance are re-estimated, layer by
-   layer, on the target windows (no labels needed);
+   layer, on the target windows (no labels needed), mixed with as many training windows when the
+   trainer's prepared data is there (``--target-only``: the target alone);
 2. optionally (``--pseudo-label``) a short fine-tune on the target windows the AdaBN model is
    confident about (calibrated top-1 >= ``--min-confidence``).
 
 Gate: accuracy on the trainer's held-out test set (``build/trainer/prepared.npz``) must not drop by
 more than ``--max-accuracy-drop``, and the drift of the model's penultimate features on the target
-data (mean |z| against the held-out source features) must shrink. Without a labelled test set the
+data (mean |z| of the target's mean feature against held-out source features through the model
+with source statistics) must shrink. Without a labelled test set the
 accuracy figure is recorded as unmeasured. The result is a model folder ``har-train release`` takes.
 """
 
@@ -152,13 +154,17 @@ def _penultimate(model: Any) -> Any:
     return keras.Model(model.inputs, model.layers[-2].output)
 
 
-def feature_drift(model: Any, source: np.ndarray, target: np.ndarray) -> float:
-    """Mean |z| of the target's mean penultimate feature against the source features' mean and spread."""
+def penultimate_features(model: Any, x: np.ndarray) -> np.ndarray:
     probe = _penultimate(model)
-    fs = np.asarray(probe.predict(source, verbose=0, batch_size=256)).reshape(len(source), -1)
-    ft = np.asarray(probe.predict(target, verbose=0, batch_size=256)).reshape(len(target), -1)
-    sd = fs.std(axis=0) + 1e-3
-    return float(np.abs((ft.mean(axis=0) - fs.mean(axis=0)) / sd).mean())
+    return np.asarray(probe.predict(x, verbose=0, batch_size=256)).reshape(len(x), -1)
+
+
+def feature_drift(source_features: np.ndarray, model: Any, target: np.ndarray) -> float:
+    """Mean |z| of the target's mean penultimate feature against ``source_features`` (the features the head
+    should see: held-out source windows through the model with source statistics)."""
+    ft = penultimate_features(model, target)
+    sd = source_features.std(axis=0) + 1e-3
+    return float(np.abs((ft.mean(axis=0) - source_features.mean(axis=0)) / sd).mean())
 
 
 def _accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
@@ -177,6 +183,7 @@ def adapt(
     pseudo_label: bool = False,
     min_confidence: float = 0.9,
     max_accuracy_drop: float = 0.02,
+    target_only: bool = False,
 ) -> AdaptResult:
     import keras
 
@@ -202,20 +209,31 @@ def adapt(
             target = windows_from_mlflow(settings, str(from_mlflow), Path(tmp))
     model = keras.models.load_model(keras_path, compile=False)
     test_x = test_y = None
-    source = target[:0]
+    train_x = target[:0]
     try:
         from har_edge.trainer.prepare import load_prepared
 
         p = load_prepared(settings)
         test_x, test_y = apply_scaler(p.x["test"], mean, scale), p.y["test"]
-        source = test_x
+        train_x = apply_scaler(p.x["train"], mean, scale)
     except TrainerError as exc:
-        log.warning("no labelled held-out test set (%s): test accuracy is unmeasured", exc)
-    if not len(source):
-        source = target  # drift is then measured against the target itself (0 before and after)
-    drift_before = feature_drift(model, source, target)
+        log.warning("no prepared training data (%s): test accuracy is unmeasured, AdaBN uses the target only", exc)
     acc_before = _accuracy(model, test_x, test_y) if test_x is not None else None
-    n_bn = adabn(model, target)
+    if len(train_x) and test_x is not None:
+        # the features the head should see: held-out source windows through the model with source statistics
+        ms = keras.models.load_model(keras_path, compile=False)
+        adabn(ms, train_x)
+        source_features = penultimate_features(ms, test_x)
+        del ms
+    else:
+        source_features = penultimate_features(model, target)  # nothing to compare with: drift 0 before
+    drift_before = feature_drift(source_features, model, target)
+    stats_data = target
+    if len(train_x) and not target_only:
+        # target windows mixed with as many training windows: the model keeps working on the data it knew
+        pick = np.random.default_rng(0).choice(len(train_x), size=min(len(train_x), len(target)), replace=False)
+        stats_data = np.concatenate([target, train_x[np.sort(pick)]])
+    n_bn = adabn(model, stats_data)
     if not n_bn:
         raise TrainerError(f"{keras_path} has no BatchNormalization layer: AdaBN has nothing to re-estimate")
     pseudo = 0
@@ -229,7 +247,7 @@ def adapt(
                     layer.trainable = False  # keep the AdaBN statistics
             model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
             model.fit(target[keep], probs[keep].argmax(axis=1), epochs=2, batch_size=64, verbose=0)
-    drift_after = feature_drift(model, source, target)
+    drift_after = feature_drift(source_features, model, target)
     acc_after = _accuracy(model, test_x, test_y) if test_x is not None else None
     new_version = version or _next_version(manifest.version)
     result = AdaptResult(out, new_version, len(target), drift_before, drift_after, acc_before, acc_after, pseudo)
@@ -237,12 +255,12 @@ def adapt(
         result.failures.append(
             f"held-out test accuracy fell from {acc_before:.3f} to {acc_after:.3f} (allowed drop {max_accuracy_drop})"
         )
-    if source is not target and not drift_after < drift_before:
+    if len(train_x) and not drift_after < drift_before:
         result.failures.append(f"feature drift on the target did not shrink ({drift_before:.3f} -> {drift_after:.3f})")
     log.info("adapt: %s", result.as_dict())
     if result.failures:
         raise GateFailed(f"adapted {manifest.name} {new_version} refused: " + "; ".join(result.failures))
-    rep = representative_windows(np.concatenate([target, source]), 512, 0)
+    rep = representative_windows(stats_data, 512, 0)
     with tempfile.TemporaryDirectory() as tmp:
         tfl = Path(tmp) / "model.tflite"
         tfl.write_bytes(convert_int8(model, rep))

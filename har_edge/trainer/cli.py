@@ -163,6 +163,7 @@ def cmd_adapt(s: Settings, a: argparse.Namespace) -> int:
         version=a.version,
         pseudo_label=a.pseudo_label,
         max_accuracy_drop=a.max_accuracy_drop,
+        target_only=a.target_only,
     )
     print(f"adapted {r.version} -> {r.folder}: {r.as_dict()}; release it with `har-train release {r.folder}`")
     return EXIT_OK
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="version of the adapted model (default: the next patch version)")
     p.add_argument("--pseudo-label", action="store_true", help="fine-tune on confident target windows after AdaBN")
     p.add_argument("--max-accuracy-drop", type=float, default=0.02, help="allowed held-out test accuracy drop")
+    p.add_argument("--target-only", action="store_true", help="BatchNorm statistics of the target alone (no mix)")
     return ap
 
 
