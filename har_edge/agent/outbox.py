@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import (
@@ -420,7 +421,7 @@ class Outbox:
             },
         }
 
-    def recent_files(self, n: int = 10) -> list[dict]:
+    def recent_files(self, n: int = 10) -> list[dict[str, Any]]:
         """The last ``n`` files, newest first, in the form ``har-edge status`` shows (the names are final)."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(files).order_by(files.c.id.desc()).limit(n)).all()
@@ -448,35 +449,40 @@ class Outbox:
             )
         return out
 
-    def recent_monitor(self, n: int) -> list:
+    def recent_monitor(self, n: int) -> list[Any]:
         """The last ``n`` processed files that have a monitor verdict (newest first)."""
         with self.engine.connect() as conn:
-            return conn.execute(
-                select(files.c.id, files.c.name, files.c.sha256, files.c.monitor_status, files.c.monitor_json)
-                .where(files.c.status == "processed", files.c.monitor_status.is_not(None))
-                .order_by(files.c.id.desc())
-                .limit(n)
-            ).all()
+            return list(
+                conn.execute(
+                    select(files.c.id, files.c.name, files.c.sha256, files.c.monitor_status, files.c.monitor_json)
+                    .where(files.c.status == "processed", files.c.monitor_status.is_not(None))
+                    .order_by(files.c.id.desc())
+                    .limit(n)
+                ).all()
+            )
 
-    def last_retrain_request(self):
+    def last_retrain_request(self) -> Any:
         with self.engine.connect() as conn:
             return conn.execute(select(retrain_requests).order_by(retrain_requests.c.id.desc()).limit(1)).first()
 
     def record_retrain_request(self, files_json: str, time_ms: int | None = None) -> int:
         with self.transaction() as conn:
-            return conn.execute(
+            key = conn.execute(
                 insert(retrain_requests).values(
                     time_ms=time_ms if time_ms is not None else now_ms(), files_json=files_json
                 )
-            ).inserted_primary_key[0]
+            ).inserted_primary_key
+            return int(key[0]) if key is not None else 0
 
-    def pending_retrain_requests(self) -> list:
+    def pending_retrain_requests(self) -> list[Any]:
         with self.engine.connect() as conn:
-            return conn.execute(
-                select(retrain_requests)
-                .where(retrain_requests.c.delivered_ms.is_(None))
-                .order_by(retrain_requests.c.id)
-            ).all()
+            return list(
+                conn.execute(
+                    select(retrain_requests)
+                    .where(retrain_requests.c.delivered_ms.is_(None))
+                    .order_by(retrain_requests.c.id)
+                ).all()
+            )
 
     def mark_retrain_request(self, request_id: int) -> None:
         with self.transaction() as conn:
@@ -486,7 +492,8 @@ class Outbox:
 
     def flagged_npz(self, file_id: int) -> bytes | None:
         with self.engine.connect() as conn:
-            return conn.execute(select(flagged_windows.c.npz).where(flagged_windows.c.file_id == file_id)).scalar()
+            blob = conn.execute(select(flagged_windows.c.npz).where(flagged_windows.c.file_id == file_id)).scalar()
+        return bytes(blob) if blob is not None else None
 
     def size_bytes(self) -> int:
         """Bytes the outbox holds: used pages (space freed by delivered rows counts as free) plus the WAL."""

@@ -54,7 +54,8 @@ def calibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
     logp = np.log(np.clip(np.asarray(probs, dtype=np.float64), PROB_FLOOR, 1.0)) / float(temperature)
     logp -= logp.max(axis=1, keepdims=True)
     e = np.exp(logp)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    out: np.ndarray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out
 
 
 def confidence_summary(probs: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -77,7 +78,8 @@ def confidence_summary(probs: np.ndarray, temperature: float) -> tuple[np.ndarra
 def entropy(probs: np.ndarray) -> np.ndarray:
     """Normalised entropy (0: certain, 1: uniform) per row."""
     p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
-    return (-(p * np.log(p)).sum(axis=1) / np.log(p.shape[1])).astype(np.float32)
+    out: np.ndarray = (-(p * np.log(p)).sum(axis=1) / np.log(p.shape[1])).astype(np.float32)
+    return out
 
 
 def quantile_edges(values: np.ndarray, bins: int) -> list[float]:
@@ -145,7 +147,8 @@ class BinSet:
         p = c / c.sum(axis=1, keepdims=True)
         q = np.maximum(np.asarray(flat_share, np.float64).reshape(self.n, self.k + 1), 1e-4)
         q = q / q.sum(axis=1, keepdims=True)
-        return ((p - q) * np.log(p / q)).sum(axis=1)
+        out: np.ndarray = ((p - q) * np.log(p / q)).sum(axis=1)
+        return out
 
 
 def psi(counts: np.ndarray, reference_share: np.ndarray | list[float]) -> float:
