@@ -277,3 +277,26 @@ def test_verdicts_and_the_retraining_request_reach_the_local_store(model_dir, fi
 @pytest.mark.server
 def test_verdicts_and_the_retraining_request_reach_the_server(mlflow_server, model_dir, fits, tmp_path):
     _push_and_check(_sync_settings(tmp_path, mlflow_server.url), model_dir, fits, tmp_path)
+
+
+def test_adapt_from_mlflow_is_refused_when_devices_did_not_share_windows(model_dir, fits, tmp_path):
+    import time
+
+    from har_edge.sync.push import Pusher
+    from har_edge.trainer.adapt import windows_from_mlflow
+    from har_edge.trainer.errors import TrainerError
+    from har_edge.trainer.settings import load_settings as trainer_settings
+
+    base = _sync_settings(tmp_path, None)
+    settings = base.model_copy(update={"sync": base.sync.model_copy(update={"share_flagged_windows": False})})
+    ob = Outbox(settings.outbox_path)
+    proc = Processor(settings.agent, ob, settings.work / ".scratch", monitor=settings.monitor)
+    for k in ("gyro_10x", "axes_swapped"):
+        proc.process([fits[k]], load_model(model_dir))
+    p = Pusher(settings, ob)
+    p.push(time.time())
+    names = [a.path for a in p.client.list_artifacts(p.device_run(), "retrain_requests")]
+    assert names == ["retrain_requests/retrain_request_1.json"]  # the list goes up, the windows do not
+    ts = trainer_settings(None, [f"mlflow.tracking_uri={p.target.uri}"])
+    with pytest.raises(TrainerError, match="did not share flagged windows"):
+        windows_from_mlflow(ts, f"tags.`har.device` = '{settings.device}'", tmp_path)
