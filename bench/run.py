@@ -23,7 +23,7 @@ from bench.common import ROOT, SCRATCH, Report, machine
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("inference", "e2e", "swap", "memory", "sync")
+SECTIONS = ("inference", "e2e", "swap", "memory", "sync", "monitoring")
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import swap
 
             swap.run(report, model_dir=args.model_dir, files=4 if args.quick else swap.FILES)
+        if "monitoring" in wanted:
+            from bench import monitoring
+
+            monitoring.run(report, quick=args.quick)
         if "sync" in wanted or "memory" in wanted:
             # ~30 s of CPU to start: in the background of the memory section, whose figures are not times
             from bench.mlflow_server import MlflowServer

@@ -139,7 +139,12 @@ def test_metrics_come_from_the_outbox_and_survive_a_restart(settings, walk_fit, 
     assert s[("har_edge_outbox_bytes", ())] == pytest.approx(agent.outbox.size_bytes(), rel=0.05)
     assert s[("har_edge_outbox_readable", ())] == 1 and s[("har_edge_ingestion_paused", ())] == 0
     assert ("process_resident_memory_bytes", ()) in s
-    assert not any(k[0].startswith("har_edge_monitor_verdicts") for k in s)  # no monitor_status column: no verdict
+    with sqlite3.connect(settings.outbox_path) as c:  # the monitor's verdicts, as the outbox holds them
+        stored = dict(
+            c.execute("SELECT monitor_status, count(*) FROM files WHERE monitor_status IS NOT NULL GROUP BY 1")
+        )
+    exported = {dict(k[1])["status"]: v for k, v in s.items() if k[0] == "har_edge_monitor_verdicts_total"}
+    assert exported == stored and sum(stored.values()) == 1
     assert not any(k[0].startswith("har_edge_sync") for k in s)  # sync never ran
     # a new process (a restarted agent) reads the same totals from the outbox
     again = Agent(load_settings(env={}, data_dir=settings.data_dir))
@@ -169,6 +174,8 @@ def test_verdicts_read_the_monitor_column_when_there(settings, walk_fit, tmp_pat
     other = tmp_path / "other.fit"
     write_imu_fit(other, rate_hz=50, seconds=60, start=START, seed=3)
     _process(agent, other)
+    with sqlite3.connect(settings.outbox_path) as c:  # files judged before the monitor existed: no verdict
+        c.execute("UPDATE files SET monitor_status = NULL")
     reg = agent_registry(agent)
     assert not any(k[0].startswith("har_edge_monitor_verdicts") for k in _scrape(reg))  # all NULL: no verdict
     with sqlite3.connect(settings.outbox_path) as c:

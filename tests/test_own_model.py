@@ -39,12 +39,17 @@ NAME = "study-cnn"
 # -- fast checks of the manifest contract -----------------------------------------------------
 
 
-def test_the_bundled_v1_manifest_still_loads():
-    raw = json.loads((BUNDLED_MODEL_DIR / MANIFEST_FILE).read_text())
-    assert raw["schema_version"] == 1
-    m = read_manifest(BUNDLED_MODEL_DIR)
+def test_a_v1_manifest_still_loads(tmp_path):
+    """The bundled model's manifest as version 1 wrote it (tests/fixtures/manifest-v1.json) reads as version 2."""
+    v1 = Path(__file__).parent / "fixtures" / "manifest-v1.json"
+    raw = json.loads(v1.read_text())
+    assert raw["schema_version"] == 1 and "reference" not in raw
+    (tmp_path / MANIFEST_FILE).write_text(v1.read_text())
+    m = read_manifest(tmp_path)
     assert m.schema_version == 2 and m.measured == {} and m.accepted_unmeasured == [] and m.source_files == []
+    assert m.reference is None
     assert m.channel_map.identity
+    assert read_manifest(BUNDLED_MODEL_DIR).schema_version == 2
 
 
 def test_channels_are_matched_by_spelling_in_any_order_and_converted():

@@ -311,3 +311,40 @@ def test_seed_like_cnn_bilstm_converts_to_int8_builtins(tmp_path):
     assert "FLEX" not in " ".join(ops) and "CUSTOM" not in ops and "WHILE" not in ops, ops
     probs = TFLiteRunner(path, batch=4).predict(rep[:6])
     assert probs.shape == (6, 6) and np.allclose(probs.sum(axis=1), 1, atol=0.05)
+
+
+def test_export_writes_a_reference_marked_synthetic(pipeline):
+    ref = read_manifest(pipeline.folder).reference
+    assert ref is not None and ref.measured_on == "synthetic" and not ref.gives_drift_verdicts
+    assert ref.temperature.status == "fitted" and ref.temperature.ece_before is not None
+    assert ref.prior.kind == "true" and abs(sum(ref.prior.share) - 1) < 1e-6
+
+
+def test_adapt_on_shifted_data_reduces_drift_and_keeps_accuracy(pipeline, tmp_path):
+    import shifts
+
+    from har_edge.trainer.adapt import adapt, windows_from_mlflow
+    from har_edge.trainer.data import synthetic
+    from har_edge.trainer.errors import TrainerError
+
+    s = pipeline.settings
+    with pytest.raises(TrainerError, match=r"tflite-only folder cannot be adapted"):
+        adapt(s, pipeline.folder, tmp_path / "x", data=tmp_path)
+    with pytest.raises(TrainerError, match="no run matching"):
+        windows_from_mlflow(s, "tags.`har.kind` = 'device'", tmp_path)
+    target = tmp_path / "exports"
+    target.mkdir()
+    recs = synthetic.generate(s.data.labels, subjects=3, seconds_per_activity=40, seed=99)
+    for i, r in enumerate(recs):  # another sensor: gyroscope gain 1.6, accelerometer offset 0.8 m/s² on y
+        x = r.samples.copy()
+        x[:, 3:] *= 1.6
+        x[:, 1] += 0.8
+        shifts.write_samples_fit(target / f"t{i}.fit", x, start=shifts.start_of(i))
+    out = tmp_path / "adapted"
+    r = adapt(s, pipeline.folder, out, data=target, float_path=s.train_dir / "model.keras")
+    assert r.drift_after < r.drift_before
+    assert r.accuracy_after is not None and r.accuracy_after >= r.accuracy_before - 0.02
+    m = load_model(out)  # the folder `har-train release` takes, verified as the edge loads it
+    assert m.manifest.version == "1.0.1" and m.manifest.training["adaptation"]["method"] == "adabn"
+    assert m.manifest.reference is not None and m.manifest.reference.measured_on == "unlabelled"
+    assert (out / "float" / "model.keras").is_file()

@@ -112,6 +112,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
     with Outbox(settings.outbox_path) as ob:
         st = ob.status_counts()
+        st["recent_files"] = ob.recent_files(args.recent)
     try:
         m = ActiveModel(settings.models_dir, explicit=settings.agent.model_dir).refresh()
         st["model"] = {
@@ -139,6 +140,20 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if last:
         detail = f"{last['windows']} windows" if last["status"] == "processed" else (last["error"] or "")
         print(f"last file: {last['name']} ({last['status']}; {detail})")
+    if st["recent_files"]:
+        print("recent files (newest first):")
+    for f in st["recent_files"]:
+        mon = f["monitor"]
+        verdict = (
+            f"monitor {mon['status']}" + (": " + "; ".join(mon["reasons"]) if mon["reasons"] else "") if mon else ""
+        )
+        state = f["status"] + (f" ({f['error_kind']})" if f["error_kind"] else "")
+        sent = "delivered" if f["delivered"] else "not delivered"
+        print(
+            f"  {f['name']}  sha256 {f['sha256'][:12]}…  {state}, {f['windows']} windows, {sent}; {verdict}".rstrip(
+                "; "
+            )
+        )
     return Exit.OK
 
 
@@ -202,6 +217,7 @@ def register(
         subparsers, "status", cmd_status, "files per state, pending delivery, active model, last file", parents
     )
     status.add_argument("--json", action="store_true", help="one JSON document instead of the summary")
+    status.add_argument("--recent", type=int, default=10, metavar="N", help="list the last N files (default 10)")
 
     add_command(
         subparsers, "health", cmd_health, "exit 0 if the outbox is writable and the active model verifies", parents

@@ -51,7 +51,14 @@ class Agent:
             on_load_failure=self._model_failed,
         )
         self.attempts = Attempts(self.outbox)
-        self.processor = Processor(a, self.outbox, settings.work / ".scratch", on_stage=self.attempts.on_stage)
+        self.processor = Processor(
+            a,
+            self.outbox,
+            settings.work / ".scratch",
+            on_stage=self.attempts.on_stage,
+            monitor=settings.monitor,
+            share_flagged_windows=settings.sync.share_flagged_windows,
+        )
         self._paused = False
         #: the group waiting for disk space, the outcome already stored for it (None: not stored yet),
         #: and when it is tried next (monotonic)

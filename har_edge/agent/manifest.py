@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from har_edge.agent.errors import ChecksumMismatch, ManifestError
+from har_edge.agent.monitor.reference import Reference
 from har_edge.common.hashing import sha256_file
 
 SCHEMA_VERSION = 2
@@ -123,6 +124,8 @@ class Manifest(BaseModel):
     calibration: dict[str, Any] = Field(default_factory=dict)
     #: v2: float source files kept beside model.tflite (the original model, its unrolled rebuild)
     source_files: list[str] = Field(default_factory=list)
+    #: v2: the training reference the edge monitors against (optional: older manifests have none)
+    reference: Reference | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -161,9 +164,10 @@ class Manifest(BaseModel):
 
 #: ``UPGRADES[n](doc)`` lifts a version-``n`` document to version ``n + 1`` (pure: returns a new dict).
 def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
-    """v2 adds measured, accepted_unmeasured, calibration and source_files (empty for a v1 model)."""
+    """v2 adds measured, accepted_unmeasured, calibration, source_files and reference (empty for a v1 model)."""
     out = dict(doc)
     out.update(schema_version=2, measured={}, accepted_unmeasured=[], calibration={}, source_files=[])
+    out.setdefault("reference", None)
     return out
 
 

@@ -42,12 +42,7 @@ class LoadedModel:
 
     def input_range(self) -> tuple[float, float] | None:
         """The scaled values the int8 input can represent (None for a float input)."""
-        q = getattr(self.runner, "_in_q", None)
-        if q is None:
-            return None
-        scale, zero = q
-        info = np.iinfo(self.runner.input_dtype)
-        return (info.min - zero) * scale, (info.max - zero) * scale
+        return self.runner.input_range
 
     def predict(
         self, raw_windows: np.ndarray, timings: list[float] | None = None, outside: np.ndarray | None = None
@@ -57,14 +52,27 @@ class LoadedModel:
         ``outside`` (float64, one per model channel), when given, is increased by the
         number of scaled values beyond the int8 input range (they are clipped).
         """
-        return self.predict_model_units(self.channel_map.to_model(raw_windows), timings, outside)
+        return self.predict_scaled(self.scale(raw_windows), timings, outside)
+
+    def scale(self, raw_windows: np.ndarray) -> np.ndarray:
+        """Stream windows (SI units, stream order) as the model takes them: its channels, units, then its scaler."""
+        return self.scale_model_units(self.channel_map.to_model(raw_windows))
+
+    def scale_model_units(self, raw: np.ndarray) -> np.ndarray:
+        """Raw windows already in the manifest's channels and units, with the scaler applied."""
+        m = self.manifest
+        return apply_scaler(raw, m.scaler.mean, m.scaler.scale)
 
     def predict_model_units(
         self, raw: np.ndarray, timings: list[float] | None = None, outside: np.ndarray | None = None
     ) -> np.ndarray:
         """Probabilities for raw windows already in the manifest's channels and units (the scaler applied here)."""
-        m = self.manifest
-        scaled = apply_scaler(raw, m.scaler.mean, m.scaler.scale)
+        return self.predict_scaled(self.scale_model_units(raw), timings, outside)
+
+    def predict_scaled(
+        self, scaled: np.ndarray, timings: list[float] | None = None, outside: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Probabilities for windows already scaled (see :meth:`scale`); ``outside`` as in :meth:`predict`."""
         if outside is not None:
             rng = self.input_range()
             if rng is not None:

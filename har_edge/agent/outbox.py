@@ -13,6 +13,7 @@ daemon share the file).
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -33,10 +34,12 @@ from har_edge.agent.outbox_schema import (
     attempts,
     deployments,
     files,
+    flagged_windows,
     inbox_seen,
     labels,
     metadata,
     metrics,
+    retrain_requests,
     schema_version,
     sync_refusals,
     windows,
@@ -74,11 +77,13 @@ __all__ = [
     "attempts",
     "deployments",
     "files",
+    "flagged_windows",
     "inbox_seen",
     "labels",
     "metadata",
     "metrics",
     "now_ms",
+    "retrain_requests",
     "schema_version",
     "sync_refusals",
     "windows",
@@ -119,6 +124,8 @@ class FileRecord:
     error_kind: str | None = None
     error_message: str | None = None
     error_stage: str | None = None
+    monitor_status: str | None = None
+    monitor_json: str | None = None
 
 
 def now_ms() -> int:
@@ -284,6 +291,7 @@ class Outbox:
         probs: np.ndarray | None = None,
         points: Iterable[MetricPoint] = (),
         durable: bool = True,
+        flagged_npz: bytes | None = None,
     ) -> int:
         """Store a file with its windows and metric points, all or nothing; return its id.
 
@@ -312,6 +320,8 @@ class Outbox:
                 cur.executemany(_METRICS_SQL, _metric_rows(file_id, points))
             finally:
                 cur.close()
+            if flagged_npz is not None:
+                conn.execute(insert(flagged_windows).values(file_id=file_id, npz=flagged_npz))
         return file_id
 
     def add_metrics(self, points: Iterable[MetricPoint], file_id: int | None = None) -> None:
@@ -427,6 +437,80 @@ class Outbox:
                 "error": last.error_message,
             },
         }
+
+    def recent_files(self, n: int = 10) -> list[dict[str, Any]]:
+        """The last ``n`` files, newest first, in the form ``har-edge status`` shows (the names are final)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(files).order_by(files.c.id.desc()).limit(n)).all()
+        out = []
+        for r in rows:
+            monitor = None
+            if r.monitor_status is not None:
+                reasons: list[str] = []
+                if r.monitor_json:
+                    try:
+                        reasons = list(json.loads(r.monitor_json).get("reasons", []))
+                    except (ValueError, AttributeError):
+                        reasons = ["(unreadable monitor report)"]
+                monitor = {"status": r.monitor_status, "reasons": reasons}
+            out.append(
+                {
+                    "name": r.name,
+                    "sha256": r.sha256,
+                    "status": "quarantined" if r.status == "failed" else r.status,
+                    "error_kind": r.error_kind,
+                    "windows": r.windows,
+                    "delivered": r.finished_ms is not None,
+                    "monitor": monitor,
+                }
+            )
+        return out
+
+    def recent_monitor(self, n: int) -> list[Any]:
+        """The last ``n`` processed files that have a monitor verdict (newest first)."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(files.c.id, files.c.name, files.c.sha256, files.c.monitor_status, files.c.monitor_json)
+                    .where(files.c.status == "processed", files.c.monitor_status.is_not(None))
+                    .order_by(files.c.id.desc())
+                    .limit(n)
+                ).all()
+            )
+
+    def last_retrain_request(self) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(select(retrain_requests).order_by(retrain_requests.c.id.desc()).limit(1)).first()
+
+    def record_retrain_request(self, files_json: str, time_ms: int | None = None) -> int:
+        with self.transaction() as conn:
+            key = conn.execute(
+                insert(retrain_requests).values(
+                    time_ms=time_ms if time_ms is not None else now_ms(), files_json=files_json
+                )
+            ).inserted_primary_key
+            return int(key[0]) if key is not None else 0
+
+    def pending_retrain_requests(self) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(retrain_requests)
+                    .where(retrain_requests.c.delivered_ms.is_(None))
+                    .order_by(retrain_requests.c.id)
+                ).all()
+            )
+
+    def mark_retrain_request(self, request_id: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                update(retrain_requests).where(retrain_requests.c.id == request_id).values(delivered_ms=now_ms())
+            )
+
+    def flagged_npz(self, file_id: int) -> bytes | None:
+        with self.engine.connect() as conn:
+            blob = conn.execute(select(flagged_windows.c.npz).where(flagged_windows.c.file_id == file_id)).scalar()
+        return bytes(blob) if blob is not None else None
 
     def size_bytes(self) -> int:
         """Bytes the outbox holds: used pages (space freed by delivered rows counts as free) plus the WAL."""

@@ -26,8 +26,10 @@ from sqlalchemy.engine import Connection
 from har_edge.agent.errors import SchemaVersionError
 from har_edge.agent.outbox_schema import (
     attempts,
+    flagged_windows,
     inbox_seen,
     metadata,
+    retrain_requests,
     schema_version,
     sync_failures,
     sync_passes,
@@ -64,14 +66,16 @@ def _v2(conn: Connection) -> None:
     inbox_seen.create(conn, checkfirst=True)
     sync_passes.create(conn, checkfirst=True)
     sync_failures.create(conn, checkfirst=True)
+    flagged_windows.create(conn, checkfirst=True)
+    retrain_requests.create(conn, checkfirst=True)
     _add_columns(conn, "files", {"error_stage": "VARCHAR(16)", "monitor_status": "VARCHAR(16)", "monitor_json": "TEXT"})
 
 
 MIGRATIONS: list[Migration] = [
     Migration(
         2,
-        "sync_refusals, attempts, inbox_seen, sync_passes, sync_failures; files.error_stage, monitor_status, "
-        "monitor_json",
+        "sync_refusals, attempts, inbox_seen, sync_passes, sync_failures, flagged_windows, retrain_requests; "
+        "files.error_stage, monitor_status, monitor_json",
         _v2,
     ),
 ]

@@ -168,3 +168,21 @@ sync_failures = Table(
     Column("kind", Text, primary_key=True),
     Column("count", BigInteger, nullable=False, default=0),
 )
+
+#: v2: scaled windows of a file kept for a retraining request (npz bytes: ``idx``, ``windows``)
+flagged_windows = Table(
+    "flagged_windows",
+    metadata,
+    Column("file_id", Integer, ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    Column("npz", LargeBinary, nullable=False),
+)
+
+#: v2: device-level retraining requests raised by the monitor trigger (K of the last N files alerted)
+retrain_requests = Table(
+    "retrain_requests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("time_ms", BigInteger, nullable=False),
+    Column("files_json", Text, nullable=False),  # [{file_id, name, sha256, status, reasons}]
+    Column("delivered_ms", BigInteger),
+)

@@ -7,7 +7,6 @@ per-window predictions, per-file and per-minute metrics -> outbox.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import itertools
 import logging
 import shutil
@@ -26,10 +25,13 @@ from har_edge.agent.decode import open_export
 from har_edge.agent.decode.types import Recording
 from har_edge.agent.errors import HarEdgeError, InputError, InternalError, OutboxError, TooLarge, TooShort
 from har_edge.agent.model import LoadedModel
-from har_edge.agent.outbox import FileRecord, Outbox, now_ms
+from har_edge.agent.monitor.accumulate import MonitorAccumulator
+from har_edge.agent.monitor.verdict import MonitorReport, judge
+from har_edge.agent.outbox import FileRecord, MetricPoint, Outbox, now_ms
 from har_edge.agent.preprocess import StreamWindower, WindowSet, merge_quality
-from har_edge.agent.settings import AgentSettings
+from har_edge.agent.settings import AgentSettings, MonitorSettings
 from har_edge.agent.summary import iter_minute_points, summary_points
+from har_edge.common.hashing import export_sha256
 
 if TYPE_CHECKING:
     from har_edge.agent.decode.fit import Verified
@@ -45,21 +47,6 @@ class Outcome:
     windows: int = 0
     seconds: float = 0.0
     error: HarEdgeError | None = None
-
-
-def export_sha256(paths: list[Path]) -> str:
-    """sha256 of a file; of a group (a table pair), sha256 over the members' sorted hashes."""
-    hashes = []
-    view = memoryview(bytearray(1 << 20))  # one buffer, reused
-    for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb", buffering=0) as f:
-            while got := f.readinto(view):
-                h.update(view[:got])
-        hashes.append(h.hexdigest())
-    if len(hashes) == 1:
-        return hashes[0]
-    return hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -81,6 +68,8 @@ class _Inferred:
     timings: dict[str, float]
     quality: dict[str, float]
     format: str
+    #: the monitor's figures gathered during inference (None when monitoring is off)
+    acc: MonitorAccumulator | None = None
 
 
 #: ``(stage, progress)``: called when a stage is entered; progress counts stage entries, so it grows with
@@ -92,9 +81,20 @@ class Processor:
     """Runs the pipeline for one export at a time against one outbox."""
 
     def __init__(
-        self, settings: AgentSettings, outbox: Outbox, scratch: Path, on_stage: StageListener | None = None
+        self,
+        settings: AgentSettings,
+        outbox: Outbox,
+        scratch: Path,
+        on_stage: StageListener | None = None,
+        *,
+        monitor: MonitorSettings | None = None,
+        share_flagged_windows: bool = False,
     ) -> None:
         self.settings = settings
+        self.monitor = monitor or MonitorSettings()
+        self.share_flagged_windows = share_flagged_windows
+        #: the monitor report of the last export processed
+        self.last_monitor: MonitorReport | None = None
         self.outbox = outbox
         self.scratch = Path(scratch)
         self.on_stage = on_stage
@@ -232,7 +232,12 @@ class Processor:
             quality=r.quality,
             timestamp_ms=processed_ms,
         )
-        all_points = itertools.chain(points, iter_minute_points(label_names=m.labels, start_ms=r.starts, probs=r.probs))
+        all_points: Iterable[MetricPoint] = itertools.chain(
+            points, iter_minute_points(label_names=m.labels, start_ms=r.starts, probs=r.probs)
+        )
+        monitor, flagged = self._monitor_report(r.acc, model, r.timings)
+        if monitor is not None:
+            all_points = itertools.chain(all_points, monitor.metric_points(processed_ms))
         rec = FileRecord(
             **base,
             status="processed",
@@ -244,8 +249,16 @@ class Processor:
             model_name=m.name,
             model_version=m.version,
             model_sha256=m.sha256,
+            monitor_status=monitor.status if monitor is not None else None,
+            monitor_json=monitor.to_json() if monitor is not None else None,
         )
-        fid = self.outbox.record_file(rec, label_names=m.labels, start_ms=r.starts, probs=r.probs, points=all_points)
+        fid = self.outbox.record_file(
+            rec, label_names=m.labels, start_ms=r.starts, probs=r.probs, points=all_points, flagged_npz=flagged
+        )
+        if monitor is not None and monitor.status == "alert":
+            from har_edge.agent.monitor.trigger import check_trigger
+
+            check_trigger(self.outbox, self.monitor)
         store_s = time.perf_counter() - t_store
         total = time.perf_counter() - t_start
         if self.last_stages:
@@ -268,6 +281,29 @@ class Processor:
         )
         return Outcome("processed", fid, name, windows=len(r.probs), seconds=total)
 
+    def _monitor_report(
+        self, acc: MonitorAccumulator | None, model: LoadedModel, timings: dict[str, float]
+    ) -> tuple[MonitorReport | None, bytes | None]:
+        """The file's verdict (and, for an alert when sharing is on, its kept windows as npz bytes)."""
+        self.last_monitor = None
+        if acc is None:
+            return None, None
+        t0 = time.perf_counter()
+        report = judge(acc.stats(), model.manifest.reference, self.monitor, list(model.manifest.labels))
+        monitor_s = timings.get("monitor", 0.0) + time.perf_counter() - t0
+        report.metrics["seconds"] = monitor_s
+        report.metrics["cost_share"] = monitor_s / timings["inference"] if timings.get("inference") else 0.0
+        self.last_monitor = report
+        flagged = None
+        if report.status == "alert" and acc.keep:
+            import io
+
+            idx, windows = acc.kept_windows()
+            buf = io.BytesIO()
+            np.savez_compressed(buf, idx=idx, windows=windows.astype(np.float32))
+            flagged = buf.getvalue()
+        return report, flagged
+
     def _run(
         self,
         paths: list[Path],
@@ -277,6 +313,18 @@ class Processor:
         verified: Iterable[Verified] = (),
     ) -> _Inferred:
         m = model.manifest
+        acc = (
+            MonitorAccumulator(
+                m.reference,
+                classes=len(m.labels),
+                channels=[c.name for c in m.channels],
+                low_confidence=self.settings.low_confidence,
+                input_range=model.input_range(),
+                keep_windows=self.monitor.flagged_windows_per_file if self.share_flagged_windows else 0,
+            )
+            if self.monitor.enabled
+            else None
+        )
         scratch = self.scratch / f"export-{time.monotonic_ns()}"
         scratch.mkdir(parents=True, exist_ok=True)
         clock = self._clock
@@ -311,10 +359,17 @@ class Processor:
                     # whole batches only: a chunk's last few windows wait for the next chunk's
                     for windows, starts in batcher.add(ws):
                         with clock.stage("inference"):
-                            probs_parts.append(model.predict(windows, per_window, outside))
+                            scaled = model.scale(windows)
+                            part = model.predict_scaled(scaled, per_window, outside)
+                            probs_parts.append(part)
                             starts_parts.append(starts)
+                        if acc is not None:
+                            with clock.stage("monitor"):
+                                acc.add(scaled, part)
                         if progress is not None:
                             progress(len(starts))
+                if acc is not None:
+                    acc.end_recording()
                 merge_quality(quality, sw.quality())
             fmt = ",".join(sorted({r.format for r in recordings}))
         finally:
@@ -335,8 +390,8 @@ class Processor:
         if len(starts) > 1 and not (np.diff(starts) >= 0).all():
             order = np.argsort(starts, kind="stable")
             starts, probs = starts[order], probs[order]
-        timings = {k: clock.wall[k] for k in ("decode", "preprocess", "inference")}
-        return _Inferred(starts, probs, per_window, timings, quality, fmt)
+        timings = {k: clock.wall[k] for k in ("decode", "preprocess", "inference", "monitor") if k in clock.wall}
+        return _Inferred(starts, probs, per_window, timings, quality, fmt, acc)
 
 
 _malloc_trim: Any = None

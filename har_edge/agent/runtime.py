@@ -117,6 +117,15 @@ class TFLiteRunner:
             raise ModelValidationError(f"{self.path} cannot run batches of {n}: {exc}") from None
         self._n = n
 
+    @property
+    def input_range(self) -> tuple[float, float] | None:
+        """The scaled values an int8/uint8 input can represent (beyond them quantization clips); None for float."""
+        if self._in_q is None:
+            return None
+        scale, zero = self._in_q
+        info = np.iinfo(self.input_dtype)
+        return (float((info.min - zero) * scale), float((info.max - zero) * scale))
+
     def describe(self) -> dict[str, str | int]:
         return {
             "runtime": self.runtime,

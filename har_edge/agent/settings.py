@@ -52,6 +52,52 @@ class AgentSettings(_Section):
     )
 
 
+class MonitorSettings(_Section):
+    """Per-file monitoring against the model's training reference, and the device-level retraining trigger.
+
+    Defaults were measured on held-out HAPT recordings (docs/monitoring.md): at most 5% false alerts.
+    """
+
+    enabled: bool = Field(True, description="compute a monitor verdict for every processed file")
+    min_windows: int = Field(
+        100, ge=1, description="below this many windows (200 s at a 2 s step) a file is 'too short to judge'"
+    )
+    psi_warn: float = Field(1.0, gt=0, description="a histogram warns only with PSI >= this ...")
+    psi_alert: float = Field(3.0, gt=0, description="... and alerts only with PSI >= this ...")
+    psi_warn_ratio: float = Field(
+        2.0, gt=0, description="... and PSI >= this times what held-out recordings reach (reference typical_psi)"
+    )
+    psi_alert_ratio: float = Field(3.0, gt=0, description="alert: PSI >= this times the held-out typical PSI")
+    feature_psi_warn: float = Field(2.0, gt=0, description="as psi_warn, for per-window features")
+    feature_psi_alert: float = Field(3.5, gt=0, description="as psi_alert, for per-window features")
+    typical_psi_default: float = Field(
+        0.5, gt=0, description="typical PSI assumed where the reference measured none (no held-out groups)"
+    )
+    typical_psi_floor: float = Field(0.1, gt=0, description="a typical PSI is never taken below this")
+    drift_warn: float = Field(1.5, gt=0, description="warn when the mean relative PSI (PSI / typical) >= this")
+    drift_alert: float = Field(2.5, gt=0, description="alert when the mean relative PSI >= this")
+    saturation_warn: float = Field(
+        0.01, ge=0, le=1, description="warn when this share of input values (above training's) is beyond the int8 range"
+    )
+    saturation_alert: float = Field(0.05, ge=0, le=1, description="alert at this share of saturated input values")
+    confidence_drop_warn: float = Field(
+        0.2, ge=0, le=1, description="warn when mean calibrated confidence is this far below held-out data's"
+    )
+    low_confidence_rise_warn: float = Field(
+        0.3, ge=0, le=1, description="warn when the low-confidence share exceeds held-out data's by this"
+    )
+    one_class_share: float = Field(0.95, gt=0, le=1, description="a file this much one class ...")
+    one_class_confidence: float = Field(0.9, gt=0, le=1, description="... at this mean confidence ...")
+    one_class_prior_max: float = Field(0.5, gt=0, le=1, description="... of a class under this training prior warns")
+    flip_rate_factor: float = Field(3.0, ge=1, description="warn when the flip rate exceeds held-out's times this ...")
+    flip_rate_margin: float = Field(0.15, ge=0, description="... and held-out's plus this")
+    trigger_files: int = Field(10, ge=1, description="the retraining trigger looks at the last this many files")
+    trigger_alerts: int = Field(3, ge=1, description="a retraining request is raised when this many of them alert")
+    flagged_windows_per_file: int = Field(
+        64, ge=0, le=4096, description="windows of an alerting file kept for sync.share_flagged_windows"
+    )
+
+
 class SyncSettings(_Section):
     """The sync daemon: outbox -> MLflow, model registry -> models/current."""
 
@@ -113,6 +159,10 @@ class SyncSettings(_Section):
     )
     allow_prerelease: bool = Field(False, description="consider versions like 2.0.0-rc1 when looking for the newest")
     command_timeout_s: float = Field(120.0, gt=0, description="bound on each git/dvc call")
+    share_flagged_windows: bool = Field(
+        False,
+        description="upload the windows of alerting files with a retraining request (.npz); off: raw data stays here",
+    )
     # -- health gate ------------------------------------------------------------
     health_files: int = Field(3, ge=1, description="files a new model must process before it is trusted")
     health_max_failed_share: float = Field(
@@ -160,6 +210,7 @@ class Settings(_Section):
     agent: AgentSettings = AgentSettings()
     sync: SyncSettings = SyncSettings()
     http: HttpSettings = HttpSettings()
+    monitor: MonitorSettings = MonitorSettings()
 
     @field_validator("log_level", mode="before")
     @classmethod

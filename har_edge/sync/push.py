@@ -214,6 +214,7 @@ class Pusher:
             if backlog["points"] or backlog["files"] or backlog["deployments"]:
                 self._push_device(report, stop)
                 self._push_deployments(report, stop)
+                self._push_retrain_requests(report, stop)
                 for f in self.delivery.pending_files(limit=max_files):
                     if stop is not None and stop.is_set():
                         report.stopped = True
@@ -331,6 +332,69 @@ class Pusher:
             self.delivery.mark_deployment(d.id)
             report.deployments += 1
 
+    # -- retraining requests ------------------------------------------------------------------
+
+    def _push_retrain_requests(self, report: PushReport, stop) -> None:
+        """Each request: a tag on the device run and an artifact listing its files (and their windows, if shared)."""
+        import json
+
+        for req in self.outbox.pending_retrain_requests():
+            if self._stopped(stop, report):
+                return
+            run_id = self.device_run()
+            listed = json.loads(req.files_json)
+            tmp_root = Path(self.settings.data_dir) / ".sync-tmp"
+            tmp_root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+                doc = Path(tmp) / f"retrain_request_{req.id}.json"
+                doc.write_text(
+                    json.dumps({"request": req.id, "time_ms": req.time_ms, "files": listed}, indent=2), encoding="utf-8"
+                )
+                paths = [doc]
+                if self.sync.share_flagged_windows:
+                    npz = self._flagged_npz(listed, Path(tmp) / f"flagged_windows_{req.id}.npz")
+                    if npz is not None:
+                        paths.append(npz)
+                try:
+                    for path in paths:
+                        self._call(
+                            f"uploading retraining request {req.id}",
+                            self.client.log_artifact,
+                            run_id,
+                            str(path),
+                            "retrain_requests",
+                        )
+                        report.artifacts += 1
+                except ServerRejected as exc:
+                    self._refuse("retrain_request", None, f"retraining request {req.id}", exc, report)
+            self._send_tags(
+                run_id,
+                {runs.RETRAIN_REQUESTED: f"request {req.id}: {len(listed)} alerting files at {req.time_ms}"},
+                "the retraining tag",
+                None,
+            )
+            self.outbox.mark_retrain_request(req.id)
+
+    def _flagged_npz(self, listed: list[dict], path: Path) -> Path | None:
+        """One .npz of the kept (scaled) windows of the listed files: ``<sha256[:16]>.windows`` / ``.idx``."""
+        import io
+
+        import numpy as np
+
+        arrays: dict[str, np.ndarray] = {}
+        for f in listed:
+            blob = self.outbox.flagged_npz(int(f["file_id"]))
+            if blob is None:
+                continue
+            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+                key = f["sha256"][:16]
+                arrays[f"{key}.windows"] = z["windows"]
+                arrays[f"{key}.idx"] = z["idx"]
+        if not arrays:
+            return None
+        np.savez_compressed(path, **arrays)
+        return path
+
     # -- files ----------------------------------------------------------------------------
 
     def _file_identity(self, f: _FileRow) -> dict[str, str]:
@@ -344,6 +408,8 @@ class Pusher:
             runs.MODEL_VERSION: f.model_version or "",
             runs.MODEL_SHA: f.model_sha256 or "",
             runs.AGENT_VERSION: f.agent_version,
+            runs.MONITOR: f.monitor_status or "",
+            runs.DESCRIPTION: _monitor_description(f),
         }
         return {k: v for k, v in tags.items() if v}
 
@@ -542,6 +608,20 @@ class Pusher:
             log.info(
                 "reclaimed %d window rows and %d device points delivered over %g days ago", n_windows, n_points, days
             )
+
+
+def _monitor_description(f) -> str:
+    """The run description of a file: its monitor verdict and reasons."""
+    if not f.monitor_status:
+        return ""
+    import json
+
+    try:
+        reasons = list(json.loads(f.monitor_json or "{}").get("reasons", []))
+    except ValueError:
+        reasons = []
+    text = f"monitor: {f.monitor_status}" + "".join(f"\n- {r}" for r in reasons)
+    return text[:MAX_TAG_VALUE]
 
 
 def pending_summary(delivery: Delivery) -> str:

@@ -35,6 +35,9 @@ AGENT_VERSION = "har.agent_version"
 DEPLOYMENT_KEY = "har.deployment_key"
 ACTIVE_MODEL = "har.active_model_version"
 PARENT = "mlflow.parentRunId"
+MONITOR = "har.monitor"  # ok | warn | alert | too_short | no_reference (file runs)
+DESCRIPTION = "mlflow.note.content"  # the run description MLflow shows
+RETRAIN_REQUESTED = "har.retrain_requested"  # device run: time and number of the last retraining request
 
 _SAFE_VALUE = re.compile(r"^[^'`\\]*$")
 

@@ -209,6 +209,25 @@ def cmd_check_config(s: Settings, a: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_adapt(s: Settings, a: argparse.Namespace) -> int:
+    from har_edge.trainer.adapt import adapt
+
+    r = adapt(
+        s,
+        Path(a.folder),
+        Path(a.out),
+        data=a.data,
+        from_mlflow=a.from_mlflow,
+        float_path=a.float_path,
+        version=a.version,
+        pseudo_label=a.pseudo_label,
+        max_accuracy_drop=a.max_accuracy_drop,
+        target_only=a.target_only,
+    )
+    print(f"adapted {r.version} -> {r.folder}: {r.as_dict()}; release it with `har-train release {r.folder}`")
+    return Exit.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="har-train", description="Train, export and release har-edge models.")
     ap.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
@@ -266,6 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_command(sub, "golden", cmd_golden, "regenerate a model folder's golden windows")
     p.add_argument("folder", help="the model folder whose golden.npz is rewritten")
     p.add_argument("--data", nargs="+", default=[], metavar="EXPORT", help="draw new golden windows from exports")
+    p = add_command(sub, "adapt", cmd_adapt, "AdaBN (+ pseudo-labels) on flagged data -> a new model folder to release")
+    p.add_argument("folder", help="model folder (with float/model.keras, or give --float)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="folder of exports (or one export) from the target devices")
+    src.add_argument("--from-mlflow", metavar="FILTER", help="MLflow run filter of device runs with shared windows")
+    p.add_argument("--float", dest="float_path", type=Path, help="the float Keras model (default FOLDER/float)")
+    p.add_argument("--out", required=True, help="the adapted model folder to write")
+    p.add_argument("--version", help="version of the adapted model (default: the next patch version)")
+    p.add_argument("--pseudo-label", action="store_true", help="fine-tune on confident target windows after AdaBN")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.02, help="allowed held-out test accuracy drop")
+    p.add_argument("--target-only", action="store_true", help="BatchNorm statistics of the target alone (no mix)")
     return ap
 
 

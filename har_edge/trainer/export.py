@@ -144,6 +144,7 @@ def write_model_folder(
     training: dict[str, Any],
     data_hash: str,
     run_id: str,
+    reference: Any = None,
 ) -> Manifest:
     """Write ``model.tflite`` + ``golden.npz`` + ``manifest.json`` into ``out`` (replaced as a whole)."""
     out = Path(out)
@@ -178,6 +179,7 @@ def write_model_folder(
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             metrics=metrics,
             training=training,
+            reference=reference,
         )
         (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
         tmp.chmod(0o755)
@@ -230,6 +232,9 @@ def export(settings: Settings, out: Path | None = None) -> tuple[Manifest, GateR
     }
     out = Path(out) if out is not None else settings.model_dir
     out.parent.mkdir(parents=True, exist_ok=True)
+    from har_edge.trainer.reference import reference_from_prepared
+
+    reference = reference_from_prepared(p, ev.tflite_path)
     manifest = write_model_folder(
         out,
         tflite=ev.tflite_path,
@@ -242,6 +247,7 @@ def export(settings: Settings, out: Path | None = None) -> tuple[Manifest, GateR
         training=training,
         data_hash=f"sha256:{p.meta['sha256']}",
         run_id=run_id,
+        reference=reference,
     )
     runtimes = verify_folder(out)
     log.info(
