@@ -121,15 +121,16 @@ _KILLER = textwrap.dedent(
     from har_edge.agent.settings import load_settings
 
     data_dir, kill_at = Path(sys.argv[1]), int(sys.argv[2])
-    real, calls = LoadedModel.predict, [0]
+    real, calls = LoadedModel.predict_scaled, [0]  # what the pipeline calls for each batch
 
     def predict(self, *a, **k):
-        calls[0] += len(a) > 1  # the pipeline's calls (with timings), not the golden check at load
-        if calls[0] == kill_at and len(a) > 1:  # dies here, as a segfault or an OOM kill would
+        timed = len(a) > 1 and a[1] is not None  # the pipeline's calls (with timings), not the golden check at load
+        calls[0] += timed
+        if calls[0] == kill_at and timed:  # dies here, as a segfault or an OOM kill would
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, *a, **k)
 
-    LoadedModel.predict = predict
+    LoadedModel.predict_scaled = predict
     agent = Agent(load_settings(env={}, data_dir=data_dir, agent={"settle_s": 0}))
     out = agent.recover()
     print(";".join(f"{o.name}:{o.status}:{o.error.kind if o.error else ''}" for o in out))
