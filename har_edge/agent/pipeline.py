@@ -65,6 +65,8 @@ class Processor:
         self.scratch = Path(scratch)
         #: wall and CPU seconds per stage of the last export processed (for benchmarks and logs)
         self.last_stages: dict[str, dict[str, float]] = {}
+        #: the latest sample time of the files processed so far (a plausibility reference for clocks)
+        self.last_data_ms: int | None = None
 
     def process(
         self,
@@ -193,6 +195,8 @@ class Processor:
                     max_gap_s=self.settings.max_gap_s,
                     has_gyro=rec.has_gyro,
                     accel_unit=rec.accel_unit,
+                    name=rec.name,
+                    last_file_ms=self.last_data_ms,
                 )
                 # decoded, windowed and inferred a chunk (~3 min) at a time: memory stays flat whatever the
                 # file's length. (A decode thread running ahead of inference was measured: no faster here, as
@@ -206,6 +210,9 @@ class Processor:
                             starts_parts.append(starts)
                         if progress is not None:
                             progress(len(starts))
+                latest = sw.last_time_ms()
+                if latest is not None and latest > (self.last_data_ms or 0):
+                    self.last_data_ms = latest  # the next file's plausibility reference (see StreamWindower)
                 q = sw.quality()
                 for k, v in q.items():  # several recordings (a zip): sums, and the last rate
                     quality[k] = (

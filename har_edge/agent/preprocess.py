@@ -9,18 +9,33 @@ the same code, so training and serving see identical windows.
 
 Channel order and units of the windows: ``acc_x, acc_y, acc_z`` in m/s² with
 gravity, ``gyro_x, gyro_y, gyro_z`` in deg/s (see :data:`har_edge.agent.manifest.CHANNELS`).
+
+Clocks are not trusted (see :class:`_ClockGuard`): a sample time after the
+plausibility horizon (the latest of now, the package's build time and the last
+file's data, plus :data:`FUTURE_SLACK_S`) is dropped; a step between consecutive
+samples forward beyond ``max_jump_s`` or backward beyond ``max_gap_s`` is a clock
+jump. A short run after a jump that comes back (a corrupted timestamp) is
+dropped; a long one starts a new segment, and after a backward jump a new
+resampling grid. The grid is only laid over stretches the samples cover, so
+memory and time follow the number of samples, never the time span.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from har_edge.agent.decode.types import Chunk, Recording, SensorBlock
+from har_edge.agent.decode.types import Chunk, Recording
 from har_edge.agent.errors import InputError, TooShort
+
+log = logging.getLogger(__name__)
 
 ACCEL_MS2_PER_G = 9.80665
 _GRAVITY_IN = {"mg": 1000.0, "g": 1.0, "m/s^2": ACCEL_MS2_PER_G}
@@ -63,7 +78,7 @@ def accel_to_ms2(xyz: np.ndarray, unit: str) -> np.ndarray:
 def sliding_windows(samples: np.ndarray, window: int, step: int) -> np.ndarray:
     """Windows of ``window`` rows every ``step`` rows, as a read-only view (k, window, c)."""
     if samples.shape[0] < window:
-        return np.empty((0, window) + samples.shape[1:], dtype=samples.dtype)
+        return np.empty((0, window, *samples.shape[1:]), dtype=samples.dtype)
     view = sliding_window_view(samples, window, axis=0)[::step]  # (k, c, window)
     return np.moveaxis(view, -1, 1)
 
@@ -111,10 +126,44 @@ class WindowSet:
 
 # -- the stream ---------------------------------------------------------------
 
+#: a time this far after the latest of now, the build time and the last file's data is implausible
+FUTURE_SLACK_S = 366 * 86400.0
+#: default bound of a forward step between consecutive samples before it counts as a clock jump
+MAX_JUMP_S = 6 * 3600.0
+#: samples held after a clock jump before the jump is believed (a run coming back sooner is dropped)
+JUMP_HOLD_SAMPLES = 1024
+#: grid points resampled at once (bounds the working arrays whatever the buffer holds)
+GRID_BATCH = 1 << 17
+#: samples a sensor buffer may hold while waiting for the other sensor before the grid moves on anyway
+BUFFER_CAP = 1 << 21
 
-def _sorted_unique(block: SensorBlock) -> tuple[np.ndarray, np.ndarray, int]:
+
+def build_time_ms() -> int:
+    """When this package was built or installed (the mtime of its files), in ms since the Unix epoch."""
+    try:
+        return int(Path(__file__).stat().st_mtime * 1000)
+    except OSError:  # pragma: no cover - the module was imported from this file
+        return 0
+
+
+def plausible_until_ms(last_file_ms: int | None = None, *, slack_s: float = FUTURE_SLACK_S) -> int:
+    """The latest believable sample time: the latest of now, the build time and ``last_file_ms``, plus slack.
+
+    Edge boxes often have no RTC and run offline, so "now" alone can be weeks behind.
+    """
+    ref = max(int(time.time() * 1000), build_time_ms(), int(last_file_ms or 0))
+    return ref + int(slack_s * 1000)
+
+
+def _iso(ms: int) -> str:
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M")
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"
+
+
+def _sorted_unique(t: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Sort by time and drop repeated timestamps; return how many samples were out of order."""
-    t, x = block.t_ms, block.xyz
     disorder = 0
     if len(t) > 1:
         d = np.diff(t)
@@ -129,20 +178,159 @@ def _sorted_unique(block: SensorBlock) -> tuple[np.ndarray, np.ndarray, int]:
     return t, x, disorder
 
 
-class _Sensor:
-    """Raw samples of one sensor not yet consumed by the grid, in SI units."""
+# events of the clock guard: ("data", t, x) in file order, or ("jump", "forward"|"backward", None)
+_Event = tuple[str, object, object]
 
-    def __init__(self) -> None:
+
+class _ClockGuard:
+    """Splits one sensor's samples (in file order) at clock jumps; drops implausible and stray times.
+
+    A step ``d`` to the next sample is normal when ``-tol_ms <= d <= max_jump_ms``.
+    After an abnormal step the samples are held: if, within ``hold`` samples, one
+    comes back near the last accepted time, the held run was a corrupted stretch
+    and is dropped; otherwise the jump is believed and a ``("jump", kind)`` event
+    precedes the held samples. Times after ``horizon_ms`` are dropped as
+    implausible. State carries across calls, so the split does not depend on how
+    the stream is chunked. Work is linear in the samples.
+    """
+
+    def __init__(self, horizon_ms: int, max_jump_ms: int, tol_ms: int, hold: int = JUMP_HOLD_SAMPLES) -> None:
+        self.horizon = horizon_ms
+        self.max_jump = max_jump_ms
+        self.tol = tol_ms
+        self.hold = max(1, hold)
+        self.last: int | None = None  # last accepted time
+        self._held_t: list[np.ndarray] = []
+        self._held_x: list[np.ndarray] = []
+        self._held_n = 0
+        self._held_last = 0
+        self._in_future = False
+        self.jumps = 0
+        self.stray = 0  # samples of runs that jumped away and came back (dropped)
+        self.future = 0  # samples after the horizon (dropped)
+        self.accepted = 0
+
+    def _normal(self, d: np.ndarray) -> np.ndarray:
+        return (d >= -self.tol) & (d <= self.max_jump)
+
+    def push(self, t: np.ndarray, x: np.ndarray) -> list[_Event]:
+        if len(t):
+            bad = t > self.horizon
+            if bad.any():
+                entering = bad & ~np.concatenate(([self._in_future], bad[:-1]))
+                self.jumps += int(entering.sum())
+                self.future += int(bad.sum())
+                self._in_future = bool(bad[-1])
+                t, x = t[~bad], x[~bad]
+            else:
+                self._in_future = False
+        events: list[_Event] = []
+        i, n = 0, len(t)
+        while i < n:
+            if self._held_n == 0:
+                j = self._first_abnormal(t, i, int(t[i]) if self.last is None else self.last)
+                if j > i:
+                    events.append(("data", t[i:j], x[i:j]))
+                    self.accepted += j - i
+                    self.last = int(t[j - 1])
+                if j < n:
+                    self._hold(t[j : j + 1], x[j : j + 1])
+                    i = j + 1
+                else:
+                    i = n
+            else:
+                m = min(n - i, self.hold - self._held_n)
+                s = t[i : i + m]
+                back = self._normal(s - self.last)
+                steps = np.diff(s, prepend=self._held_last)
+                stop = back | ~self._normal(steps)
+                k = int(np.argmax(stop)) if stop.any() else m
+                if k:
+                    self._hold(t[i : i + k], x[i : i + k])
+                i += k
+                if k == m:
+                    if self._held_n >= self.hold:
+                        events.extend(self._believe())
+                    continue
+                # the run stopped: it came back (stray run) or jumped again (garbage); drop what was held
+                self.jumps += 1
+                self.stray += self._held_n
+                self._clear()
+                if not back[k]:
+                    self._hold(t[i : i + 1], x[i : i + 1])
+                    i += 1
+        return events
+
+    def finish(self) -> list[_Event]:
+        return self._believe() if self._held_n else []
+
+    def _first_abnormal(self, t: np.ndarray, i: int, prev: int) -> int:
+        """Index of the first sample from i whose step from its predecessor is abnormal (len(t) if none)."""
+        n, size = len(t), 64
+        while i < n:
+            s = t[i : i + size]
+            ab = ~self._normal(np.diff(s, prepend=prev))
+            if ab.any():
+                return i + int(np.argmax(ab))
+            prev = int(s[-1])
+            i += len(s)
+            size = min(size * 2, 1 << 16)
+        return n
+
+    def _hold(self, t: np.ndarray, x: np.ndarray) -> None:
+        if len(t):
+            self._held_t.append(t)
+            self._held_x.append(x)
+            self._held_n += len(t)
+            self._held_last = int(t[-1])
+
+    def _clear(self) -> None:
+        self._held_t, self._held_x, self._held_n = [], [], 0
+
+    def _believe(self) -> list[_Event]:
+        t, x = np.concatenate(self._held_t), np.concatenate(self._held_x)
+        kind = "backward" if self.last is not None and int(t[0]) < self.last - self.tol else "forward"
+        self._clear()
+        self.jumps += 1
+        self.accepted += len(t)
+        self.last = int(t[-1])
+        return [("jump", kind, None), ("data", t, x)]
+
+
+class _Sensor:
+    """Raw samples of one sensor not yet consumed by the grid, in SI units, sorted by time.
+
+    ``merge`` (the gyroscope) inserts samples that arrive behind the buffer's end
+    by time; otherwise (the accelerometer) such samples are dropped.
+    """
+
+    def __init__(self, *, merge: bool = False) -> None:
+        self.merge = merge
         self.t = np.empty(0, np.int64)
         self.x = np.empty((0, 3), np.float32)
 
     def add(self, t: np.ndarray, x: np.ndarray) -> None:
-        if len(self.t) and len(t) and t[0] <= self.t[-1]:
+        if not len(t):
+            return
+        if len(self.t) and t[0] <= self.t[-1]:
+            if self.merge:
+                tt, xx = np.concatenate((self.t, t)), np.concatenate((self.x, x))
+                order = np.argsort(tt, kind="stable")
+                tt, xx = tt[order], xx[order]
+                keep = np.concatenate(([True], np.diff(tt) != 0))
+                self.t, self.x = tt[keep], xx[keep]
+                self._cap()
+                return
             # a chunk overlapping the previous one: keep only what is new
             keep = t > self.t[-1]
             t, x = t[keep], x[keep]
         self.t = np.concatenate((self.t, t))
         self.x = np.concatenate((self.x, x))
+        self._cap()
+
+    def _cap(self) -> None:
+        if len(self.t) > BUFFER_CAP:
+            self.t, self.x = self.t[-BUFFER_CAP:], self.x[-BUFFER_CAP:]
 
     def sample(self, tg: np.ndarray, max_gap_ms: int) -> tuple[np.ndarray, np.ndarray]:
         """Linear interpolation at grid times; valid where no gap is bridged.
@@ -164,10 +352,14 @@ class _Sensor:
             out[:, axis] = np.interp(tgf, tf, x[:, axis])
         # valid: t[0] <= tg <= t[-1], except strictly inside an interval longer than max_gap_ms
         valid = (tg >= t[0]) & (tg <= t[-1])
-        for j in np.flatnonzero(np.diff(t) > max_gap_ms).tolist():
-            lo = np.searchsorted(tg, t[j], side="right")
-            hi = np.searchsorted(tg, t[j + 1], side="left")
-            valid[lo:hi] = False
+        js = np.flatnonzero(np.diff(t) > max_gap_ms)
+        if len(js):
+            lo = np.searchsorted(tg, t[js], side="right")
+            hi = np.searchsorted(tg, t[js + 1], side="left")
+            mark = np.zeros(n + 1, np.int64)
+            np.add.at(mark, lo, 1)
+            np.add.at(mark, hi, -1)
+            valid &= np.cumsum(mark[:n]) <= 0
         return out, valid
 
     def _on_grid(self, tg: np.ndarray) -> np.ndarray | None:
@@ -184,6 +376,8 @@ class _Sensor:
             if i1 >= len(t) or t[i1] != tg[1]:
                 return None
             stride = i1 - i0
+            if stride <= 0:
+                return None
         end = i0 + stride * (n - 1)
         if end >= len(t) or t[end] != tg[-1]:
             return None
@@ -199,14 +393,24 @@ class _Sensor:
             self.t = self.t[i:]
             self.x = self.x[i:]
 
+    def reset(self) -> None:
+        self.t = np.empty(0, np.int64)
+        self.x = np.empty((0, 3), np.float32)
+
 
 class StreamWindower:
     """Fuse accelerometer and gyroscope, resample to ``rate_hz`` and cut windows, chunk by chunk.
 
-    The grid is ``t0 + k / rate_hz`` from the first accelerometer sample. A grid
-    point is kept only where every sensor has samples around it no further apart
-    than ``max_gap_s``; runs of kept points are the recording's segments, and a
-    window never spans two segments. Without a gyroscope, the gyro channels are 0.
+    The grid is ``t0 + k / rate_hz`` from the first accelerometer sample (and
+    again from the first sample after a backward clock jump). A grid point is
+    kept only where every sensor has samples around it no further apart than
+    ``max_gap_s``; runs of kept points are the recording's segments, and a window
+    never spans two segments. Without a gyroscope, the gyro channels are 0.
+
+    ``name`` is used in error messages; ``last_file_ms`` (the latest data time of
+    the previous file) helps judge which times are plausible (see
+    :func:`plausible_until_ms`). A recording none of whose accelerometer times is
+    plausible is refused with :class:`InputError` by :meth:`finish`.
     """
 
     def __init__(
@@ -219,17 +423,29 @@ class StreamWindower:
         has_gyro: bool = True,
         accel_unit: str | None = None,
         saturation_g: float = 7.9,
+        name: str = "the recording",
+        last_file_ms: int | None = None,
+        max_jump_s: float = MAX_JUMP_S,
+        horizon_ms: int | None = None,
     ) -> None:
         if window <= 0 or step <= 0:
             raise ValueError("window and step must be positive")
         self.rate_hz = float(rate_hz)
         self.window, self.step = int(window), int(step)
         self.dt_ms = 1000.0 / self.rate_hz
-        self.max_gap_ms = int(round(max_gap_s * 1000))
+        self.max_gap_ms = round(max_gap_s * 1000)
         self.has_gyro = has_gyro
         self.accel_unit = accel_unit
+        self.name = name
+        self.horizon_ms = horizon_ms if horizon_ms is not None else plausible_until_ms(last_file_ms)
+        max_jump_ms = max(round(max_jump_s * 1000), self.max_gap_ms)
+        self._guards = (
+            _ClockGuard(self.horizon_ms, max_jump_ms, self.max_gap_ms),
+            _ClockGuard(self.horizon_ms, max_jump_ms, self.max_gap_ms),
+        )
         self._sat = np.float32(saturation_g * ACCEL_MS2_PER_G)
-        self._acc, self._gyr = _Sensor(), _Sensor()
+        self._acc, self._gyr = _Sensor(), _Sensor(merge=True)
+        self._gyr_last: int | None = None
         self._t0: int | None = None
         self._next_k = 0
         self._run = np.empty((0, 6), np.float32)  # samples of the open segment not yet windowed away
@@ -238,8 +454,10 @@ class StreamWindower:
         # quality counters
         self._n_acc = 0
         self._n_gyr = 0
+        self._fed_acc = 0
         self._first_t: int | None = None
         self._last_t: int | None = None
+        self._span_ms = 0  # duration of the segments closed by clock jumps
         self._dts: list[np.ndarray] = []
         self._gaps = 0
         self._gap_ms = 0
@@ -248,33 +466,102 @@ class StreamWindower:
         self._segments = 0
         self._grid_kept = 0
         self._windows = 0
+        self._finished = False
 
     # -- feeding -----------------------------------------------------------
 
     def feed(self, chunk: Chunk) -> WindowSet:
-        at, ax, dis = _sorted_unique(chunk.accel)
-        self._disorder += dis
-        if len(at):
-            if self.accel_unit is None:
-                self.accel_unit = detect_accel_unit(ax)
-            ax = accel_to_ms2(ax, self.accel_unit)
-            self._account_accel(at, ax)
-            self._acc.add(at, ax)
+        parts: list[WindowSet] = []
         if self.has_gyro and chunk.gyro is not None and len(chunk.gyro):
-            gt, gx, dis = _sorted_unique(chunk.gyro)
+            self._gyro_events(self._guards[1].push(chunk.gyro.t_ms, chunk.gyro.xyz))
+        self._accel_events(self._guards[0].push(chunk.accel.t_ms, chunk.accel.xyz), parts)
+        self._fed_acc += len(chunk.accel)
+        parts.append(self._advance(final=False))
+        return self._join(parts)
+
+    def finish(self) -> WindowSet:
+        parts: list[WindowSet] = []
+        if self.has_gyro:
+            self._gyro_events(self._guards[1].finish())
+        self._accel_events(self._guards[0].finish(), parts)
+        parts.append(self._advance(final=True))
+        if not self._finished:
+            self._finished = True
+            self._report()
+        return self._join(parts)
+
+    def _report(self) -> None:
+        g = self._guards[0]
+        if self._fed_acc and not g.accepted:
+            raise InputError(
+                f"{self.name}: none of its {self._fed_acc} accelerometer times is plausible (all after "
+                f"{_iso(self.horizon_ms)}, a year past the latest of now, this build and the last file): "
+                "the device clock is wrong; set the watch's time and record again"
+            )
+        jumps = self.clock_jumps()
+        if jumps:
+            log.warning(
+                "%s: %d clock jump%s in the timestamps (%d samples with implausible or stray times dropped): "
+                "split into segments; check the device clock",
+                self.name,
+                jumps,
+                "" if jumps == 1 else "s",
+                sum(gd.stray + gd.future for gd in self._guards),
+            )
+
+    def clock_jumps(self) -> int:
+        """Clock jumps seen in the sensor whose timestamps jumped most (the two usually jump together)."""
+        return max(g.jumps for g in self._guards)
+
+    def _gyro_events(self, events: list[_Event]) -> None:
+        for kind, t, x in events:
+            if kind != "data":
+                continue
+            assert isinstance(t, np.ndarray) and isinstance(x, np.ndarray)
+            gt, gx, dis = _sorted_unique(t, x)
             self._disorder += dis
             self._n_gyr += len(gt)
             self._gyr.add(gt, gx.astype(np.float32, copy=False))
-        return self._advance(final=False)
+            self._gyr_last = int(t[-1])
 
-    def finish(self) -> WindowSet:
-        return self._advance(final=True)
+    def _accel_events(self, events: list[_Event], parts: list[WindowSet]) -> None:
+        if self.accel_unit is None:
+            data = [x for kind, _t, x in events if kind == "data"]
+            if data:
+                try:
+                    self.accel_unit = detect_accel_unit(np.concatenate(data))  # type: ignore[arg-type]
+                except InputError as e:
+                    raise type(e)(f"{self.name}: {e}") from None
+        for kind, t, x in events:
+            if kind == "jump":
+                self._close_span()
+                if t == "backward":
+                    # a new clock: window what the old one still holds, then start a new grid
+                    parts.append(self._advance(final=True, close=True))
+                    self._acc.reset()
+                    self._t0 = None
+                    self._next_k = 0
+                    self._run = np.empty((0, 6), np.float32)
+                    self._run_end_k = -2
+                continue
+            assert isinstance(t, np.ndarray) and isinstance(x, np.ndarray)
+            at, ax, dis = _sorted_unique(t, x)
+            self._disorder += dis
+            assert self.accel_unit is not None
+            ax = accel_to_ms2(ax, self.accel_unit)
+            self._account_accel(at, ax)
+            self._acc.add(at, ax)
+
+    def _close_span(self) -> None:
+        if self._first_t is not None and self._last_t is not None:
+            self._span_ms += self._last_t - self._first_t
+        self._first_t = self._last_t = None
 
     def _account_accel(self, t: np.ndarray, x: np.ndarray) -> None:
         if self._first_t is None:
             self._first_t = int(t[0])
         prev = self._last_t
-        self._last_t = int(t[-1])
+        self._last_t = max(int(t[-1]), prev) if prev is not None else int(t[-1])
         self._n_acc += len(t)
         d = np.diff(t) if prev is None else np.diff(np.concatenate(([prev], t)))
         if len(d):
@@ -284,23 +571,65 @@ class StreamWindower:
             self._gap_ms += int(d[big].sum())
         self._saturated += int((np.abs(x) >= self._sat).any(axis=1).sum())
 
-    def _advance(self, final: bool) -> WindowSet:
+    def _advance(self, final: bool, close: bool = False) -> WindowSet:
+        """Resample and window up to what every sensor has delivered (``close``: all the accelerometer holds,
+        before a backward clock jump starts a new grid; gyroscope samples are then kept for it)."""
         if len(self._acc.t) == 0:
             return self._empty()
         if self._t0 is None:
             self._t0 = int(self._acc.t[0])
         limit = int(self._acc.t[-1])
-        if self.has_gyro:
-            if len(self._gyr.t) == 0:
+        crowded = len(self._acc.t) >= BUFFER_CAP // 2  # the gyroscope lags too far: move on without it
+        if self.has_gyro and not crowded and not close:
+            if self._gyr_last is None:
                 if not final:
                     return self._empty()
                 limit = -1  # no gyro at all: nothing is valid
             else:
-                limit = min(limit, int(self._gyr.t[-1]))
+                limit = min(limit, self._gyr_last)
         last_k = int(np.floor((limit - self._t0) / self.dt_ms)) if limit >= self._t0 else -1
         if last_k < self._next_k:
             return self._empty()
-        ks = np.arange(self._next_k, last_k + 1, dtype=np.int64)
+        parts = [self._resample(ks) for ks in self._grid(self._next_k, last_k)]
+        self._next_k = last_k + 1
+        t_next = self._t0 + round(self._next_k * self.dt_ms)
+        self._acc.drop_before(t_next)
+        if not close:
+            self._gyr.drop_before(t_next)
+        return self._join(parts)
+
+    def _grid(self, k_first: int, k_last: int) -> Iterator[np.ndarray]:
+        """Grid indexes k_first..k_last near stretches the accelerometer covers, GRID_BATCH at a time.
+
+        Points inside gaps over max_gap are invalid anyway and are skipped (two
+        invalid points are kept at each edge, so segments still end there).
+        """
+        t, t0, dt = self._acc.t, self._t0, self.dt_ms
+        assert t0 is not None
+        brk = np.flatnonzero(np.diff(t) > self.max_gap_ms)
+        ta = t[np.concatenate(([0], brk + 1))]
+        tb = t[np.concatenate((brk, [len(t) - 1]))]
+        klo = np.floor((ta - t0) / dt).astype(np.int64) - 1
+        khi = np.ceil((tb - t0) / dt).astype(np.int64) + 1
+        klo = np.maximum(klo, k_first)
+        khi = np.minimum(khi, k_last)
+        if len(khi) > 1:  # intervals are sorted: clip each start past the previous end
+            klo[1:] = np.maximum(klo[1:], np.maximum.accumulate(khi)[:-1] + 1)
+        keep = khi >= klo
+        klo, khi = klo[keep], khi[keep]
+        if not len(klo):
+            return
+        lengths = khi - klo + 1
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        total = int(ends[-1])
+        for s in range(0, total, GRID_BATCH):
+            idx = np.arange(s, min(s + GRID_BATCH, total), dtype=np.int64)
+            iv = np.searchsorted(ends, idx, side="right")
+            yield klo[iv] + (idx - starts[iv])
+
+    def _resample(self, ks: np.ndarray) -> WindowSet:
+        assert self._t0 is not None
         tg = self._t0 + np.round(ks * self.dt_ms).astype(np.int64)
         acc, valid = self._acc.sample(tg, self.max_gap_ms)
         if self.has_gyro:
@@ -309,19 +638,16 @@ class StreamWindower:
         else:
             gyr = np.zeros_like(acc)
         fused = np.concatenate((acc, gyr), axis=1)
-        self._next_k = last_k + 1
-        t_next = self._t0 + int(round(self._next_k * self.dt_ms))
-        self._acc.drop_before(t_next)
-        self._gyr.drop_before(t_next)
         self._grid_kept += int(valid.sum())
         return self._windows_from(ks, fused, valid)
 
     def _windows_from(self, ks: np.ndarray, fused: np.ndarray, valid: np.ndarray) -> WindowSet:
+        assert self._t0 is not None
         starts: list[np.ndarray] = []
         wins: list[np.ndarray] = []
         # boundaries of runs of valid points
         edges = np.flatnonzero(np.diff(np.concatenate(([0], valid.astype(np.int8), [0]))))
-        for a, b in zip(edges[::2], edges[1::2]):
+        for a, b in zip(edges[::2], edges[1::2], strict=False):
             k_a = int(ks[a])
             if k_a != self._run_end_k:
                 self._run = fused[a:b].copy()
@@ -347,6 +673,14 @@ class StreamWindower:
         self._windows += len(out)
         return out
 
+    def _join(self, parts: list[WindowSet]) -> WindowSet:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return self._empty()
+        if len(parts) == 1:
+            return parts[0]
+        return WindowSet(np.concatenate([p.start_ms for p in parts]), np.concatenate([p.windows for p in parts]))
+
     def _empty(self) -> WindowSet:
         return WindowSet(np.empty(0, np.int64), np.empty((0, self.window, 6), np.float32))
 
@@ -355,7 +689,8 @@ class StreamWindower:
     def quality(self) -> dict:
         """Data-quality figures of everything fed so far."""
         med_dt = float(np.median(np.concatenate(self._dts))) if self._dts else 0.0
-        span_s = (self._last_t - self._first_t) / 1000.0 if self._first_t is not None else 0.0
+        open_ms = self._last_t - self._first_t if self._first_t is not None and self._last_t is not None else 0
+        span_s = (self._span_ms + open_ms) / 1000.0
         return {
             "samples_accel": self._n_acc,
             "samples_gyro": self._n_gyr,
@@ -365,11 +700,17 @@ class StreamWindower:
             "gaps": self._gaps,
             "gap_s": self._gap_ms / 1000.0,
             "segments": self._segments,
-            "coverage": (self._grid_kept / self.rate_hz) / span_s if span_s > 0 else 0.0,
+            "coverage": min(1.0, (self._grid_kept / self.rate_hz) / span_s) if span_s > 0 else 0.0,
             "saturated_share": self._saturated / self._n_acc if self._n_acc else 0.0,
             "out_of_order": self._disorder,
+            "clock_jumps": self.clock_jumps(),
+            "clock_dropped": sum(g.stray + g.future for g in self._guards),
             "windows": self._windows,
         }
+
+    def last_time_ms(self) -> int | None:
+        """The latest accepted accelerometer time (for the next file's plausibility reference)."""
+        return self._guards[0].last
 
 
 def recording_windows(
@@ -379,6 +720,7 @@ def recording_windows(
     window: int,
     step: int,
     max_gap_s: float = 1.0,
+    last_file_ms: int | None = None,
 ) -> WindowSet:
     """All windows of a recording at once (for training and tests; the agent streams)."""
     sw = StreamWindower(
@@ -388,6 +730,8 @@ def recording_windows(
         max_gap_s=max_gap_s,
         has_gyro=recording.has_gyro,
         accel_unit=recording.accel_unit,
+        name=recording.name,
+        last_file_ms=last_file_ms,
     )
     parts = [sw.feed(c) for c in recording.chunks()]
     parts.append(sw.finish())
