@@ -38,6 +38,7 @@ What :func:`safe_extract` accepts, and what it refuses with
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -242,7 +243,7 @@ def _check_infos(
             raise CorruptFile(f"{label}: member {name!r} reaches past the end of the file: the archive is truncated")
         spans.append((info.header_offset, info.header_offset + _LOCAL_HEADER.size + info.compress_size, name))
     spans.sort()
-    for (_a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
+    for (_a0, a1, an), (b0, _b1, bn) in itertools.pairwise(spans):
         if b0 < a1:
             raise UnsafeArchive(
                 f"{label}: member {bn!r} overlaps member {an!r} (overlapping-entries zip bomb): refused"
@@ -265,7 +266,7 @@ def _extract_into(
     budget.files_left -= len(infos)
     out: list[PurePosixPath] = []
     try:
-        f = open(zip_path, "rb")
+        f = open(zip_path, "rb")  # noqa: SIM115
     except OSError as e:
         raise InputError(f"{label}: cannot read ({e})") from e
     with f:
