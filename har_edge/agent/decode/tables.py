@@ -907,7 +907,8 @@ def _merge(accel: Iterator[SensorBlock], gyro: Iterator[SensorBlock] | None) -> 
         if not len(a):
             continue
         end = int(a.t_ms.max())
-        while not gyro_done and (len(pend) == 0 or int(pend.t_ms.max()) <= end):
+        # (bounded: an accelerometer time far ahead must not pull in the whole gyroscope file)
+        while not gyro_done and (len(pend) == 0 or int(pend.t_ms.max()) <= end) and len(pend) < 2 * CHUNK_SAMPLES:
             g = next(gyro, None)
             if g is None:
                 gyro_done = True
