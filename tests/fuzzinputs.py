@@ -22,6 +22,7 @@ import shutil
 import struct
 import tempfile
 import time
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -453,7 +454,8 @@ ZIP_NAMES = ("a.fit", "x-accelerometer_data.csv", "x-gyroscope_data.csv", "dir/b
 def zip_bytes(members: list[tuple[str, bytes]], ops: Sequence[Op]) -> bytes:
     """A zip of the members, then header-level damage (sizes, CRC, method, flags, offsets) from ``ops``."""
     out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+    with warnings.catch_warnings(), zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        warnings.simplefilter("ignore", UserWarning)  # duplicate names are on purpose
         for name, blob in members:
             info = zipfile.ZipInfo(name)
             info.compress_type = zipfile.ZIP_DEFLATED

@@ -94,12 +94,13 @@ def _contiguous_windows(samples: np.ndarray, window: int, step: int) -> np.ndarr
     return np.ascontiguousarray(rows).reshape(k, window, c)
 
 
-def apply_scaler(windows: np.ndarray, mean, scale) -> np.ndarray:
+def apply_scaler(windows: np.ndarray, mean: object, scale: object) -> np.ndarray:
     """Standardise per channel: ``(raw - mean) / scale`` as float32."""
-    mean = np.asarray(mean, dtype=np.float32)
-    scale = np.asarray(scale, dtype=np.float32)
-    out = np.subtract(np.asarray(windows, dtype=np.float32), mean)  # one new array, divided in place
-    return np.divide(out, scale, out=out)
+    m = np.asarray(mean, dtype=np.float32)
+    s = np.asarray(scale, dtype=np.float32)
+    out: np.ndarray = np.subtract(np.asarray(windows, dtype=np.float32), m)  # one new array, divided in place
+    np.divide(out, s, out=out)
+    return out
 
 
 @dataclass
@@ -108,7 +109,7 @@ class WindowSet:
 
     start_ms: np.ndarray  # int64 (k,)
     windows: np.ndarray  # float32 (k, window, 6)
-    quality: dict = field(default_factory=dict)
+    quality: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.start_ms)
@@ -686,7 +687,7 @@ class StreamWindower:
 
     # -- figures -----------------------------------------------------------
 
-    def quality(self) -> dict:
+    def quality(self) -> dict[str, float]:
         """Data-quality figures of everything fed so far."""
         med_dt = float(np.median(np.concatenate(self._dts))) if self._dts else 0.0
         open_ms = self._last_t - self._first_t if self._first_t is not None and self._last_t is not None else 0

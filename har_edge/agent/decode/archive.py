@@ -50,6 +50,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from har_edge.agent.errors import CorruptFile, InputError, UnsafeArchive
 
@@ -322,7 +323,7 @@ def _extract_into(
     return out
 
 
-def _copy_member(f, info: zipfile.ZipInfo, target: Path, budget: _Budget, label: str) -> None:
+def _copy_member(f: BinaryIO, info: zipfile.ZipInfo, target: Path, budget: _Budget, label: str) -> None:
     """Stream one member's real bytes to ``target``, enforcing size, ratio and CRC."""
     name = info.filename
     method = _SUPPORTED.get(info.compress_type)

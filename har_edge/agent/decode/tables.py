@@ -87,6 +87,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -234,7 +235,7 @@ def _container(path: Path) -> str:
     return "csv"
 
 
-def _bounded_lines(f, path: Path) -> Iterator[str]:
+def _bounded_lines(f: TextIO, path: Path) -> Iterator[str]:
     lineno = 0
     while True:
         line = f.readline(MAX_LINE_CHARS + 1)
@@ -303,7 +304,7 @@ def _open_csv(path: Path) -> Iterator[_Table]:
 
         it = rows()
         head = next(it, None)
-        header = [c.strip() for c in head[1]] if head else []
+        header = [str(c).strip() for c in head[1]] if head else []
         yield _Table(path, "csv", header, it)
 
 
@@ -613,7 +614,7 @@ def _snippet(v: object) -> str:
 class _Clock:
     """Turns timestamp cells of one file into ms since the Unix epoch (see the module docstring)."""
 
-    def __init__(self, path: Path, meta: dict) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path = path
         self.meta = meta
         self.base: str | None = None  # "fit" | "unix" for numeric timestamps
@@ -824,7 +825,7 @@ class _Builder:
             row = int(np.searchsorted(np.cumsum(counts), int(np.flatnonzero(bad)[0]), side="right"))
             raise InputError(f"{self._where[row]}: sample_time_offset holds an invalid value (nan or out of range)")
         t = np.repeat(np.asarray(self._base, dtype=np.int64), counts) + np.rint(off).astype(np.int64)
-        xyz = np.column_stack(cols)
+        xyz = np.column_stack([c for c in cols if c is not None])
         with np.errstate(over="ignore", invalid="ignore"):
             xyz[np.abs(xyz) > MAX_SENSOR_VALUE] = np.nan  # not a sensor reading: dropped like nan and inf
             xyz32 = xyz.astype(np.float32)
@@ -844,7 +845,7 @@ class _Builder:
         self._packed = 0
         return out
 
-    def report(self, meta: dict) -> None:
+    def report(self, meta: dict[str, Any]) -> None:
         s = self.stats
         meta.setdefault("rows", {})[self.sensor] = s.rows
         meta.setdefault("samples", {})[self.sensor] = s.samples
@@ -861,7 +862,7 @@ class _Builder:
 # -- study tables ---------------------------------------------------------------------
 
 
-def _study_blocks(path: Path, sensor: str, meta: dict, *, first_only: bool = False) -> Iterator[SensorBlock]:
+def _study_blocks(path: Path, sensor: str, meta: dict[str, Any], *, first_only: bool = False) -> Iterator[SensorBlock]:
     """SensorBlocks of one per-sensor table, CHUNK_SAMPLES at a time, in file order."""
     with _open_table(path) as t:
         cols = _find_cols(path, t.header, sensor)
@@ -936,7 +937,7 @@ def decode_study_tables(accel: Path, gyro: Path | None, name: str) -> Recording:
     cols, kind, rows = _probe_study(accel, ACCEL)
     if not rows:
         raise NoImuData(f"{accel.name}: no accelerometer samples (only a header, or empty rows)")
-    meta: dict = {
+    meta: dict[str, Any] = {
         "accel_file": str(accel),
         "gyro_file": str(gyro) if gyro is not None else None,
         "layout": "fitcsv_data" if cols.prefixed else "study",
@@ -1038,7 +1039,9 @@ def _scan_fitcsv(path: Path, row_layout: bool, cols: dict[str, _Cols]) -> tuple[
     return present, others
 
 
-def _fitcsv_chunks(path: Path, row_layout: bool, cols: dict[str, _Cols], has_gyro: bool, meta: dict) -> Iterator[Chunk]:
+def _fitcsv_chunks(
+    path: Path, row_layout: bool, cols: dict[str, _Cols], has_gyro: bool, meta: dict[str, Any]
+) -> Iterator[Chunk]:
     clock = _Clock(path, meta)
     builders = {s: _Builder(path, s, clock) for s in SENSORS}
     units = meta.setdefault("stated_units", {})
@@ -1093,7 +1096,7 @@ def decode_fitcsv(path: Path, name: str) -> Recording:
         seen = f" (messages: {', '.join(sorted(others)[:12])})" if others else ""
         raise NoImuData(f"{path.name}: no accelerometer_data rows{seen}{hint}")
     has_gyro = GYRO in present
-    meta: dict = {"layout": "fitcsv_rows" if row_layout else "fitcsv_data", "file": str(path)}
+    meta: dict[str, Any] = {"layout": "fitcsv_rows" if row_layout else "fitcsv_data", "file": str(path)}
     log.info("%s: FitCSVTool %s layout%s", path.name, meta["layout"], "" if has_gyro else " (no gyroscope)")
     return Recording(
         name=name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class Recording:
     chunks: Callable[[], Iterator[Chunk]]
     accel_unit: str | None = None  # None: detect from magnitude
     has_gyro: bool = True
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def named_in(rec: Recording, container: str) -> Recording:
