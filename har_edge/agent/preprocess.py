@@ -136,7 +136,7 @@ JUMP_HOLD_SAMPLES = 1024
 #: grid points resampled at once (bounds the working arrays whatever the buffer holds)
 GRID_BATCH = 1 << 17
 #: samples a sensor buffer may hold while waiting for the other sensor before the grid moves on anyway
-BUFFER_CAP = 1 << 21
+BUFFER_CAP = 1 << 20
 
 
 def build_time_ms() -> int:
@@ -206,6 +206,10 @@ class _ClockGuard:
         self._held_n = 0
         self._held_last = 0
         self._in_future = False
+        self._starting = True  # the first ``hold`` samples are gathered to find the starting clock
+        self._start_t: list[np.ndarray] = []
+        self._start_x: list[np.ndarray] = []
+        self._start_n = 0
         self.jumps = 0
         self.stray = 0  # samples of runs that jumped away and came back (dropped)
         self.future = 0  # samples after the horizon (dropped)
@@ -225,6 +229,68 @@ class _ClockGuard:
                 t, x = t[~bad], x[~bad]
             else:
                 self._in_future = False
+        if self._starting:
+            if len(t):
+                self._start_t.append(t)
+                self._start_x.append(x)
+                self._start_n += len(t)
+            if self._start_n < self.hold:
+                return []
+            t, x = self._end_start()
+        return self._main(t, x)
+
+    def finish(self) -> list[_Event]:
+        events: list[_Event] = []
+        if self._starting:
+            events = self._main(*self._end_start())
+        return events + (self._believe() if self._held_n else [])
+
+    def _end_start(self) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``hold`` samples decide the starting clock: samples before the first one near their
+        median time are strays (a wrong time on the very first message)."""
+        self._starting = False
+        if not self._start_t:
+            return np.empty(0, np.int64), np.empty((0, 3), np.float32)
+        t, x = np.concatenate(self._start_t), np.concatenate(self._start_x)
+        self._start_t, self._start_x = [], []
+        if not len(t):
+            return t, x
+        first = t[: self.hold]  # the first ``hold`` samples whatever the chunking
+        mid = int(np.sort(first)[len(first) // 2])
+        k = int(np.argmax(np.abs(first - mid) <= self.max_jump))
+        if k:
+            self.jumps += 1
+            self.stray += k
+        return t[k:], x[k:]
+
+    def _main(self, t: np.ndarray, x: np.ndarray) -> list[_Event]:
+        events = self._scan(t, x)
+        # runs of data with only dropped strays between them become one event (cheap when jumps are dense)
+        out: list[_Event] = []
+        run_t: list[np.ndarray] = []
+        run_x: list[np.ndarray] = []
+        run_max = 0
+        for ev in events:
+            if ev[0] == "data":
+                pt, px = ev[1], ev[2]
+                assert isinstance(pt, np.ndarray) and isinstance(px, np.ndarray)
+                if run_t:  # as if fed separately: a later piece keeps only what is past the earlier ones
+                    keep = pt > run_max
+                    pt, px = pt[keep], px[keep]
+                if len(pt):
+                    run_t.append(pt)
+                    run_x.append(px)
+                    run_max = max(run_max, int(pt.max())) if len(run_t) > 1 else int(pt.max())
+                continue
+            if run_t:
+                out.append(("data", np.concatenate(run_t), np.concatenate(run_x)))
+                run_t, run_x = [], []
+            out.append(ev)
+        if run_t:
+            out.append(("data", np.concatenate(run_t), np.concatenate(run_x)))
+        return out
+
+    def _scan(self, t: np.ndarray, x: np.ndarray) -> list[_Event]:
         events: list[_Event] = []
         i, n = 0, len(t)
         while i < n:
@@ -239,35 +305,35 @@ class _ClockGuard:
                     i = j + 1
                 else:
                     i = n
-            else:
-                m = min(n - i, self.hold - self._held_n)
-                s = t[i : i + m]
-                back = self._normal(s - self.last)
-                steps = np.diff(s, prepend=self._held_last)
-                stop = back | ~self._normal(steps)
-                k = int(np.argmax(stop)) if stop.any() else m
-                if k:
-                    self._hold(t[i : i + k], x[i : i + k])
-                i += k
-                if k == m:
-                    if self._held_n >= self.hold:
-                        events.extend(self._believe())
-                    continue
-                # the run stopped: it came back (stray run) or jumped again (garbage); drop what was held
-                self.jumps += 1
-                self.stray += self._held_n
-                self._clear()
-                if not back[k]:
-                    self._hold(t[i : i + 1], x[i : i + 1])
-                    i += 1
+                continue
+            m = min(n - i, self.hold - self._held_n)
+            k, back = self._held_stop(t, i, m)
+            if k:
+                self._hold(t[i : i + k], x[i : i + k])
+            i += k
+            if k == m:
+                if self._held_n >= self.hold:
+                    events.extend(self._believe())
+                continue
+            # the run stopped: it came back (stray run) or jumped again (garbage); drop what was held
+            self.jumps += 1
+            self.stray += self._held_n
+            self._clear()
+            if not back:
+                self._hold(t[i : i + 1], x[i : i + 1])
+                i += 1
         return events
-
-    def finish(self) -> list[_Event]:
-        return self._believe() if self._held_n else []
 
     def _first_abnormal(self, t: np.ndarray, i: int, prev: int) -> int:
         """Index of the first sample from i whose step from its predecessor is abnormal (len(t) if none)."""
-        n, size = len(t), 64
+        n, lo, hi = len(t), -self.tol, self.max_jump
+        for j in range(i, min(n, i + 8)):  # a few in Python first: cheap when jumps are dense
+            v = int(t[j])
+            if not lo <= v - prev <= hi:
+                return j
+            prev = v
+        i = min(n, i + 8)
+        size = 64
         while i < n:
             s = t[i : i + size]
             ab = ~self._normal(np.diff(s, prepend=prev))
@@ -275,8 +341,35 @@ class _ClockGuard:
                 return i + int(np.argmax(ab))
             prev = int(s[-1])
             i += len(s)
-            size = min(size * 2, 1 << 16)
+            size = min(size * 4, 1 << 16)
         return n
+
+    def _held_stop(self, t: np.ndarray, i: int, m: int) -> tuple[int, bool]:
+        """Where a held run stops within t[i:i+m]: (offset, True) at a sample back near the last accepted
+        time, (offset, False) at another jump, (m, False) if it goes on."""
+        assert self.last is not None
+        last, prev, lo, hi = self.last, self._held_last, -self.tol, self.max_jump
+        j = 0
+        while j < min(m, 8):
+            v = int(t[i + j])
+            if lo <= v - last <= hi:
+                return j, True
+            if not lo <= v - prev <= hi:
+                return j, False
+            prev = v
+            j += 1
+        size = 64
+        while j < m:
+            s = t[i + j : i + min(m, j + size)]
+            back = self._normal(s - last)
+            stop = back | ~self._normal(np.diff(s, prepend=prev))
+            if stop.any():
+                k = int(np.argmax(stop))
+                return j + k, bool(back[k])
+            prev = int(s[-1])
+            j += len(s)
+            size = min(size * 4, 1 << 16)
+        return m, False
 
     def _hold(self, t: np.ndarray, x: np.ndarray) -> None:
         if len(t):
@@ -314,12 +407,12 @@ class _Sensor:
         if not len(t):
             return
         if len(self.t) and t[0] <= self.t[-1]:
-            if self.merge:
-                tt, xx = np.concatenate((self.t, t)), np.concatenate((self.x, x))
-                order = np.argsort(tt, kind="stable")
-                tt, xx = tt[order], xx[order]
-                keep = np.concatenate(([True], np.diff(tt) != 0))
-                self.t, self.x = tt[keep], xx[keep]
+            if self.merge:  # insert by time (both sorted); a time already held keeps its first sample
+                pos = np.searchsorted(self.t, t, side="left")
+                dup = (pos < len(self.t)) & (self.t[np.minimum(pos, len(self.t) - 1)] == t)
+                t, x, pos = t[~dup], x[~dup], pos[~dup]
+                self.t = np.insert(self.t, pos, t)
+                self.x = np.insert(self.x, pos, x, axis=0)
                 self._cap()
                 return
             # a chunk overlapping the previous one: keep only what is new
