@@ -10,6 +10,7 @@ long version: ``HAR_EDGE_FUZZ_SCALE`` multiplies the example counts and turns de
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -53,6 +54,8 @@ OPS = st.lists(st.tuples(st.integers(0, 255), st.integers(0, 1 << 16), st.intege
 _SEED_DIR = Path(tempfile.mkdtemp(prefix="har-edge-fuzz-seeds-"))
 _SEEDS: dict[str, bytes] = {}
 _WORK = Path(tempfile.mkdtemp(prefix="har-edge-fuzz-"))
+atexit.register(shutil.rmtree, _SEED_DIR, True)
+atexit.register(shutil.rmtree, _WORK, True)
 
 
 def seeds() -> dict[str, bytes]:
@@ -164,7 +167,7 @@ def test_fuzz_report():
     lines.append(f"total {total} inputs; peak RSS {peak:.0f} MB, idle {_IDLE['rss_mb']:.0f} MB")
     report = "\n".join(lines)
     print("\n" + report)
-    (Path(os.environ.get("HAR_EDGE_FUZZ_REPORT", _WORK.parent / "har-edge-fuzz-report.txt"))).write_text(
+    (Path(os.environ.get("HAR_EDGE_FUZZ_REPORT", Path(tempfile.gettempdir()) / "har-edge-fuzz-report.txt"))).write_text(
         report + f"\nwritten {time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
     )
     if total:  # when the fuzz tests above ran in this session
