@@ -7,7 +7,7 @@ DATA_DIR ?= var
 PIP_FLAGS ?= --disable-pip-version-check -q
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help run sync lint test test-fast test-legacy-runtime test-podman train release bench image image-mlflow demo clean
+.PHONY: help run sync lint test test-fast test-legacy-runtime test-podman fuzz train release bench image image-mlflow demo clean
 
 help:
 	@echo "make run     start the agent and the sync daemon on embedded defaults, data in ./$(DATA_DIR)"
@@ -16,6 +16,7 @@ help:
 	@echo "make test    install everything the tests need and run all of them"
 	@echo "make train   retrain the default model from UCI HAPT (dvc repro)"
 	@echo "make bench   run the benchmarks and print the table"
+	@echo "make fuzz    long structure-aware fuzzing of FIT/CSV/xlsx/zip (hours; FUZZ_SCALE, FUZZ_RUNS)"
 	@echo "make image   build the edge container image with podman (docker/build.sh edge)"
 	@echo "make demo    the whole loop on this machine: release, pull, process, push, compare"
 
@@ -70,6 +71,18 @@ test-fast: $(BIN)/.dev
 
 test-legacy-runtime: $(LEGACY_VENV)/bin/.legacy
 	HAR_EDGE_TFLITE_RUNTIME=tflite_runtime $(LEGACY_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_runtime.py
+
+# long fuzzing of the input formats (docs/reliability.md): Hypothesis at FUZZ_SCALE x the make-test counts
+# (100: ~1 million inputs, hours), then atheris (libFuzzer, coverage-guided) for FUZZ_RUNS inputs if it installs
+FUZZ_SCALE ?= 100
+FUZZ_RUNS ?= 1000000
+fuzz: $(BIN)/.dev
+	-$(BIN)/pip install $(PIP_FLAGS) 'atheris==3.0.0' || echo "atheris does not install here: Hypothesis only"
+	HAR_EDGE_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -p no:cacheprovider -m fuzz -s tests/test_fuzz_inputs.py
+	if $(BIN)/python -c 'import atheris' 2>/dev/null; then \
+	  mkdir -p build/fuzz && cd build/fuzz && \
+	  PYTHONPATH=$(CURDIR) $(abspath $(BIN))/python $(CURDIR)/tests/fuzz/atheris_inputs.py -runs=$(FUZZ_RUNS) \
+	    -rss_limit_mb=1024 -timeout=30 -print_final_stats=1; fi
 
 # inference, end to end, sync, memory and model swap against baselines, in one run (~3-5 min)
 bench: $(BIN)/.dev

@@ -54,6 +54,31 @@ def _progress_bar(total_hint: str) -> tuple[tqdm[Never] | None, Callable[[int], 
     return bar, update
 
 
+def _process_groups(files: list[str]) -> list[list[Path]]:
+    """The files given to ``agent process``, study tables paired as the drop folder pairs them (by pair_key).
+
+    An accelerometer and a gyroscope table of one prefix become one export (accelerometer first);
+    everything else is processed alone, in the order given.
+    """
+    from har_edge.agent.decode import pair_key
+
+    groups: list[dict[str, Path]] = []  # sensor (or "file") -> path
+    open_pair: dict[str, dict[str, Path]] = {}  # prefix -> the group still missing a sensor
+    for name in files:
+        p = Path(name)
+        key = pair_key(p) if p.suffix.lower() in (".csv", ".xlsx") else None
+        if key is None:
+            groups.append({"file": p})
+            continue
+        prefix, sensor = key
+        group = open_pair.get(prefix)
+        if group is None or sensor in group:
+            group = open_pair[prefix] = {}
+            groups.append(group)
+        group[sensor] = p
+    return [[g[k] for k in ("file", "accelerometer", "gyroscope") if k in g] for g in groups]
+
+
 def cmd_agent_process(settings: Settings, args: argparse.Namespace) -> int:
     import shutil
     import tempfile
@@ -62,24 +87,25 @@ def cmd_agent_process(settings: Settings, args: argparse.Namespace) -> int:
 
     agent = Agent(settings)
     failed = 0
-    for name in args.files:
-        src = Path(name)
-        if not src.is_file():
-            print(f"{name}: no such file", file=sys.stderr)
+    for group in _process_groups(args.files):
+        missing = [p for p in group if not p.is_file()]
+        if missing:
+            for p in missing:
+                print(f"{p}: no such file", file=sys.stderr)
             failed += 1
             continue
-        # work on a copy claimed into work/, so the same quarantine/archive rules apply
+        label = " + ".join(p.name for p in group)
+        # work on copies claimed into work/, so the same quarantine/archive rules apply
         with tempfile.TemporaryDirectory(dir=settings.work) as tmp:
-            staged = Path(tmp) / src.name
-            shutil.copy2(src, staged)
-            claimed = agent.folder.claim([staged])
+            staged = [Path(tmp) / p.name for p in group]
+            for p, s in zip(group, staged, strict=True):
+                shutil.copy2(p, s)
+            claimed = agent.folder.claim(staged)
             if claimed is None:  # the staged copy vanished before it was moved into work/
-                print(
-                    f"{src.name}: its staged copy vanished before it could be claimed; not processed", file=sys.stderr
-                )
+                print(f"{label}: its staged copy vanished before it could be claimed; not processed", file=sys.stderr)
                 failed += 1
                 continue
-            bar, update = _progress_bar(src.name)
+            bar, update = _progress_bar(label)
             try:
                 outcome = agent.handle(claimed, progress=update)
             finally:
@@ -87,11 +113,11 @@ def cmd_agent_process(settings: Settings, args: argparse.Namespace) -> int:
                     bar.close()
         if outcome.status == "failed":
             failed += 1
-            print(f"{src.name}: quarantined: {outcome.error}")
+            print(f"{label}: quarantined: {outcome.error}")
         elif outcome.status == "duplicate":
-            print(f"{src.name}: duplicate of an already processed file")
+            print(f"{label}: duplicate of an already processed file")
         else:
-            print(f"{src.name}: {outcome.windows} windows in {outcome.seconds:.2f} s")
+            print(f"{label}: {outcome.windows} windows in {outcome.seconds:.2f} s")
     return Exit.FAILED if failed else Exit.OK
 
 
@@ -222,3 +248,7 @@ def register(
     add_command(
         subparsers, "health", cmd_health, "exit 0 if the outbox is writable and the active model verifies", parents
     )
+
+
+if __name__ == "__main__":  # pragma: no cover - the entry point is har_edge.cli
+    sys.exit("har_edge.agent.cli only registers commands: run `har-edge` (python -m har_edge.cli)")

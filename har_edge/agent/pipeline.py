@@ -100,6 +100,8 @@ class Processor:
         self.on_stage = on_stage
         #: wall and CPU seconds per stage of the last export processed (for benchmarks and logs)
         self.last_stages: dict[str, dict[str, float]] = {}
+        #: the latest sample time of the files processed so far (a plausibility reference for clocks)
+        self.last_data_ms: int | None = None
         self._clock = _StageClock()
 
     def identify(self, paths: list[Path], sha256: str | None = None) -> Identity:
@@ -350,6 +352,8 @@ class Processor:
                     max_gap_s=self.settings.max_gap_s,
                     has_gyro=rec.has_gyro,
                     accel_unit=rec.accel_unit,
+                    name=rec.name,
+                    last_file_ms=self.last_data_ms,
                 )
                 # decoded, windowed and inferred a chunk (~3 min) at a time: memory stays flat whatever the
                 # file's length. (A decode thread running ahead of inference was measured: no faster here, as
@@ -370,6 +374,9 @@ class Processor:
                             progress(len(starts))
                 if acc is not None:
                     acc.end_recording()
+                latest = sw.last_time_ms()
+                if latest is not None and latest > (self.last_data_ms or 0):
+                    self.last_data_ms = latest  # the next file's plausibility reference (see StreamWindower)
                 merge_quality(quality, sw.quality())
             fmt = ",".join(sorted({r.format for r in recordings}))
         finally:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from har_edge.agent.decode.types import Chunk, Recording, SensorBlock
+from har_edge.agent.decode.types import Chunk, Recording, SensorBlock, named_in, prefixed
 from har_edge.agent.errors import InputError, UnknownFormat
 
 if TYPE_CHECKING:
@@ -135,9 +135,12 @@ def open_export(
             inner_tables = [m for m in members if m.is_file() and sniff(m) == "table"]
             from har_edge.agent.decode.fit import decode_fit
 
-            recordings.extend(decode_fit(m, f"{p.name}:{m.name}") for m in sorted(inner_fit))
-            if inner_tables:
-                recordings.extend(_table_recordings(inner_tables, p.name))
+            try:  # errors of members name the zip first (also those raised while chunks are read)
+                recordings.extend(named_in(decode_fit(m, f"{p.name}:{m.name}"), p.name) for m in sorted(inner_fit))
+                if inner_tables:
+                    recordings.extend(named_in(r, p.name) for r in _table_recordings(inner_tables, p.name))
+            except InputError as e:
+                raise prefixed(e, p.name) from e
             if not inner_fit and not inner_tables:
                 raise UnknownFormat(
                     f"{p.name}: the zip holds no FIT file or IMU table "

@@ -38,6 +38,8 @@ What :func:`safe_extract` accepts, and what it refuses with
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
 import os
 import shutil
@@ -48,6 +50,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from har_edge.agent.errors import CorruptFile, InputError, UnsafeArchive
 
@@ -65,6 +68,10 @@ _LOCAL_MAGIC = b"PK\x03\x04"
 _EOCD_MAGIC = b"PK\x05\x06"
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # 30 bytes
 _SUPPORTED = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+#: OSError numbers that come from a member's name or layout (an input problem), not from the disk
+_MEMBER_ERRNOS = frozenset(
+    {errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ELOOP}
+)
 
 
 def is_zip(path: Path) -> bool:
@@ -115,7 +122,8 @@ def safe_extract(
             target = dest.joinpath(*rel.parts)
             if target.exists() or target.is_symlink():
                 raise UnsafeArchive(
-                    f"{zip_path.name}: member {rel.as_posix()!r} would overwrite {target}: extract into an empty folder"
+                    f"{zip_path.name}: member {rel.as_posix()!r} would overwrite a file already extracted there: "
+                    "extract into an empty folder"
                 )
         for rel in rel_paths:
             target = dest.joinpath(*rel.parts)
@@ -125,7 +133,18 @@ def safe_extract(
         log.info("%s: extracted %d files (%d bytes)", zip_path.name, len(out), max_bytes - budget.bytes_left)
         return out
     except OSError as e:
-        raise InputError(f"{zip_path.name}: cannot extract ({e}): check the destination folder {dest}") from e
+        if e.errno in _MEMBER_ERRNOS:
+            raise InputError(
+                f"{zip_path.name}: a member cannot be written as a file ({e.strerror or type(e).__name__}): "
+                "its name is too long, not valid here, or clashes with another member; "
+                "rename the files and zip them again"
+            ) from None
+        # the disk or the folder, not the archive: propagate, so the file is retried rather than quarantined
+        raise OSError(
+            e.errno,
+            f"{zip_path.name}: cannot extract: {e.strerror or e} (check free space and "
+            "permissions of the agent's work folder)",
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -152,10 +171,18 @@ def inspect_zip(
         with zipfile.ZipFile(zip_path) as zf:
             infos = zf.infolist()
         size = os.path.getsize(zip_path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, struct.error) as e:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        EOFError,
+        ValueError,
+        OverflowError,
+        NotImplementedError,
+        struct.error,
+    ) as e:
         raise CorruptFile(f"{label}: not a readable zip archive ({e}): download the export again") from e
     except OSError as e:
-        raise InputError(f"{label}: cannot read ({e})") from e
+        raise InputError(f"{label}: cannot read ({e.strerror or e}): check the file and drop it again") from e
     _check_infos(infos, label, max_bytes=max_bytes, max_files=max_files, max_ratio=max_ratio, file_size=size)
     return infos
 
@@ -172,7 +199,7 @@ def _check_entry_count(zip_path: Path, max_files: int, label: str) -> None:
             f.seek(max(0, size - (65535 + 22)))
             tail = f.read()
     except OSError as e:
-        raise InputError(f"{label}: cannot read ({e})") from e
+        raise InputError(f"{label}: cannot read ({e.strerror or e}): check the file and drop it again") from e
     at = tail.rfind(_EOCD_MAGIC)
     if at < 0 or len(tail) - at < 22:
         return  # zipfile will call it corrupt
@@ -242,7 +269,7 @@ def _check_infos(
             raise CorruptFile(f"{label}: member {name!r} reaches past the end of the file: the archive is truncated")
         spans.append((info.header_offset, info.header_offset + _LOCAL_HEADER.size + info.compress_size, name))
     spans.sort()
-    for (_a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
+    for (_a0, a1, an), (b0, _b1, bn) in itertools.pairwise(spans):
         if b0 < a1:
             raise UnsafeArchive(
                 f"{label}: member {bn!r} overlaps member {an!r} (overlapping-entries zip bomb): refused"
@@ -265,9 +292,9 @@ def _extract_into(
     budget.files_left -= len(infos)
     out: list[PurePosixPath] = []
     try:
-        f = open(zip_path, "rb")
+        f = open(zip_path, "rb")  # noqa: SIM115
     except OSError as e:
-        raise InputError(f"{label}: cannot read ({e})") from e
+        raise InputError(f"{label}: cannot read ({e.strerror or e}): check the file and drop it again") from e
     with f:
         for info in infos:
             rel = _member_path(info.filename, label)
@@ -296,7 +323,7 @@ def _extract_into(
     return out
 
 
-def _copy_member(f, info: zipfile.ZipInfo, target: Path, budget: _Budget, label: str) -> None:
+def _copy_member(f: BinaryIO, info: zipfile.ZipInfo, target: Path, budget: _Budget, label: str) -> None:
     """Stream one member's real bytes to ``target``, enforcing size, ratio and CRC."""
     name = info.filename
     method = _SUPPORTED.get(info.compress_type)

@@ -87,12 +87,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 
 from har_edge.agent.decode.archive import inspect_zip
 from har_edge.agent.decode.types import FIT_EPOCH_S, Chunk, Recording, SensorBlock
-from har_edge.agent.errors import CorruptFile, HarEdgeError, InputError, NoImuData, UnknownFormat
+from har_edge.agent.errors import CorruptFile, HarEdgeError, InputError, NoImuData, TooLarge, UnknownFormat
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,16 @@ _TOKEN_BATCH = 1 << 16
 MAX_LINE_CHARS = 1 << 20
 #: zip container limits for xlsx (an hour of study data is ~20 MB of XML)
 XLSX_MAX_BYTES = 1 << 30
-XLSX_MAX_RATIO = 1000.0
+XLSX_MAX_RATIO = 200.0
+#: bytes of xlsx parts held in memory while reading (shared strings, styles, workbook; sheets are streamed)
+XLSX_HELD_MAX_BYTES = 32 << 20
+#: widest row read from an xlsx (columns past the header's last name are ignored)
+XLSX_MAX_COLUMNS = 1024
+#: longest number accepted in a cell (characters), and the largest magnitudes
+MAX_NUMBER_CHARS = 40
+MAX_SECONDS_DIGITS = 20
+MAX_MAGNITUDE = 1e15
+MAX_SENSOR_VALUE = 1e9
 
 XLSX_SUFFIXES = (".xlsx", ".xlsm")
 
@@ -225,7 +235,7 @@ def _container(path: Path) -> str:
     return "csv"
 
 
-def _bounded_lines(f, path: Path) -> Iterator[str]:
+def _bounded_lines(f: TextIO, path: Path) -> Iterator[str]:
     lineno = 0
     while True:
         line = f.readline(MAX_LINE_CHARS + 1)
@@ -268,7 +278,7 @@ def _open_table(path: Path) -> Iterator[_Table]:
 @contextmanager
 def _open_csv(path: Path) -> Iterator[_Table]:
     try:
-        f = open(path, encoding="utf-8-sig", newline="")
+        f = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115  # noqa: SIM115 - closed by the with below
     except OSError as e:
         raise InputError(f"{path.name}: cannot read ({e})") from e
     with f:
@@ -294,7 +304,7 @@ def _open_csv(path: Path) -> Iterator[_Table]:
 
         it = rows()
         head = next(it, None)
-        header = [c.strip() for c in head[1]] if head else []
+        header = [str(c).strip() for c in head[1]] if head else []
         yield _Table(path, "csv", header, it)
 
 
@@ -304,17 +314,46 @@ def _chain_first(first: str, rest: Iterator[str]) -> Iterator[str]:
     yield from rest
 
 
+def _held_bytes(infos: Sequence[object]) -> int:
+    """Uncompressed bytes of the xlsx parts openpyxl holds in memory (all but the streamed worksheets)."""
+    total = 0
+    for info in infos:
+        name = getattr(info, "filename", "").lower()
+        if name.endswith((".xml", ".rels")) and not name.startswith("xl/worksheets/"):
+            total += int(getattr(info, "file_size", 0))
+    return total
+
+
 @contextmanager
 def _open_xlsx(path: Path) -> Iterator[_Table]:
-    inspect_zip(path, max_bytes=XLSX_MAX_BYTES, max_files=10_000, max_ratio=XLSX_MAX_RATIO)
+    """Open the first worksheet of an xlsx with bounded memory.
+
+    The zip container must pass :func:`inspect_zip` at :data:`XLSX_MAX_RATIO`; the
+    parts held in memory (shared strings above all) must fit
+    :data:`XLSX_HELD_MAX_BYTES`. Rows are read straight from the sheet's XML: rows
+    the sheet does not hold are never produced (a stray cell at row 1048576 costs
+    one row, not a million), and a row is at most as wide as the header
+    (:data:`XLSX_MAX_COLUMNS` for the header itself).
+    """
+    infos = inspect_zip(path, max_bytes=XLSX_MAX_BYTES, max_files=10_000, max_ratio=XLSX_MAX_RATIO)
+    held = _held_bytes(infos)
+    if held > XLSX_HELD_MAX_BYTES:
+        raise TooLarge(
+            f"{path.name}: the workbook's shared strings and other parts read into memory take {held / 1e6:.0f} MB, "
+            f"over the limit of {XLSX_HELD_MAX_BYTES / 1e6:.0f} MB (about two hours of study data): export CSV instead "
+            "(CSV is streamed and has no such limit)"
+        )
     try:
         import openpyxl
+        from openpyxl.worksheet._reader import WorkSheetParser
     except ImportError as e:  # pragma: no cover - openpyxl is a dependency of the edge extra
         raise UnknownFormat(f"{path.name}: reading xlsx needs openpyxl (pip install openpyxl)") from e
 
-    def wrap(e: Exception) -> CorruptFile:
+    def wrap(e: Exception, row: int | None = None) -> CorruptFile:
+        where = f"{path.name}: row {row}" if row else path.name
         return CorruptFile(
-            f"{path.name}: cannot read the workbook ({type(e).__name__}: {e}): save it again as .xlsx or export CSV"
+            f"{where}: cannot read the workbook ({type(e).__name__} from openpyxl: {_snippet(str(e))}): "
+            "it is damaged or not written by a spreadsheet program; open and save it again as .xlsx, or export CSV"
         )
 
     try:
@@ -325,20 +364,40 @@ def _open_xlsx(path: Path) -> Iterator[_Table]:
         raise wrap(e) from e
     try:
         if not wb.worksheets:
-            raise UnknownFormat(f"{path.name}: the workbook has no worksheet")
+            raise UnknownFormat(f"{path.name}: the workbook has no worksheet: save the data on the first sheet")
         ws = wb.worksheets[0]
+        width = [XLSX_MAX_COLUMNS]
 
         def rows() -> Iterator[tuple[int, Sequence[object]]]:
+            idx = None
             try:
-                yield from enumerate(ws.iter_rows(values_only=True), start=1)
+                with ws._get_source() as src:
+                    parser = WorkSheetParser(
+                        src,
+                        ws._shared_strings,
+                        data_only=True,
+                        epoch=wb.epoch,
+                        date_formats=wb._date_formats,
+                        timedelta_formats=wb._timedelta_formats,
+                    )
+                    for idx, cells in parser.parse():
+                        out: list[object] = [None] * min(
+                            width[0], max((c["column"] for c in cells if c["column"]), default=0)
+                        )
+                        for c in cells:
+                            col = c["column"]
+                            if col and col <= len(out):
+                                out[col - 1] = c["value"]
+                        yield idx, out
             except HarEdgeError:
                 raise
             except Exception as e:
-                raise wrap(e) from e
+                raise wrap(e, idx + 1 if isinstance(idx, int) else None) from e
 
         it = rows()
         head = next(it, None)
         header = ["" if c is None else str(c).strip() for c in head[1]] if head else []
+        width[0] = max(len(header), 1)
         yield _Table(path, "xlsx", header, it)
     finally:
         try:
@@ -440,7 +499,7 @@ def _find_cols(path: Path, header: Sequence[str], sensor: str) -> _Cols:
             idx[c[1]] = i
             units[c[1]] = c[2]
     axes = AXES[sensor]
-    missing = [c for c in ("timestamp",) + axes if c not in idx]
+    missing = [c for c in ("timestamp", *axes) if c not in idx]
     if missing:
         other = GYRO if sensor == ACCEL else ACCEL
         if all(a not in idx for a in axes) and any(a in idx for a in AXES[other]):
@@ -480,7 +539,7 @@ def _list_text(value: object) -> tuple[str, int]:
     if isinstance(value, bool):
         raise ValueError("a boolean, not a number")
     if isinstance(value, (int, float)):
-        return repr(float(value)), 1
+        return repr(_bounded(value)), 1
     if not isinstance(value, str):
         raise ValueError(f"a {type(value).__name__}, not a list of numbers")
     s = value.strip()
@@ -515,19 +574,36 @@ def _numbers(cells: list[str], total: int) -> np.ndarray | None:
     return out if len(out) == total else None
 
 
+def _bounded(value: int | float | str) -> float:
+    """``float(value)`` for a number of at most MAX_NUMBER_CHARS characters and magnitude MAX_MAGNITUDE.
+
+    ValueError otherwise (never OverflowError: xlsx cells may hold 400-digit integers).
+    """
+    if isinstance(value, str):
+        if len(value.strip()) > MAX_NUMBER_CHARS:
+            raise ValueError(f"a number of more than {MAX_NUMBER_CHARS} characters")
+    elif isinstance(value, int) and abs(value) > MAX_MAGNITUDE:
+        raise ValueError(f"a number beyond ±{MAX_MAGNITUDE:.0e}")
+    try:
+        v = float(value)
+    except (OverflowError, ValueError):
+        raise ValueError("not a usable number") from None
+    if not math.isfinite(v):
+        raise ValueError("not a finite number")
+    if abs(v) > MAX_MAGNITUDE:
+        raise ValueError(f"a number beyond ±{MAX_MAGNITUDE:.0e}")
+    return v
+
+
 def _scalar(value: object) -> float | None:
-    """A finite number from a cell, None if empty; ValueError otherwise."""
+    """A finite, bounded number from a cell, None if empty; ValueError otherwise."""
     if _blank(value):
         return None
     if isinstance(value, bool):
         raise ValueError("a boolean is not a number")
     if isinstance(value, (int, float)) or (isinstance(value, str) and _FINITE_RE.fullmatch(value)):
-        v = float(value)
-    else:
-        raise ValueError("not a number")
-    if not math.isfinite(v):
-        raise ValueError("not a finite number")
-    return v
+        return _bounded(value)
+    raise ValueError("not a number")
 
 
 def _snippet(v: object) -> str:
@@ -538,7 +614,7 @@ def _snippet(v: object) -> str:
 class _Clock:
     """Turns timestamp cells of one file into ms since the Unix epoch (see the module docstring)."""
 
-    def __init__(self, path: Path, meta: dict) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path = path
         self.meta = meta
         self.base: str | None = None  # "fit" | "unix" for numeric timestamps
@@ -554,7 +630,7 @@ class _Clock:
 
     def _convert(self, value: object, where: str) -> int:
         if isinstance(value, datetime):
-            return _datetime_ms(value)
+            return _datetime_ms(value, where)
         if isinstance(value, bool):
             raise InputError(f"{where}: timestamp {_snippet(value)} is not a time")
         if isinstance(value, (int, float)) or (isinstance(value, str) and _FINITE_RE.fullmatch(value)):
@@ -564,16 +640,17 @@ class _Clock:
         raise InputError(f"{where}: timestamp {_snippet(value)} is not a time")
 
     def _date(self, s: str, where: str) -> int:
-        for fmt in _DATE_FORMATS:
+        if len(s) <= 64:
+            for fmt in _DATE_FORMATS:
+                try:
+                    return _datetime_ms(datetime.strptime(s, fmt), where)
+                except ValueError:
+                    pass
+            iso = s[:-1] + "+00:00" if s.endswith(("Z", "z")) else s
             try:
-                return _datetime_ms(datetime.strptime(s, fmt))
+                return _datetime_ms(datetime.fromisoformat(iso), where)
             except ValueError:
                 pass
-        iso = s[:-1] + "+00:00" if s.endswith(("Z", "z")) else s
-        try:
-            return _datetime_ms(datetime.fromisoformat(iso))
-        except ValueError:
-            pass
         raise InputError(
             f"{where}: timestamp {_snippet(s)} is neither a date (like '03/24/2025, 07:52:19 AM' or ISO 8601) "
             "nor FIT seconds"
@@ -581,12 +658,18 @@ class _Clock:
 
     def _seconds(self, value: object, where: str) -> int:
         text = value.strip() if isinstance(value, str) else None
-        if text is not None and re.fullmatch(r"[+-]?\d+", text):
+        if text is not None and re.fullmatch(r"[+-]?\d+", text) and len(text.lstrip("+-")) <= MAX_SECONDS_DIGITS:
             sec_ms = int(text) * 1000
+        elif isinstance(value, int) and abs(value) < 10**MAX_SECONDS_DIGITS:
+            sec_ms = value * 1000
         else:
-            v = float(value)  # validated numeric above
-            if not math.isfinite(v) or abs(v) >= 1e15:
-                raise InputError(f"{where}: timestamp {_snippet(value)} is not a usable number of seconds")
+            try:
+                v = _bounded(value)  # type: ignore[arg-type]  # validated numeric above
+            except ValueError as e:
+                raise InputError(
+                    f"{where}: timestamp {_snippet(value)} is {e}, not a usable number of seconds: "
+                    "Garmin tables hold FIT seconds (since 1989-12-31) or dates"
+                ) from None
             sec_ms = round(v * 1000)
         if sec_ms < 0:
             raise InputError(f"{where}: timestamp {_snippet(value)} is negative")
@@ -625,10 +708,13 @@ class _Clock:
         )
 
 
-def _datetime_ms(d: datetime) -> int:
+def _datetime_ms(d: datetime, where: str = "") -> int:
     if d.tzinfo is None:
         d = d.replace(tzinfo=UTC)
-    return int(round(d.timestamp() * 1000))
+    try:
+        return round(d.timestamp() * 1000)
+    except (OverflowError, OSError, ValueError):
+        raise InputError(f"{where}: timestamp {d.isoformat()} is out of range: give dates of the recording") from None
 
 
 # -- rows -> samples ----------------------------------------------------------------
@@ -672,7 +758,7 @@ class _Builder:
         if all(_blank(c) for c in cells) and _blank(ts) and _blank(off):
             return
         texts = []
-        for name, cell in zip(axes, cells):
+        for name, cell in zip(axes, cells, strict=False):
             try:
                 texts.append(_list_text(cell))
             except ValueError as e:
@@ -681,7 +767,7 @@ class _Builder:
                 ) from None
         n = texts[0][1]
         if any(t[1] != n for t in texts):
-            lens = ", ".join(f"{a} {t[1]}" for a, t in zip(axes, texts))
+            lens = ", ".join(f"{a} {t[1]}" for a, t in zip(axes, texts, strict=False))
             raise InputError(f"{where}: arrays of different lengths ({lens}): every array of a row must match")
         if n == 0:
             self.stats.empty_rows += 1
@@ -706,17 +792,20 @@ class _Builder:
         base = self.clock.ms(ts, where)
         try:
             extra = _scalar(ms)
-        except ValueError:
-            raise InputError(f"{where}: timestamp_ms {_snippet(ms)} is not a number of milliseconds") from None
+        except ValueError as e:
+            raise InputError(
+                f"{where}: timestamp_ms {_snippet(ms)} is {e}, not a number of milliseconds (0..999): "
+                "fix or clear the cell"
+            ) from None
         if extra is not None:
             if abs(extra) > _OFFSET_MAX_MS:
                 raise InputError(f"{where}: timestamp_ms {_snippet(ms)} is out of range")
-            base += int(round(extra))
+            base += round(extra)
         self._where.append(where)
         self._counts.append(n)
         self._base.append(base)
         self._off.append(off_text)
-        for acc, (text, _n) in zip(self._xyz, texts):
+        for acc, (text, _n) in zip(self._xyz, texts, strict=False):
             acc.append(text)
         self._n += n
         self.stats.rows += 1
@@ -736,8 +825,10 @@ class _Builder:
             row = int(np.searchsorted(np.cumsum(counts), int(np.flatnonzero(bad)[0]), side="right"))
             raise InputError(f"{self._where[row]}: sample_time_offset holds an invalid value (nan or out of range)")
         t = np.repeat(np.asarray(self._base, dtype=np.int64), counts) + np.rint(off).astype(np.int64)
-        with np.errstate(over="ignore"):
-            xyz32 = np.column_stack(cols).astype(np.float32)
+        xyz = np.column_stack([c for c in cols if c is not None])
+        with np.errstate(over="ignore", invalid="ignore"):
+            xyz[np.abs(xyz) > MAX_SENSOR_VALUE] = np.nan  # not a sensor reading: dropped like nan and inf
+            xyz32 = xyz.astype(np.float32)
         ok = np.isfinite(xyz32).all(axis=1)
         if not ok.all():
             self.stats.dropped += int((~ok).sum())
@@ -754,24 +845,29 @@ class _Builder:
         self._packed = 0
         return out
 
-    def report(self, meta: dict) -> None:
+    def report(self, meta: dict[str, Any]) -> None:
         s = self.stats
         meta.setdefault("rows", {})[self.sensor] = s.rows
         meta.setdefault("samples", {})[self.sensor] = s.samples
         if s.dropped:
             meta.setdefault("dropped_samples", {})[self.sensor] = s.dropped
-            log.warning("%s: %d %s samples with invalid (nan) values dropped", self.path.name, s.dropped, self.sensor)
+            log.warning(
+                "%s: %d %s samples with invalid (nan or out-of-range) values dropped",
+                self.path.name,
+                s.dropped,
+                self.sensor,
+            )
 
 
 # -- study tables ---------------------------------------------------------------------
 
 
-def _study_blocks(path: Path, sensor: str, meta: dict, *, first_only: bool = False) -> Iterator[SensorBlock]:
+def _study_blocks(path: Path, sensor: str, meta: dict[str, Any], *, first_only: bool = False) -> Iterator[SensorBlock]:
     """SensorBlocks of one per-sensor table, CHUNK_SAMPLES at a time, in file order."""
     with _open_table(path) as t:
         cols = _find_cols(path, t.header, sensor)
         b = _Builder(path, sensor, _Clock(path, meta))
-        width = max((cols.ts, cols.ms or 0, cols.off or 0) + cols.xyz) + 1
+        width = max((cols.ts, cols.ms or 0, cols.off or 0, *cols.xyz)) + 1
         for n, cells in t.rows:
             if len(cells) < width:
                 cells = list(cells) + [None] * (width - len(cells))
@@ -812,7 +908,8 @@ def _merge(accel: Iterator[SensorBlock], gyro: Iterator[SensorBlock] | None) -> 
         if not len(a):
             continue
         end = int(a.t_ms.max())
-        while not gyro_done and (len(pend) == 0 or int(pend.t_ms.max()) <= end):
+        # (bounded: an accelerometer time far ahead must not pull in the whole gyroscope file)
+        while not gyro_done and (len(pend) == 0 or int(pend.t_ms.max()) <= end) and len(pend) < 2 * CHUNK_SAMPLES:
             g = next(gyro, None)
             if g is None:
                 gyro_done = True
@@ -840,7 +937,7 @@ def decode_study_tables(accel: Path, gyro: Path | None, name: str) -> Recording:
     cols, kind, rows = _probe_study(accel, ACCEL)
     if not rows:
         raise NoImuData(f"{accel.name}: no accelerometer samples (only a header, or empty rows)")
-    meta: dict = {
+    meta: dict[str, Any] = {
         "accel_file": str(accel),
         "gyro_file": str(gyro) if gyro is not None else None,
         "layout": "fitcsv_data" if cols.prefixed else "study",
@@ -901,7 +998,7 @@ def _fitcsv_messages(path: Path, row_layout: bool, cols: dict[str, _Cols], other
                         others.add(msg)
                     continue
                 axes = AXES[sensor]
-                missing = [a for a in ("timestamp",) + axes if a not in fields]
+                missing = [a for a in ("timestamp", *axes) if a not in fields]
                 if missing:
                     hint = (
                         "it holds raw counts only: give the .fit file (raw counts need three_d_sensor_calibration)"
@@ -912,13 +1009,13 @@ def _fitcsv_messages(path: Path, row_layout: bool, cols: dict[str, _Cols], other
                         f"{where}: {msg} message without {', '.join(missing)} "
                         f"(fields: {', '.join(list(fields)[:12])}): {hint}"
                     )
-                values = [fields[f][0] if f in fields else None for f in ("timestamp",) + _TIME_FIELDS + axes]
+                values = [fields[f][0] if f in fields else None for f in ("timestamp", *_TIME_FIELDS, *axes)]
                 yield where, sensor, (*values, fields[axes[0]][1] or None)
             else:
                 for sensor, c in cols.items():
                     if all(_blank(_cell(cells, i)) for i in c.xyz):
                         continue
-                    idx = (c.ts, c.ms, c.off) + c.xyz
+                    idx = (c.ts, c.ms, c.off, *c.xyz)
                     yield where, sensor, (*(_cell(cells, i) for i in idx), c.unit)
 
 
@@ -942,7 +1039,9 @@ def _scan_fitcsv(path: Path, row_layout: bool, cols: dict[str, _Cols]) -> tuple[
     return present, others
 
 
-def _fitcsv_chunks(path: Path, row_layout: bool, cols: dict[str, _Cols], has_gyro: bool, meta: dict) -> Iterator[Chunk]:
+def _fitcsv_chunks(
+    path: Path, row_layout: bool, cols: dict[str, _Cols], has_gyro: bool, meta: dict[str, Any]
+) -> Iterator[Chunk]:
     clock = _Clock(path, meta)
     builders = {s: _Builder(path, s, clock) for s in SENSORS}
     units = meta.setdefault("stated_units", {})
@@ -997,7 +1096,7 @@ def decode_fitcsv(path: Path, name: str) -> Recording:
         seen = f" (messages: {', '.join(sorted(others)[:12])})" if others else ""
         raise NoImuData(f"{path.name}: no accelerometer_data rows{seen}{hint}")
     has_gyro = GYRO in present
-    meta: dict = {"layout": "fitcsv_rows" if row_layout else "fitcsv_data", "file": str(path)}
+    meta: dict[str, Any] = {"layout": "fitcsv_rows" if row_layout else "fitcsv_data", "file": str(path)}
     log.info("%s: FitCSVTool %s layout%s", path.name, meta["layout"], "" if has_gyro else " (no gyroscope)")
     return Recording(
         name=name,

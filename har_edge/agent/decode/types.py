@@ -71,3 +71,30 @@ class Recording:
     accel_unit: str | None = None  # None: detect from magnitude
     has_gyro: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def named_in(rec: Recording, container: str) -> Recording:
+    """``rec`` whose InputErrors, raised now or while its chunks are read, name ``container`` (a zip) first."""
+    from har_edge.agent.errors import InputError
+
+    inner = rec.chunks
+
+    def chunks() -> Iterator[Chunk]:
+        try:
+            yield from inner()
+        except InputError as e:
+            raise prefixed(e, container) from e
+
+    rec.chunks = chunks
+    return rec
+
+
+def prefixed(e: Exception, container: str) -> Exception:
+    """The same InputError with ``container: `` in front of its message, unless the message starts with it."""
+    msg = str(e)
+    if msg.startswith(container):
+        return e
+    try:
+        return type(e)(f"{container}: {msg}")
+    except TypeError:  # pragma: no cover - every InputError takes one message
+        return e
