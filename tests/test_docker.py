@@ -236,7 +236,7 @@ def test_an_export_in_the_mounted_inbox_ends_as_rows_in_the_mounted_outbox(agent
         rec = ob.processed_file(export_sha256([agent_run.export]))
         assert rec is not None, ob.status_counts()
         assert rec.name == "walk.fit" and rec.windows > 0
-        labels, starts, probs = ob.file_windows(rec.id)
+        labels, _starts, probs = ob.file_windows(rec.id)
         assert len(probs) == rec.windows and probs.shape[1] == len(labels)
         assert ob.file_metrics(rec.id), "no metric points recorded for the file"
         assert ob.status_counts()["files"] == {"processed": 1}

@@ -26,7 +26,7 @@ def test_sigterm_to_make_run_stops_both_daemons(tmp_path):
     }
     # -o: the venv is already there (CI built it); don't let make reinstall it
     cmd = ["make", "--no-print-directory", "-C", str(ROOT), f"BIN={venv_bin}", "-o", f"{venv_bin}/.edge", "run"]
-    log = open(tmp_path / "make.log", "wb")
+    log = open(tmp_path / "make.log", "wb")  # noqa: SIM115 - the child's output, closed in finally
     make = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -42,7 +42,7 @@ def test_sigterm_to_make_run_stops_both_daemons(tmp_path):
         time.sleep(2)  # past start-up: both are in their loops
         t0 = time.monotonic()
         os.kill(make.pid, signal.SIGTERM)
-        gone, alive = psutil.wait_procs(daemons, timeout=10)
+        _gone, alive = psutil.wait_procs(daemons, timeout=10)
         took = time.monotonic() - t0
         assert not alive, f"still running {took:.1f} s after SIGTERM: {[_cmdline(p) for p in alive]}"
         make.wait(timeout=10)

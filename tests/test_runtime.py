@@ -92,7 +92,7 @@ def test_flipped_byte_is_refused(folder: Path):
 
 def test_label_count_mismatch_is_refused(folder: Path):
     labels = read_manifest(folder).labels
-    _edit_manifest(folder, labels=labels + ["extra"])
+    _edit_manifest(folder, labels=[*labels, "extra"])
     with pytest.raises(ModelValidationError, match="classes"):
         load_model(folder)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from har_edge.agent.errors import ConfigError
@@ -52,7 +53,7 @@ def test_bad_toml_is_named(tmp_path):
 
 def test_settings_are_frozen(tmp_path):
     s = load_settings(env={}, data_dir=tmp_path)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         s.agent.threads = 4
 
 

@@ -73,7 +73,8 @@ def test_full_delivery_matches_the_outbox_and_a_resend_changes_nothing(mlflow_se
 
     # the predictions CSV equals the stored windows
     dst = p.client.download_artifacts(run.info.run_id, "predictions.csv", str(tmp_path))
-    rows = list(csv.DictReader(open(dst)))
+    with open(dst, newline="") as f:
+        rows = list(csv.DictReader(f))
     names, starts, probs = ob.file_windows(ids[0])
     assert [int(r["start_ms"]) for r in rows] == starts.tolist()
     assert [r["label"] for r in rows] == [names[i] for i in probs.argmax(1)]

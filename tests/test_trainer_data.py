@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tarfile
 from datetime import UTC
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_unpickler_refuses_os_system(tmp_path, protocol):
 def test_unpickler_refuses_eval_and_unknown_classes():
     with pytest.raises(UnsafePickle, match="eval"):
         safe_loads(pickle.dumps(_EvalEvil(), protocol=2))
-    with pytest.raises(UnsafePickle, match="collections.OrderedDict"):
+    with pytest.raises(UnsafePickle, match=re.escape("collections.OrderedDict")):
         from collections import OrderedDict
 
         safe_loads(pickle.dumps(OrderedDict(a=1), protocol=2))
@@ -179,11 +180,11 @@ def test_hapt_raw_dir_round_trip(tmp_path):
     hapt.write_raw_dir(recs, tmp_path / "RawData", LABELS)
     back = hapt.load_raw_dir(tmp_path, LABELS)
     assert [r.subject for r in back] == ["1", "2"]
-    for a, b in zip(recs, back):
+    for a, b in zip(recs, back, strict=False):
         np.testing.assert_allclose(a.samples, b.samples, atol=1e-4)
         np.testing.assert_array_equal(a.labels, b.labels)
     assert len(hapt.raw_dir_hash(tmp_path)) == 64
-    with pytest.raises(DataError, match="labels.txt"):
+    with pytest.raises(DataError, match=re.escape("labels.txt")):
         hapt.load_raw_dir(tmp_path / "nowhere", LABELS)
 
 
@@ -217,7 +218,7 @@ def test_synthetic_is_seeded_and_plausible():
     a = synthetic.generate(LABELS, subjects=3, seconds_per_activity=20, seed=5)
     b = synthetic.generate(LABELS, subjects=3, seconds_per_activity=20, seed=5)
     c = synthetic.generate(LABELS, subjects=3, seconds_per_activity=20, seed=6)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         np.testing.assert_array_equal(x.samples, y.samples)
     assert not np.array_equal(a[0].samples, c[0].samples)
     rec = a[0]
@@ -247,7 +248,7 @@ def test_windows_never_span_two_labels(labels, window, step):
     samples = np.arange(len(labels) * 6, dtype=np.float32).reshape(-1, 6)
     rec = LabelledRecording("r", "1", samples, labels)
     w = recording_to_windows(rec, window, step)
-    for win, lab in zip(w.windows, w.labels):
+    for win, lab in zip(w.windows, w.labels, strict=False):
         rows = (win[:, 0] / 6).astype(int)
         assert np.all(labels[rows] == lab) and lab >= 0
         assert np.all(np.diff(rows) == 1)
@@ -302,7 +303,7 @@ def test_garmin_labels_csv(tmp_path):
     (tmp_path / "labels.csv").write_text("file,subject,label,start,end\na.fit,alice,walking,5,1\n")
     with pytest.raises(DataError, match="not after start"):
         read_labels(tmp_path, LABELS)
-    with pytest.raises(DataError, match="labels.csv"):
+    with pytest.raises(DataError, match=re.escape("labels.csv")):
         read_labels(tmp_path / "none", LABELS)
 
 
@@ -369,7 +370,7 @@ def test_prepare_refuses_missing_test_subjects(tmp_path):
     from har_edge.trainer.prepare import prepare
 
     s = load_settings(synthetic_params(tmp_path, tracking_uri="sqlite:///unused.db"), ["split.test_subjects=[99]"])
-    with pytest.raises(DataError, match="split.test_subjects"):
+    with pytest.raises(DataError, match=re.escape("split.test_subjects")):
         prepare(s)
 
 

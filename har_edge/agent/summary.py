@@ -34,7 +34,7 @@ def summary_points(
     lab = probs.argmax(axis=1) if n else np.empty(0, int)
     values: dict[str, float] = {"windows": float(n)}
     counts = np.bincount(lab, minlength=len(label_names)) if n else np.zeros(len(label_names), int)
-    for name, c in zip(label_names, counts):
+    for name, c in zip(label_names, counts, strict=False):
         values[f"seconds_{_key(name)}"] = float(c) * step_s
     values["mean_confidence"] = float(conf.mean()) if n else 0.0
     values["low_confidence_share"] = float((conf < low_confidence).mean()) if n else 0.0
@@ -77,8 +77,8 @@ def iter_minute_points(*, label_names: Sequence[str], start_ms: np.ndarray, prob
     used = np.flatnonzero(per_min)
     shares = (by_label[used] / per_min[used, None]).tolist()
     confs = (conf_sum[used] / per_min[used]).tolist()
-    for m, share, c in zip(used.tolist(), shares, confs):
+    for m, share, c in zip(used.tolist(), shares, confs, strict=False):
         ts = (first + m) * 60_000
-        for key, v in zip(keys, share):
+        for key, v in zip(keys, share, strict=False):
             yield MetricPoint(key, v, ts, m)
         yield MetricPoint("minute_confidence", c, ts, m)

@@ -9,6 +9,7 @@ cache in a folder of ours, never /var/tmp) is :func:`tool_env`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -91,10 +92,8 @@ def run(
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.communicate()
         raise CommandTimeout(args, timeout_s) from None
     seconds = time.monotonic() - t0

@@ -34,7 +34,7 @@ def build_model(cfg: TrainSettings, *, window: int, channels: int, classes: int)
     if cfg.input_noise > 0:  # training-time augmentation only: not part of the inference graph
         x = layers.GaussianNoise(cfg.input_noise, seed=cfg.seed, name="noise")(x)
     blocks = len(cfg.filters) if cfg.arch == "cnn" else 2
-    for i, (filters, kernel) in enumerate(zip(cfg.filters[:blocks], cfg.kernels[:blocks]), start=1):
+    for i, (filters, kernel) in enumerate(zip(cfg.filters[:blocks], cfg.kernels[:blocks], strict=False), start=1):
         x = layers.Conv1D(filters, kernel, padding="same", use_bias=False, name=f"conv{i}")(x)
         x = layers.BatchNormalization(name=f"bn{i}")(x)
         x = layers.ReLU(name=f"relu{i}")(x)

@@ -13,6 +13,7 @@ through :class:`mlflow.MlflowClient` (no global active run). Tags:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -158,10 +159,8 @@ def epoch_logger(settings: Settings, run_id: str) -> Any:
             logs = dict(logs or {})
             lr = getattr(self.model.optimizer, "learning_rate", None)
             if lr is not None:
-                try:
+                with contextlib.suppress(TypeError, ValueError):
                     logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
-                except (TypeError, ValueError):
-                    pass
             log_metrics(settings, run_id, {k: float(v) for k, v in logs.items()}, step=epoch)
             log.debug("epoch %d: %s", epoch + 1, ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(logs.items())))
 

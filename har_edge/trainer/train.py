@@ -53,7 +53,7 @@ def data_tags(p: Prepared) -> dict[str, str]:
 
 def scaler_params(p: Prepared) -> dict[str, float]:
     out: dict[str, float] = {}
-    for (name, _unit), mean, scale in zip(CHANNELS, p.mean, p.scale):
+    for (name, _unit), mean, scale in zip(CHANNELS, p.mean, p.scale, strict=False):
         out[f"scaler.mean.{name}"] = round(float(mean), 6)
         out[f"scaler.scale.{name}"] = round(float(scale), 6)
     return out

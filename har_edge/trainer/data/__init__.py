@@ -72,7 +72,7 @@ def label_runs(labels: np.ndarray) -> list[tuple[int, int, int]]:
     change = np.flatnonzero(np.diff(labels)) + 1
     starts = np.concatenate(([0], change))
     stops = np.concatenate((change, [len(labels)]))
-    return [(int(a), int(b), int(labels[a])) for a, b in zip(starts, stops) if labels[a] >= 0]
+    return [(int(a), int(b), int(labels[a])) for a, b in zip(starts, stops, strict=False) if labels[a] >= 0]
 
 
 def recording_to_windows(rec: LabelledRecording, window: int, step: int) -> LabelledWindows:

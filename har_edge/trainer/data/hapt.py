@@ -16,7 +16,7 @@ Two ways in:
 * UCI's original ``RawData`` folder (``acc_expXX_userYY.txt``,
   ``gyro_expXX_userYY.txt``, ``labels.txt``) for people who have it.
 
-Units become the edge's: acceleration × 9.80665 → m/s², angular rate × 180/π →
+Units become the edge's: acceleration x 9.80665 → m/s², angular rate x 180/π →
 deg/s. Transitions (7-12) and unlabelled samples get label -1: they end a run,
 and no window contains any of them.
 """
