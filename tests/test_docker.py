@@ -215,7 +215,7 @@ def test_image_holds_no_installer_tests_or_trainer(podman: Podman):
     probe = (
         "import importlib.util as u, pathlib, sys, sysconfig; "
         "sp = pathlib.Path(sysconfig.get_paths()['purelib']); "
-        "found = [m for m in ('pip', 'setuptools', 'wheel', 'trainer', 'tensorflow') if u.find_spec(m)]; "
+        "found = [m for m in ('pip', 'setuptools', 'wheel', 'har_edge.trainer', 'tensorflow') if u.find_spec(m)]; "
         "found += [str(p) for p in sp.rglob('tests') if p.is_dir()][:5]; "
         "found += [str(p) for p in sp.glob('ai_edge_litert/*WebGpu*')]; "
         "print('\\n'.join(found)); sys.exit(1 if found else 0)"
