@@ -131,17 +131,12 @@ def check_outbox(path: Path) -> Result:
 
 def check_model(settings: Settings) -> Result:
     """The model the agent would run (``agent.model_dir``, else ``models/current``, else the bundled one), verified."""
-    from har_edge.agent.model import BUNDLED_MODEL_DIR, load_model
-    from har_edge.agent.modelstore import read_pointer
+    from har_edge.agent.model import load_model
+    from har_edge.agent.modelstore import choose_model
 
     a = settings.agent
-    pointer = read_pointer(settings.models_dir)
-    if a.model_dir is not None:
-        folder, source = Path(a.model_dir), "agent.model_dir"
-    elif pointer is not None:
-        folder, source = settings.models_dir / pointer, "models/current"
-    else:
-        folder, source = BUNDLED_MODEL_DIR, "bundled"
+    choice = choose_model(settings.models_dir, a.model_dir)
+    folder, source = choice.folder, choice.source
     try:
         m = load_model(folder, threads=a.threads, batch=a.batch)
     except ModelError as exc:

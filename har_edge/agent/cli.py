@@ -21,7 +21,6 @@ from har_edge.common.cli import Exit, add_command, stop_event
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from har_edge.agent.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +186,7 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 when the outbox takes writes and the active model verifies; 1 otherwise (container HEALTHCHECK)."""
     from sqlalchemy import text
 
-    from har_edge.agent.modelstore import ActiveModel
+    from har_edge.agent.modelstore import ActiveModel, running_other_than_chosen
     from har_edge.agent.outbox import Outbox
 
     problems = []
@@ -198,7 +197,7 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
         problems.append(f"outbox: {exc}")
     try:
         m = ActiveModel(settings.models_dir, explicit=settings.agent.model_dir).refresh()
-        if read_pointer_failed(settings, m):
+        if running_other_than_chosen(settings.models_dir, settings.agent.model_dir, m):
             problems.append(f"model: models/current is not loadable; running {m.label}")
     except HarEdgeError as exc:
         problems.append(f"model: {exc}")
@@ -207,14 +206,6 @@ def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
         return Exit.FAILED
     print(f"healthy: outbox writable, model {m.label}")
     return Exit.OK
-
-
-def read_pointer_failed(settings: Settings, model: LoadedModel) -> bool:
-    """True when models/current names a version other than the one that loaded."""
-    from har_edge.agent.modelstore import read_pointer
-
-    pointer = read_pointer(settings.models_dir)
-    return settings.agent.model_dir is None and pointer is not None and model.folder.name != pointer
 
 
 # -- parser ----------------------------------------------------------------------

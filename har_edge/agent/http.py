@@ -185,7 +185,7 @@ def agent_checks(agent: Agent) -> list[Check]:
     """The readiness checks of ``agent`` (the same conditions as ``har-edge health``, plus the budget)."""
     import sqlite3
 
-    from har_edge.agent.modelstore import read_pointer
+    from har_edge.agent.modelstore import read_pointer, running_other_than_chosen
 
     def outbox() -> str | None:
         try:
@@ -203,9 +203,10 @@ def agent_checks(agent: Agent) -> list[Check]:
         m = agent.models.model
         if m is None:
             return "model: not loaded yet"
-        pointer = read_pointer(agent.settings.models_dir)
-        if agent.settings.agent.model_dir is None and pointer is not None and m.folder.name != pointer:
-            return f"model: models/current ({pointer}) is not loadable; running {m.label}"
+        if running_other_than_chosen(agent.settings.models_dir, agent.settings.agent.model_dir, m):
+            return (
+                f"model: models/current ({read_pointer(agent.settings.models_dir)}) is not loadable; running {m.label}"
+            )
         return None
 
     def budget() -> str | None:

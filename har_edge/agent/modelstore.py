@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from har_edge.agent.errors import ModelError
@@ -27,6 +28,38 @@ def read_pointer(models_dir: Path, name: str = CURRENT) -> str | None:
         return os.readlink(Path(models_dir) / name)
     except (FileNotFoundError, OSError):
         return None
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model folder the agent runs: the one rule, used by the agent, health, doctor and sync."""
+
+    folder: Path
+    #: ``agent.model_dir`` | ``models/current`` | ``bundled``
+    source: str
+    #: the version ``models/current`` names (None without a pointer, or when ``agent.model_dir`` decides)
+    pointer: str | None
+
+
+def choose_model(models_dir: Path, explicit: Path | None = None) -> ModelChoice:
+    """``agent.model_dir`` when set, else ``models/current``, else the model bundled with har-edge."""
+    if explicit is not None:
+        return ModelChoice(Path(explicit), "agent.model_dir", None)
+    pointer = read_pointer(models_dir)
+    if pointer is not None:
+        return ModelChoice(Path(models_dir) / pointer, "models/current", pointer)
+    return ModelChoice(BUNDLED_MODEL_DIR, "bundled", None)
+
+
+def folder_of(models_dir: Path, pointer: str | None) -> Path:
+    """The folder a pointer value names: ``models/<version>``, or the bundled model for none."""
+    return Path(models_dir) / pointer if pointer else BUNDLED_MODEL_DIR
+
+
+def running_other_than_chosen(models_dir: Path, explicit: Path | None, running: LoadedModel) -> bool:
+    """True when ``models/current`` names a version other than the one that loaded (it failed to load)."""
+    choice = choose_model(models_dir, explicit)
+    return choice.pointer is not None and running.folder.name != choice.pointer
 
 
 def set_pointer(models_dir: Path, target: str | None, name: str = CURRENT) -> None:
@@ -77,12 +110,8 @@ class ActiveModel:
         self._failed: str | None = None  # the pointer value that last failed to load
 
     def _wanted(self) -> tuple[str | None, Path]:
-        if self.explicit is not None:
-            return str(self.explicit), self.explicit
-        pointer = read_pointer(self.models_dir)
-        if pointer is not None:
-            return pointer, self.models_dir / pointer
-        return None, BUNDLED_MODEL_DIR
+        choice = choose_model(self.models_dir, self.explicit)
+        return (str(self.explicit) if self.explicit is not None else choice.pointer), choice.folder
 
     def refresh(self) -> LoadedModel:
         pointer, folder = self._wanted()

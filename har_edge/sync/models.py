@@ -28,8 +28,8 @@ from pathlib import Path
 
 from har_edge.agent.errors import ChecksumMismatch, ModelError
 from har_edge.agent.manifest import Manifest, read_manifest, verify_files
-from har_edge.agent.model import BUNDLED_MODEL_DIR, load_model
-from har_edge.agent.modelstore import CURRENT, PREVIOUS, fsync_dir, read_pointer, set_pointer
+from har_edge.agent.model import load_model
+from har_edge.agent.modelstore import CURRENT, PREVIOUS, folder_of, fsync_dir, read_pointer, set_pointer
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import Settings
 from har_edge.common.versions import parse_version
@@ -100,7 +100,7 @@ class ModelManager:
         return read_pointer(self.models_dir, CURRENT), read_pointer(self.models_dir, PREVIOUS)
 
     def folder_of(self, pointer: str | None) -> Path:
-        return self.models_dir / pointer if pointer else BUNDLED_MODEL_DIR
+        return folder_of(self.models_dir, pointer)
 
     def manifest_of(self, pointer: str | None) -> Manifest | None:
         try:

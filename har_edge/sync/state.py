@@ -119,12 +119,9 @@ def known_models(models_dir: Path) -> dict[str, KnownModel]:
 
 def active_folder(models_dir: Path, explicit: Path | None = None) -> Path:
     """The folder the agent runs: ``har_edge.agent.model_dir``, else ``models/current``, else the bundled model."""
-    from har_edge.agent.modelstore import read_pointer
+    from har_edge.agent.modelstore import choose_model
 
-    if explicit is not None:
-        return Path(explicit)
-    pointer = read_pointer(models_dir)
-    return Path(models_dir) / pointer if pointer else BUNDLED_MODEL_DIR
+    return choose_model(models_dir, explicit).folder
 
 
 def active_manifest(models_dir: Path, explicit: Path | None = None) -> Manifest | None:
