@@ -405,7 +405,7 @@ _TRACED = textwrap.dedent(
     data_dir, src = Path(sys.argv[1]), Path(sys.argv[2])
     agent = Agent(load_settings(env={}, data_dir=data_dir, agent={"settle_s": 0}))
     shutil.copy(src, agent.folder.inbox / "walk.fit")
-    print([o.status for o in agent.step(now=1e9)])
+    print([str(o.status) for o in agent.step(now=1e9)])
     """
 )
 

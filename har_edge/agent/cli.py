@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Never
 from har_edge.agent.errors import HarEdgeError
 from har_edge.agent.settings import Settings
 from har_edge.common.cli import Exit, add_command, stop_event
+from har_edge.common.states import FileStatus
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -110,10 +111,10 @@ def cmd_agent_process(settings: Settings, args: argparse.Namespace) -> int:
             finally:
                 if bar is not None:
                     bar.close()
-        if outcome.status == "failed":
+        if outcome.status == FileStatus.FAILED:
             failed += 1
             print(f"{label}: quarantined: {outcome.error}")
-        elif outcome.status == "duplicate":
+        elif outcome.status == FileStatus.DUPLICATE:
             print(f"{label}: duplicate of an already processed file")
         else:
             print(f"{label}: {outcome.windows} windows in {outcome.seconds:.2f} s")
@@ -163,7 +164,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     )
     last = st["last_file"]
     if last:
-        detail = f"{last['windows']} windows" if last["status"] == "processed" else (last["error"] or "")
+        detail = f"{last['windows']} windows" if last["status"] == FileStatus.PROCESSED else (last["error"] or "")
         print(f"last file: {last['name']} ({last['status']}; {detail})")
     if st["recent_files"]:
         print("recent files (newest first):")

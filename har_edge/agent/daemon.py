@@ -24,6 +24,7 @@ from har_edge.agent.outbox import Outbox
 from har_edge.agent.pipeline import Outcome, Processor
 from har_edge.agent.settings import Settings
 from har_edge.agent.watcher import DropFolder, file_complete
+from har_edge.common.states import DeploymentOutcome, FileStatus
 
 if TYPE_CHECKING:
     from har_edge.agent.decode.fit import Verified
@@ -67,7 +68,9 @@ class Agent:
 
     def _model_failed(self, pointer: str | None, exc: Exception) -> None:
         current = self.models.model.manifest.version if self.models.model else None
-        self.outbox.record_deployment(from_version=current, to_version=pointer, outcome="load_failed", reason=str(exc))
+        self.outbox.record_deployment(
+            from_version=current, to_version=pointer, outcome=DeploymentOutcome.LOAD_FAILED, reason=str(exc)
+        )
 
     # -- start ----------------------------------------------------------------------
 
@@ -127,7 +130,7 @@ class Agent:
         if prior is not None and prior.name == claimed[0].name and self._from_work(claimed):
             self._finish(claimed, None)
             log.info("%s was stored before the interruption; archived", claimed[0].name)
-            return Outcome("processed", prior.id, prior.name, windows=prior.windows)
+            return Outcome(FileStatus.PROCESSED, prior.id, prior.name, windows=prior.windows)
         self.attempts.begin(claimed)
         outcome = self.processor.process(
             claimed, model, name=claimed[0].name, progress=progress, identity=ident, verified=verified
@@ -138,7 +141,7 @@ class Agent:
     def _finish(self, group: list[Path], outcome: Outcome | None) -> None:
         """Move a stored group out of work/ (its outbox commit is durable by now) and forget its attempts."""
         self._waiting = (group, outcome)  # until the move is done: a full disk can stop it
-        if outcome is not None and outcome.status == "failed":
+        if outcome is not None and outcome.status == FileStatus.FAILED:
             self.folder.to_quarantine(group, outcome.error or InputError("failed"))
         else:
             self.folder.done(group)

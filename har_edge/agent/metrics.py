@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from har_edge.agent.manifest import Manifest
 from har_edge.agent.syncpasses import read_passes
+from har_edge.common.states import FileStatus
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class OutboxCollector(Collector):
             "har_edge_files", "exports handled, by outcome (processed, failed, duplicate)", labels=["status"]
         )
         counts = dict(conn.execute("SELECT status, count(*) FROM files GROUP BY status").fetchall())
-        for status in sorted(set(counts) | {"processed", "failed", "duplicate"}):
+        for status in sorted(set(counts) | {s.value for s in FileStatus}):
             files.add_metric([status], mono(("files", status), float(counts.get(status, 0))))
         out.append(files)
 

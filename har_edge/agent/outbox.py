@@ -153,7 +153,9 @@ def _sqlite_engine(path: Path, busy_timeout_s: float) -> Engine:
 
 
 #: built once: the agent asks before every file
-_PROCESSED_FILE = select(files).where(files.c.sha256 == bindparam("sha256"), files.c.status == "processed")
+_PROCESSED_FILE = select(files).where(
+    files.c.sha256 == bindparam("sha256"), files.c.status == FileStatus.PROCESSED.value
+)
 _WINDOWS_SQL = "INSERT INTO windows (file_id, idx, start_ms, label, confidence, probs) VALUES (?, ?, ?, ?, ?, ?)"
 _LABELS_SQL = "INSERT INTO labels (file_id, idx, label) VALUES (?, ?, ?)"
 _METRICS_SQL = 'INSERT INTO metrics (file_id, "key", value, timestamp_ms, step) VALUES (?, ?, ?, ?, ?)'
@@ -457,7 +459,7 @@ class Outbox:
                 {
                     "name": r.name,
                     "sha256": r.sha256,
-                    "status": "quarantined" if r.status == "failed" else r.status,
+                    "status": FileStatus(r.status).shown,
                     "error_kind": r.error_kind,
                     "windows": r.windows,
                     "delivered": r.finished_ms is not None,
@@ -472,7 +474,7 @@ class Outbox:
             return list(
                 conn.execute(
                     select(files.c.id, files.c.name, files.c.sha256, files.c.monitor_status, files.c.monitor_json)
-                    .where(files.c.status == "processed", files.c.monitor_status.is_not(None))
+                    .where(files.c.status == FileStatus.PROCESSED.value, files.c.monitor_status.is_not(None))
                     .order_by(files.c.id.desc())
                     .limit(n)
                 ).all()

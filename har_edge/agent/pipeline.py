@@ -32,6 +32,7 @@ from har_edge.agent.preprocess import StreamWindower, WindowSet, merge_quality
 from har_edge.agent.settings import AgentSettings, MonitorSettings
 from har_edge.agent.summary import iter_minute_points, summary_points
 from har_edge.common.hashing import export_sha256
+from har_edge.common.states import FileStatus
 
 if TYPE_CHECKING:
     from har_edge.agent.decode.fit import Verified
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Outcome:
-    status: str  # processed | duplicate | failed
+    status: FileStatus
     file_id: int
     name: str
     windows: int = 0
@@ -183,10 +184,15 @@ class Processor:
     def _record_duplicate(self, base: dict[str, Any], prior: Any) -> Outcome:
         name = base["name"]
         fid = self.outbox.record_file(
-            FileRecord(**base, status="duplicate", processed_ms=now_ms(), error_message=f"same content as {prior.name}")
+            FileRecord(
+                **base,
+                status=FileStatus.DUPLICATE,
+                processed_ms=now_ms(),
+                error_message=f"same content as {prior.name}",
+            )
         )
         log.info("%s: duplicate of %s (file %d), not processed again", name, prior.name, prior.id)
-        return Outcome("duplicate", fid, name)
+        return Outcome(FileStatus.DUPLICATE, fid, name)
 
     @staticmethod
     def _internal(name: str, exc: Exception, stage: str) -> InternalError:
@@ -204,7 +210,7 @@ class Processor:
         fid = self.outbox.record_file(
             FileRecord(
                 **base,
-                status="failed",
+                status=FileStatus.FAILED,
                 processed_ms=now_ms(),
                 error_kind=exc.kind,
                 error_message=str(exc),
@@ -216,7 +222,7 @@ class Processor:
         )
         if not isinstance(exc, InternalError):
             log.warning("%s: %s", base["name"], exc)
-        return Outcome("failed", fid, base["name"], error=exc)
+        return Outcome(FileStatus.FAILED, fid, base["name"], error=exc)
 
     def _store(self, base: dict[str, Any], model: LoadedModel, r: _Inferred, t_start: float) -> Outcome:
         name, m = base["name"], model.manifest
@@ -242,7 +248,7 @@ class Processor:
             all_points = itertools.chain(all_points, monitor.metric_points(processed_ms))
         rec = FileRecord(
             **base,
-            status="processed",
+            status=FileStatus.PROCESSED,
             processed_ms=processed_ms,
             format=r.format,
             decode_s=r.timings["decode"],
@@ -281,7 +287,7 @@ class Processor:
             t["inference"],
             store_s,
         )
-        return Outcome("processed", fid, name, windows=len(r.probs), seconds=total)
+        return Outcome(FileStatus.PROCESSED, fid, name, windows=len(r.probs), seconds=total)
 
     def _monitor_report(
         self, acc: MonitorAccumulator | None, model: LoadedModel, timings: dict[str, float]
