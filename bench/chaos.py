@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=20261201)
-    ap.add_argument("--pause-s", type=float, default=None, help="first-byte pause of paused copies (default 3 x settle)")
+    ap.add_argument(
+        "--pause-s", type=float, default=None, help="first-byte pause of paused copies (default 3 x settle)"
+    )
     ap.add_argument("--settle-s", type=float, default=0.3)
     ap.add_argument("--files", type=int, default=140, help="good exports dropped")
     args = ap.parse_args(argv)

@@ -22,6 +22,7 @@ processes configured by ``HAR_EDGE_*`` variables; the MLflow server is a real
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
@@ -193,18 +194,14 @@ class Daemon:
 
     def kill9(self) -> None:
         assert self.proc is not None
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=30)
 
     def term(self, timeout: float = 90) -> int:
         assert self.proc is not None
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -254,7 +251,9 @@ def make_corpus(cache: Path, n_good: int, n_bad: int, rng: random.Random) -> lis
         p = cache / f"good-{i:03d}-{minutes}min.fit"
         if not p.exists():
             tmp = p.with_suffix(".tmp")
-            write_imu_fit(tmp, rate_hz=50, seconds=minutes * 60, start=START + timedelta(hours=i), seed=i, engine="fast")
+            write_imu_fit(
+                tmp, rate_hz=50, seconds=minutes * 60, start=START + timedelta(hours=i), seed=i, engine="fast"
+            )
             os.replace(tmp, p)
         out.append(Export(p, True))
     for i in range(n_bad):
@@ -487,7 +486,9 @@ class Chaos:
 
     # -- the whole run ----------------------------------------------------------------------------
 
-    def run(self, deck: dict[str, int], *, drop_every: int = 1, settle_timeout_s: float = 180.0, log=None) -> ChaosReport:
+    def run(
+        self, deck: dict[str, int], *, drop_every: int = 1, settle_timeout_s: float = 180.0, log=None
+    ) -> ChaosReport:
         t0 = time.monotonic()
         faults = [k for k, n in deck.items() for _ in range(n)]
         self.rng.shuffle(faults)
@@ -637,7 +638,9 @@ def _compare_file(client, ob, row, run, tmp: Path, rep: ChaosReport) -> list[str
     for key, points in expected.items():
         got = Counter((m.value, m.timestamp, m.step) for m in client.get_metric_history(run.info.run_id, key))
         if got != points:
-            problems.append(f"{row.name}: history of {key} differs (MLflow {sum(got.values())}, outbox {sum(points.values())})")
+            problems.append(
+                f"{row.name}: history of {key} differs (MLflow {sum(got.values())}, outbox {sum(points.values())})"
+            )
         rep.points_compared += sum(points.values())
     names, starts, probs = ob.file_windows(row.id)
     dest = tmp / run.info.run_id

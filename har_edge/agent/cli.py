@@ -16,7 +16,7 @@ from pathlib import Path
 
 from har_edge.agent import __version__
 from har_edge.agent.errors import ConfigError, HarEdgeError
-from har_edge.agent.logs import setup_logging
+from har_edge.agent.logs import log_file_path, setup_logging
 from har_edge.agent.settings import Settings, load_settings
 
 log = logging.getLogger("har_edge")
@@ -110,6 +110,7 @@ def cmd_agent_replay(settings: Settings, args) -> int:
 def cmd_status(settings: Settings, args) -> int:
     from har_edge.agent.modelstore import ActiveModel
     from har_edge.agent.outbox import Outbox
+    from har_edge.agent.retention import data_dir_usage
 
     with Outbox(settings.outbox_path) as ob:
         st = ob.status_counts()
@@ -124,6 +125,7 @@ def cmd_status(settings: Settings, args) -> int:
     except HarEdgeError as exc:
         st["model"] = {"error": str(exc)}
     st["data_dir"] = str(settings.data_dir)
+    st["disk"] = data_dir_usage(settings)
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return EXIT_OK
@@ -136,6 +138,9 @@ def cmd_status(settings: Settings, args) -> int:
         "model:     "
         + (f"{mdl['name']} {mdl['version']} (sha256 {mdl['sha256'][:12]}…)" if "sha256" in mdl else mdl["error"])
     )
+    disk = st["disk"]
+    parts = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in disk.items() if k not in ("total", "free"))
+    print(f"disk MB:   {parts}; total {disk['total'] / 1e6:.1f}, free {disk['free'] / 1e6:.0f}")
     last = st["last_file"]
     if last:
         detail = f"{last['windows']} windows" if last["status"] == "processed" else (last["error"] or "")
@@ -225,7 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"har-edge: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(settings.log_level, settings.log_json)
+    daemon = args.command if getattr(args, "agent_command", getattr(args, "sync_command", None)) == "run" else None
+    log_file = log_file_path(settings.log_file, settings.logs_dir, daemon)
+    setup_logging(
+        settings.log_level,
+        settings.log_json,
+        log_file=log_file,
+        max_mb=settings.log_max_mb,
+        backups=settings.log_backups,
+    )
     try:
         return args.func(settings, args)
     except ConfigError as exc:

@@ -11,6 +11,7 @@ from har_edge.agent.errors import InputError
 from har_edge.agent.modelstore import ActiveModel
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.pipeline import Outcome, Processor, export_sha256
+from har_edge.agent.retention import ingestion_paused
 from har_edge.agent.settings import Settings
 from har_edge.agent.watcher import DropFolder
 
@@ -84,7 +85,7 @@ class Agent:
 
     def step(self, now: float | None = None, stop: threading.Event | None = None) -> list[Outcome]:
         """One pass over the inbox; returns what was done. Stops between files when ``stop`` is set."""
-        if self.over_budget():
+        if ingestion_paused(self.settings, self.outbox) or self.over_budget():
             return []
         outcomes = []
         for group in self.folder.ready(now):
