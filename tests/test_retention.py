@@ -1,4 +1,4 @@
-"""Retention on real files: real FIT exports processed by the agent, real outbox rows, delivery marked by sync's code."""
+"""Retention on real files: FIT exports processed by the agent, real outbox rows, delivery marked by sync's code."""
 
 from __future__ import annotations
 
@@ -239,5 +239,5 @@ def test_retention_settings_defaults_env_and_refusals(tmp_path):
     assert s.log_file is None and s.log_max_mb == 10.0 and s.log_backups == 5
     s = load_settings(env={"HAR_EDGE_AGENT__ARCHIVE_MAX_MB": "0", "HAR_EDGE_LOG_FILE": "a.log"}, data_dir=tmp_path)
     assert s.agent.archive_max_mb == 0 and s.log_file == Path("a.log")
-    with pytest.raises(ConfigError, match="agent.min_free_mb"):
+    with pytest.raises(ConfigError, match=r"agent\.min_free_mb"):
         load_settings(env={"HAR_EDGE_AGENT__MIN_FREE_MB": "-1"}, data_dir=tmp_path)
