@@ -472,13 +472,14 @@ class Chaos:
             self._term(self.sync)
         elif kind in ("hung", "refused", "server_restart"):
             self._outage(kind)
-        elif kind == "slow_copy":
+        elif kind in ("slow_copy", "paused_copy"):
             e = self._next(good_only=True)
-            if e is not None:
+            if e is None:
+                self.report.faults[kind + "_skipped_no_file_left"] += 1
+                return
+            if kind == "slow_copy":
                 self._copy_in_thread(e, first_byte_after=0.0, chunk_pause=self.settle_s * 0.4)
-        elif kind == "paused_copy":
-            e = self._next(good_only=True)
-            if e is not None:
+            else:
                 self._copy_in_thread(e, first_byte_after=self.pause_s, chunk_pause=0.01)
         else:
             raise ValueError(kind)

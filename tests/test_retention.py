@@ -152,6 +152,9 @@ def test_free_space_floor_pauses_ingestion_and_frees_delivered_archives_first(tm
     (o,) = agent2.step(now=10.0) + agent2.step(now=11.0)
     Delivery(agent.outbox).mark_finished(o.file_id)
     assert _archived(normal) == ["walk-0.fit"]
+    keep_all = _settings(tmp_path / "var", min_free_mb=1e12, archive_max_mb=0, archive_max_age_days=0)
+    assert retention.Retention(keep_all, agent.outbox).step() is True
+    assert _archived(normal) == ["walk-0.fit"]  # an archive kept forever is never touched, even under the floor
     keeper = retention.Retention(settings, agent.outbox)  # archive budgets are far away: only the floor deletes
     assert keeper.step() is True
     assert _archived(normal) == []

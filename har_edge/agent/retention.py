@@ -9,7 +9,7 @@
   ``failed`` row.
 - ``agent.min_free_mb``: while the file system of the data dir has less free space, ingestion
   pauses (files wait in the inbox); delivered archived exports are deleted first, oldest first, to
-  get back above the floor.
+  get back above the floor (unless both archive limits are 0: then the archive is kept forever).
 
 Age is the time since the file was moved into ``archive/`` or ``quarantine/`` (its inode change
 time: a move keeps the export's own mtime). The agent calls :func:`ingestion_paused` before each
@@ -201,7 +201,9 @@ class Retention:
         now = time.time() if now is None else now
         a = self.settings.agent
         rep = PruneReport()
-        deficit = max(0, int(a.min_free_mb * 1e6) - free_bytes(self.settings.data_dir))
+        # under the floor, acknowledged archives go first; not when the archive is to be kept forever (both 0)
+        keep_all = a.archive_max_mb == 0 and a.archive_max_age_days == 0
+        deficit = 0 if keep_all else max(0, int(a.min_free_mb * 1e6) - free_bytes(self.settings.data_dir))
         self._prune_part(
             "archive", self.archive_units(), a.archive_max_age_days, a.archive_max_mb, deficit, now,
             self._archive_deletable, rep,
