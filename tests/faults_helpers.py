@@ -436,7 +436,7 @@ class Chaos:
         d.start()
 
     def _outage(self, kind: str) -> None:
-        self._end_outage()
+        self._end_outage(force=True)  # one outage at a time: the previous one ends now
         self._outage_kind = kind
         self._outage_until = time.monotonic() + self.rng.uniform(2.0, 5.0)
         if kind == "hung":
@@ -511,7 +511,8 @@ class Chaos:
             self._end_outage(force=True)
             for t in self._copies:
                 t.join(timeout=60)
-            self._wait(self._quiet, settle_timeout_s, every=0.2)
+            if not self._wait(self._quiet, settle_timeout_s, every=0.2):
+                self.report.problems.append(f"not quiet {settle_timeout_s:.0f} s after the last fault")
             self.agent.check()
             self.sync.check()
         finally:
