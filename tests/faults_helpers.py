@@ -167,13 +167,30 @@ class Gate:
 class Daemon:
     """One ``har-edge`` long-running command in its own process group."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.args, self.env, self.log = name, args, env, log
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path, ready: str) -> None:
+        self.name, self.args, self.env, self.log, self.ready_line = name, args, env, log, ready
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.bad_exits: list[str] = []
+        self._ready_before = 0
+
+    def _ready_count(self) -> int:
+        try:
+            return self.log.read_text(errors="replace").count(self.ready_line)
+        except FileNotFoundError:
+            return 0
+
+    def wait_ready(self, timeout: float = 60) -> bool:
+        """Wait until this start logged its ready line (signal handlers are installed by then)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._ready_count() > self._ready_before:
+                return True
+            time.sleep(0.05)
+        return False
 
     def start(self) -> None:
+        self._ready_before = self._ready_count()
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "har_edge.agent.cli", *self.args],
@@ -281,6 +298,7 @@ class ChaosReport:
     bad_exits: list[str] = field(default_factory=list)
     term_codes: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    how: dict[str, str] = field(default_factory=dict)  # file name -> drop | slow_copy | paused_copy
     runs: int = 0
     points_compared: int = 0
     windows_compared: int = 0
@@ -321,8 +339,8 @@ class Chaos:
         self.device = f"chaos-{uuid.uuid4().hex[:8]}"
         self.experiment = f"faults-{uuid.uuid4().hex[:8]}"
         env = daemon_env(data_dir, self.gate.url, self.device, self.experiment, settle_s)
-        self.agent = Daemon("agent", ["agent", "run"], env, log_dir / "agent.log")
-        self.sync = Daemon("sync", ["sync", "run"], env, log_dir / "sync.log")
+        self.agent = Daemon("agent", ["agent", "run"], env, log_dir / "agent.log", "har_edge.agent.daemon: watching")
+        self.sync = Daemon("sync", ["sync", "run"], env, log_dir / "sync.log", "sync daemon started")
         self.pending = list(corpus)
         self.rng.shuffle(self.pending)
         self.report = ChaosReport(settle_s=settle_s, pause_s=self.pause_s)
@@ -370,6 +388,7 @@ class Chaos:
 
     def drop(self, e: Export) -> None:
         """An ordinary, atomic drop: copy under a hidden name, then rename."""
+        self.report.how[e.path.name] = "drop"
         self.inbox.mkdir(parents=True, exist_ok=True)
         tmp = self.inbox / f".{e.path.name}.part"
         shutil.copyfile(e.path, tmp)
@@ -377,6 +396,7 @@ class Chaos:
         self.report.dropped.append(e)
 
     def _copy_in_thread(self, e: Export, *, first_byte_after: float, chunk_pause: float) -> None:
+        self.report.how[e.path.name] = "paused_copy" if first_byte_after > 0 else "slow_copy"
         data = e.path.read_bytes()
         dest = self.inbox / e.path.name
         self.report.dropped.append(e)
@@ -428,6 +448,10 @@ class Chaos:
         self.sync.start()
 
     def _term(self, d: Daemon) -> None:
+        # SIGTERM is graceful once the daemon runs (before that, during ~1 s of imports and set-up, the default
+        # action kills it: nothing is claimed yet, but the exit code is -15); so wait until it says it runs
+        if not d.wait_ready():
+            self.report.problems.append(f"{d.name} did not log {d.ready_line!r} within 60 s of its start")
         time.sleep(self.rng.uniform(0, 0.5))
         rc = d.term()
         self.report.term_codes.append(rc)
@@ -569,7 +593,7 @@ def check_invariants(chaos: Chaos, tmp: Path) -> list[str]:
     }
     wrongly = sorted(quarantined - bad)
     if wrongly:
-        problems.append(f"good files quarantined: {wrongly}")
+        problems.append(f"good files quarantined: {[f'{n} ({rep.how.get(n)})' for n in wrongly]}")
     if bad - quarantined:
         problems.append(f"bad files not quarantined: {sorted(bad - quarantined)}")
 
@@ -592,7 +616,7 @@ def check_invariants(chaos: Chaos, tmp: Path) -> list[str]:
         for sha, name in good.items():
             got = processed.get(sha, [])
             if len(got) != 1:
-                problems.append(f"{name}: {len(got)} processed rows (expected 1)")
+                problems.append(f"{name} ({rep.how.get(name)}): {len(got)} processed rows (expected 1)")
         for sha in set(processed) - set(good):
             problems.append(f"processed rows for content never dropped as good: {sha[:12]}")
 
@@ -611,7 +635,7 @@ def check_invariants(chaos: Chaos, tmp: Path) -> list[str]:
         for sha, name in good.items():
             got_runs = by_sha.get(sha, [])
             if len(got_runs) != 1:
-                problems.append(f"{name}: {len(got_runs)} MLflow runs (expected 1)")
+                problems.append(f"{name} ({rep.how.get(name)}): {len(got_runs)} MLflow runs (expected 1)")
                 continue
             (run,) = got_runs
             (row,) = processed.get(sha, [None]) if len(processed.get(sha, [])) == 1 else (None,)
