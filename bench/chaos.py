@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         "--pause-s", type=float, default=None, help="first-byte pause of paused copies (default 3 x settle)"
     )
     ap.add_argument("--settle-s", type=float, default=0.3)
-    ap.add_argument("--files", type=int, default=140, help="good exports dropped")
+    ap.add_argument("--files", type=int, default=170, help="good exports dropped")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="har-edge-chaos-") as tmp:

@@ -543,6 +543,7 @@ class Chaos:
             self._end_outage(force=True)
             for d in (self.agent, self.sync):
                 if d.proc is not None and d.proc.poll() is None:
+                    d.wait_ready()
                     rc = d.term()
                     if rc != 0:
                         self.report.problems.append(f"final SIGTERM of {d.name}: exit code {rc}")
