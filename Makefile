@@ -7,7 +7,7 @@ DATA_DIR ?= var
 PIP_FLAGS ?= --disable-pip-version-check -q
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help run sync lint test test-fast test-legacy-runtime test-podman fuzz train release bench image image-mlflow demo clean
+.PHONY: help run sync lint test test-fast test-legacy-runtime test-podman fuzz train release bench chaos image image-mlflow demo clean
 
 help:
 	@echo "make run     start the agent and the sync daemon on embedded defaults, data in ./$(DATA_DIR)"
@@ -17,6 +17,7 @@ help:
 	@echo "make train   retrain the default model from UCI HAPT (dvc repro)"
 	@echo "make bench   run the benchmarks and print the table"
 	@echo "make fuzz    long structure-aware fuzzing of FIT/CSV/xlsx/zip (hours; FUZZ_SCALE, FUZZ_RUNS)"
+	@echo "make chaos   the long fault-injection run: 200+ kill -9, server outages, slow copies (~15 min)"
 	@echo "make image   build the edge container image with podman (docker/build.sh edge)"
 	@echo "make demo    the whole loop on this machine: release, pull, process, push, compare"
 
@@ -87,6 +88,10 @@ fuzz: $(BIN)/.dev
 # inference, end to end, sync, memory and model swap against baselines, in one run (~3-5 min)
 bench: $(BIN)/.dev
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# the long fault-injection run (tests/test_faults.py is the short one); CHAOS_ARGS="--seed 7 --pause-s 2"
+chaos: $(BIN)/.dev
+	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
 
 # the edge container image (podman; installs podman, runc, debootstrap if missing)
 image:

@@ -17,7 +17,7 @@ from pathlib import Path
 from har_edge import __version__, doctor
 from har_edge.agent import cli as agent_cli
 from har_edge.agent.errors import ConfigError, HarEdgeError
-from har_edge.agent.logs import setup_logging
+from har_edge.agent.logs import log_file_path, setup_logging
 from har_edge.agent.settings import load_settings
 from har_edge.common.cli import Exit
 
@@ -67,7 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"har-edge: {exc}", file=sys.stderr)
         return Exit.USAGE
-    setup_logging(settings.log_level, settings.log_json)
+    daemon = args.command if getattr(args, "agent_command", getattr(args, "sync_command", None)) == "run" else None
+    setup_logging(
+        settings.log_level,
+        settings.log_json,
+        log_file=log_file_path(settings.log_file, settings.logs_dir, daemon),
+        max_mb=settings.log_max_mb,
+        backups=settings.log_backups,
+    )
     try:
         return int(args.func(settings, args))
     except ConfigError as exc:

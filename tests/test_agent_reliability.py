@@ -341,7 +341,11 @@ def _fill(path: Path) -> None:
 
 
 def test_a_full_disk_during_the_store_pauses_and_resumes(small_fs, walk_fit):
-    settings = load_settings(env={}, data_dir=small_fs / "var", agent={"settle_s": 0, "disk_full_retry_s": 30})
+    settings = load_settings(
+        env={},
+        data_dir=small_fs / "var",
+        agent={"settle_s": 0, "disk_full_retry_s": 30, "min_free_mb": 0},  # reach ENOSPC itself
+    )
     agent = Agent(settings)
     shutil.copy(walk_fit, agent.folder.inbox / "walk.fit")
     filler = small_fs / "filler"

@@ -135,6 +135,7 @@ def cmd_agent_replay(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from har_edge.agent.modelstore import ActiveModel
     from har_edge.agent.outbox import Outbox
+    from har_edge.agent.retention import data_dir_usage
 
     with Outbox(settings.outbox_path) as ob:
         st = ob.status_counts()
@@ -150,6 +151,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     except HarEdgeError as exc:
         st["model"] = {"error": str(exc)}
     st["data_dir"] = str(settings.data_dir)
+    st["disk"] = data_dir_usage(settings)
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return Exit.OK
@@ -162,6 +164,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         "model:     "
         + (f"{mdl['name']} {mdl['version']} (sha256 {mdl['sha256'][:12]}…)" if "sha256" in mdl else mdl["error"])
     )
+    disk = st["disk"]
+    parts = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in disk.items() if k not in ("total", "free"))
+    print(f"disk MB:   {parts}; total {disk['total'] / 1e6:.1f}, free {disk['free'] / 1e6:.0f}")
     last = st["last_file"]
     if last:
         detail = f"{last['windows']} windows" if last["status"] == FileStatus.PROCESSED else (last["error"] or "")

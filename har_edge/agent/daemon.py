@@ -22,6 +22,7 @@ from har_edge.agent.errors import DiskFull, HarEdgeError, InputError, InternalEr
 from har_edge.agent.modelstore import ActiveModel
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.pipeline import Outcome, Processor
+from har_edge.agent.retention import ingestion_paused
 from har_edge.agent.settings import Settings
 from har_edge.agent.watcher import DropFolder, file_complete
 from har_edge.common.states import DeploymentOutcome, FileStatus
@@ -226,7 +227,7 @@ class Agent:
                 return []
             if isinstance(got, Outcome):
                 outcomes.append(got)
-        if self.over_budget():
+        if ingestion_paused(self.settings, self.outbox) or self.over_budget():
             return outcomes
         for group in self.folder.ready(now):
             if stop is not None and stop.is_set():

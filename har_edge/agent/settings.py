@@ -51,6 +51,24 @@ class AgentSettings(_Section):
         30.0, gt=0, description="while the disk is full, how often the waiting file is tried again"
     )
 
+    # -- retention (har_edge.agent.retention): the data dir stays inside a disk budget --------------
+    archive_max_age_days: float = Field(
+        30.0, ge=0, description="delete archived exports older than this once the server has their results; 0: no limit"
+    )
+    archive_max_mb: float = Field(
+        20480.0, ge=0, description="keep archive/ under this size, deleting delivered exports oldest first; 0: no limit"
+    )
+    quarantine_max_age_days: float = Field(
+        90.0, ge=0, description="delete quarantined files older than this once their reason is recorded; 0: no limit"
+    )
+    quarantine_max_mb: float = Field(
+        2048.0, ge=0, description="keep quarantine/ under this size, oldest first; 0: no limit"
+    )
+    min_free_mb: float = Field(
+        512.0, ge=0, description="ingestion pauses while the data dir's file system has less free space than this"
+    )
+    retention_interval_s: float = Field(60.0, gt=0, description="how often archive/ and quarantine/ are pruned")
+
 
 class MonitorSettings(_Section):
     """Per-file monitoring against the model's training reference, and the device-level retraining trigger.
@@ -207,6 +225,14 @@ class Settings(_Section):
     device_id: str = Field("", description="default: the host name")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
+    # -- log file (har_edge.agent.logs): `agent run` and `sync run` also log to a rotated file -------------
+    log_file: Path | None = Field(
+        None,
+        description="`agent run` and `sync run` also log to this file, rotated by size; relative to <data_dir>/logs; "
+        "`{command}` in the name becomes agent or sync (without it, sync logs to <stem>-sync<suffix>)",
+    )
+    log_max_mb: float = Field(10.0, gt=0, description="rotate the log file when it reaches this size")
+    log_backups: int = Field(5, ge=1, le=100, description="rotated log files kept (<name>.1 ... <name>.N)")
     agent: AgentSettings = AgentSettings()
     sync: SyncSettings = SyncSettings()
     http: HttpSettings = HttpSettings()
