@@ -23,7 +23,7 @@ from bench.common import ROOT, SCRATCH, Report, machine
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("inference", "e2e", "swap", "memory", "sync", "monitoring")
+SECTIONS = ("inference", "own_model", "e2e", "swap", "memory", "sync", "monitoring")
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             inference.run(
                 report, model_dir=args.model_dir, keras_path=args.keras, rounds=3 if args.quick else inference.ROUNDS
             )
+        if "own_model" in wanted:
+            from bench import own_model
+
+            own_model.run(report, quick=args.quick)
         if "e2e" in wanted:
             from bench import e2e
 

@@ -113,3 +113,35 @@ def test_swap_section_runs(monkeypatch, tmp_path):
     swap.run(report, model_dir=None, files=2)
     lost = next(r for r in report.rows if r.figure.startswith("windows lost"))
     assert lost.value == "0" and lost.ok
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_keras_macs_of_a_tiny_model_counted_by_hand(wrapped):
+    keras = pytest.importorskip("keras")
+    keras_macs = pytest.importorskip("bench.own_model").keras_macs
+
+    L = keras.layers
+    layers = [
+        keras.Input((10, 3)),
+        L.Conv1D(4, 3),  # 8 steps x 4 filters x 3 taps x 3 channels = 288
+        L.Bidirectional(L.LSTM(2, return_sequences=True)),  # 2 x 8 steps x 4 gates x 2 units x (4 + 2) = 768
+        L.GRU(3),  # 8 steps x 3 gates x 3 units x (4 + 3) = 504
+        L.BatchNormalization(),  # not a matmul: 0
+        L.Dense(5),  # 5 x 3 = 15
+    ]
+    model = keras.Sequential(layers)
+    if wrapped:  # a Sequential inside a functional model: its layers are counted
+        inp = keras.Input((10, 3))
+        model = keras.Model(inp, keras.Sequential(layers[1:])(inp))
+    total, by_layer = keras_macs(model)
+    assert by_layer == {"Conv1D": 288, "Bidirectional": 768, "GRU": 504, "Dense": 15}
+    assert total == 288 + 768 + 504 + 15
+
+
+def test_own_model_tflite_count_equals_the_inference_sections_on_the_bundled_model():
+    tflite_macs = pytest.importorskip("bench.inference").tflite_macs
+    own = pytest.importorskip("bench.own_model")
+
+    macs, by_op = tflite_macs(BUNDLED_MODEL_DIR / "model.tflite")
+    assert set(by_op) <= {"CONV_2D", "FULLY_CONNECTED"}  # what the own-model count covers
+    assert own.tflite_fc_conv_macs(BUNDLED_MODEL_DIR / "model.tflite") == macs > 0
