@@ -62,7 +62,7 @@ def tflite_macs(model_path: Path) -> tuple[int, dict[str, int]]:
     for op in interp._get_ops_details():
         name = op["op_name"]
         ins = [i for i in op["inputs"] if i >= 0]
-        if not op["outputs"] or len(ins) < 2:
+        if len(op["outputs"]) == 0 or len(ins) < 2:
             continue
         out = shapes[op["outputs"][0]]
         w = shapes[ins[1]]

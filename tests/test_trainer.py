@@ -329,7 +329,7 @@ def test_adapt_on_shifted_data_reduces_drift_and_keeps_accuracy(pipeline, tmp_pa
     from har_edge.trainer.errors import TrainerError
 
     s = pipeline.settings
-    with pytest.raises(TrainerError, match=r"tflite-only folder cannot be adapted"):
+    with pytest.raises(TrainerError, match=r"a tflite-only folder cannot be adapted"):
         adapt(s, pipeline.folder, tmp_path / "x", data=tmp_path)
     with pytest.raises(TrainerError, match="no run matching"):
         windows_from_mlflow(s, "tags.`har.kind` = 'device'", tmp_path)
@@ -348,4 +348,4 @@ def test_adapt_on_shifted_data_reduces_drift_and_keeps_accuracy(pipeline, tmp_pa
     m = load_model(out)  # the folder `har-train release` takes, verified as the edge loads it
     assert m.manifest.version == "1.0.1" and m.manifest.training["adaptation"]["method"] == "adabn"
     assert m.manifest.reference is not None and m.manifest.reference.measured_on == "unlabelled"
-    assert (out / "float" / "model.keras").is_file()
+    assert (out / "source.keras").is_file() and m.manifest.source_files == ["source.keras"]

@@ -1,6 +1,6 @@
 """``har-train adapt``: a model adapted to the data its devices flagged, released through the usual loop.
 
-From the float source (``--float PATH`` or ``MODEL_FOLDER/float/model.keras``; a folder holding
+From the float source (``--float PATH``, or the Keras model the folder's manifest lists in ``source_files``; a folder holding
 only ``model.tflite`` is refused: int8 weights cannot be re-estimated):
 
 1. AdaBN: every BatchNormalization layer's moving mean and variance are re-estimated, layer by
@@ -58,17 +58,27 @@ class AdaptResult:
         }
 
 
+#: the adapted float model, kept beside model.tflite (listed in the manifest's source_files)
+ADAPTED_SOURCE = "source.keras"
+
+
 def find_float_model(folder: Path, explicit: Path | None) -> Path:
     if explicit is not None:
         if not Path(explicit).is_file():
             raise TrainerError(f"--float {explicit} does not exist")
         return Path(explicit)
-    candidate = Path(folder) / "float" / "model.keras"
-    if candidate.is_file():
-        return candidate
+    # the float sources the manifest names (har-train import and adapt keep them beside model.tflite):
+    # the original Keras model first, then its unrolled rebuild (BatchNorms not folded)
+    from har_edge.agent.manifest import read_manifest
+
+    named = read_manifest(folder).source_files
+    for candidate in (n for n in named if n.endswith((".keras", ".h5"))):
+        if (Path(folder) / candidate).is_file():
+            return Path(folder) / candidate
     raise TrainerError(
-        f"{folder} holds no float model (float/model.keras): a .tflite-only folder cannot be adapted, as its int8 "
-        "weights cannot be re-estimated; pass --float PATH (the trainer keeps build/trainer/train/model.keras)"
+        f"{folder} holds no float Keras model (the manifest's source_files: {named or 'none'}): a tflite-only folder "
+        "cannot be adapted, as its int8 weights cannot be re-estimated; pass --float PATH (the trainer keeps "
+        "build/trainer/train/model.keras)"
     )
 
 
@@ -287,8 +297,8 @@ def adapt(
             golden_raw=golden_raw.astype(np.float32), metrics=metrics, training=training,
             data_hash=manifest.data_hash, run_id=manifest.mlflow_run_id, reference=ref,
         )  # fmt: skip
-    (Path(out) / "float").mkdir(exist_ok=True)
-    model.save(Path(out) / "float" / "model.keras")
+    model.save(Path(out) / ADAPTED_SOURCE)  # the float source of the adapted model, released beside it
+    write_manifest(out, read_manifest(out).model_copy(update={"source_files": [ADAPTED_SOURCE]}))
     verify_folder(out)
     return result
 
