@@ -60,7 +60,7 @@ def fold_reference(p: Any, tflite: Path, subjects: set[str]):
     """The reference with its held-out part drawn from the test windows of ``subjects`` only."""
     from har_edge.agent.preprocess import apply_scaler
     from har_edge.agent.runtime import TFLiteRunner
-    from har_edge.trainer.reference import build_reference
+    from har_edge.trainer.reference import DEFAULT_INPUT_RANGE, build_reference
 
     runner = TFLiteRunner(tflite)
     keep = np.isin(p.subjects["test"], sorted(subjects))
@@ -74,7 +74,7 @@ def fold_reference(p: Any, tflite: Path, subjects: set[str]):
         input_windows=apply_scaler(p.x["train"], p.mean, p.scale),
         temperature_probs=runner.predict(val),
         temperature_labels=p.y["val"],
-        input_range=runner.input_range,
+        input_range=runner.input_range or DEFAULT_INPUT_RANGE,  # as har-train builds it (float model: None)
         groups=p.subjects["test"][keep],
     )
 
@@ -85,7 +85,7 @@ def replay(files: list[tuple[str, str, Path]], model: Any, work: Path, monitor: 
     from har_edge.agent.pipeline import Processor
     from har_edge.agent.settings import AgentSettings
 
-    out = []
+    out: list[dict[str, Any]] = []
     with Outbox(work / "outbox.sqlite") as ob:
         proc = Processor(AgentSettings(), ob, work / "scratch", monitor=monitor)
         for kind, name, path in files:

@@ -117,7 +117,8 @@ class ChannelMap:
         if self.identity:
             return stream
         out = stream[..., list(self.index)]
-        return np.multiply(out, np.asarray(self.factor, np.float32), out=out)
+        np.multiply(out, np.asarray(self.factor, np.float32), out=out)
+        return out
 
     def to_stream(self, model_raw: np.ndarray) -> np.ndarray:
         """The inverse for a full 6-channel map: model-unit windows back to the stream's order and units."""

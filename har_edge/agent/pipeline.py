@@ -403,7 +403,9 @@ class Processor:
         if len(starts) > 1 and not (np.diff(starts) >= 0).all():
             order = np.argsort(starts, kind="stable")
             starts, probs = starts[order], probs[order]
-        timings = {k: clock.wall[k] for k in ("decode", "preprocess", "inference", "monitor") if k in clock.wall}
+        timings: dict[str, float] = {
+            k: clock.wall[k] for k in ("decode", "preprocess", "inference", "monitor") if k in clock.wall
+        }
         return _Inferred(starts, probs, per_window, timings, quality, fmt, acc)
 
 

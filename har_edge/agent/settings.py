@@ -278,9 +278,9 @@ class Settings(_Section):
         return self.device_id or os.uname().nodename
 
 
-def _env_layer(env: Mapping[str, str]) -> dict:
+def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
     """Nested dict from HAR_EDGE_* variables (``__`` enters a section)."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
@@ -296,7 +296,7 @@ def _env_layer(env: Mapping[str, str]) -> dict:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
@@ -313,7 +313,7 @@ def load_settings(config: Path | None = None, env: Mapping[str, str] | None = No
         data_dir = Path(env_values.get("data_dir", overrides.get("data_dir", "var")))
         candidate = data_dir / CONFIG_NAME
         config = candidate if candidate.is_file() else None
-    file_values: dict = {}
+    file_values: dict[str, Any] = {}
     if config is not None:
         try:
             file_values = tomllib.loads(Path(config).read_text(encoding="utf-8"))

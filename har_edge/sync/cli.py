@@ -13,10 +13,14 @@ import json
 import logging
 import shutil
 import time
+from typing import TYPE_CHECKING, Any
 
 from har_edge.agent.settings import Settings
 from har_edge.common.cli import Exit, add_command, stop_event
 from har_edge.sync.errors import RegistryError, RegistryUnreachable, ServerAccessDenied, ServerUnreachable, SyncError
+
+if TYPE_CHECKING:
+    from har_edge.sync.models import ModelManager
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +28,7 @@ log = logging.getLogger(__name__)
 # -- sync ------------------------------------------------------------------------------
 
 
-def cmd_sync_run(settings: Settings, args) -> int:
+def cmd_sync_run(settings: Settings, args: argparse.Namespace) -> int:
     from har_edge.sync.daemon import SyncDaemon
 
     daemon = SyncDaemon(settings)
@@ -39,7 +43,7 @@ def cmd_sync_run(settings: Settings, args) -> int:
     return Exit.OK
 
 
-def cmd_sync_once(settings: Settings, args) -> int:
+def cmd_sync_once(settings: Settings, args: argparse.Namespace) -> int:
     """One push and one pull; print what was delivered and fetched."""
     from har_edge.sync.daemon import SyncDaemon
     from har_edge.sync.passes import record
@@ -68,7 +72,8 @@ def cmd_sync_once(settings: Settings, args) -> int:
     if pull.report is not None:
         p = pull.report
         if p.releases:
-            print(f"registry {daemon.models.registry.display}: {len(p.releases)} release(s), newest {p.releases[-1]}")
+            reg = daemon.models.configured_registry()  # releases were listed: a registry is configured
+            print(f"registry {reg.display}: {len(p.releases)} release(s), newest {p.releases[-1]}")
         print(f"models: {p.summary()}")
         if p.refused or p.rolled_back:
             code = code or Exit.FAILED
@@ -81,24 +86,28 @@ def cmd_sync_once(settings: Settings, args) -> int:
 # -- models ------------------------------------------------------------------------------
 
 
-def _manager(settings: Settings):
+def _manager(settings: Settings) -> ModelManager:
     from har_edge.sync.models import ModelManager
 
     return ModelManager(settings)
 
 
-def cmd_models_list(settings: Settings, args) -> int:
+def cmd_models_list(settings: Settings, args: argparse.Namespace) -> int:
     mm = _manager(settings)
     state = mm.state()
     cur, prev = mm.pointers()
     cur_m, prev_m = mm.manifest_of(cur), mm.manifest_of(prev)
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict[str, Any]] = {}
     code = Exit.OK
     note = ""
     if mm.registry is not None:
         try:
-            for r in mm.registry.releases():
-                rows[r.version] = {"version": r.version, "state": "available", "detail": f"tag {r.tag} {r.commit[:10]}"}
+            for rel in mm.registry.releases():
+                rows[rel.version] = {
+                    "version": rel.version,
+                    "state": "available",
+                    "detail": f"tag {rel.tag} {rel.commit[:10]}",
+                }
         except RegistryError as exc:
             note = f"registry not listed: {exc}"
             code = Exit.UNREACHABLE
@@ -117,11 +126,9 @@ def cmd_models_list(settings: Settings, args) -> int:
         rows[state.probation.version]["detail"] += " (on probation: health gate pending)"
     from har_edge.common.versions import parse_version
 
-    def key(row: dict):
-        return parse_version(row["version"])
-
-    ordered = sorted((r for r in rows.values() if key(r)), key=key, reverse=True)  # newest first
-    ordered += sorted((r for r in rows.values() if not key(r)), key=lambda r: r["version"])
+    released = [(k, r) for r in rows.values() if (k := parse_version(r["version"])) is not None]
+    ordered = [r for _, r in sorted(released, key=lambda kr: kr[0], reverse=True)]  # newest first
+    ordered += sorted((r for r in rows.values() if parse_version(r["version"]) is None), key=lambda r: r["version"])
     if args.json:
         print(json.dumps({"models": ordered, "pin": pin, "note": note}, indent=2))
         return code
@@ -135,7 +142,7 @@ def cmd_models_list(settings: Settings, args) -> int:
     return code
 
 
-def cmd_models_verify(settings: Settings, args) -> int:
+def cmd_models_verify(settings: Settings, args: argparse.Namespace) -> int:
     mm = _manager(settings)
     if args.release:
         return _verify_release(mm, args.release)
@@ -149,7 +156,7 @@ def cmd_models_verify(settings: Settings, args) -> int:
     return Exit.FAILED if failed else Exit.OK
 
 
-def _verify_release(mm, version: str) -> int:
+def _verify_release(mm: ModelManager, version: str) -> int:
     from har_edge.agent.errors import ModelError
 
     if mm.registry is None:
@@ -180,7 +187,7 @@ def _verify_release(mm, version: str) -> int:
     return Exit.OK
 
 
-def cmd_models_pin(settings: Settings, args) -> int:
+def cmd_models_pin(settings: Settings, args: argparse.Namespace) -> int:
     mm = _manager(settings)
     if args.clear:
         old = mm.unpin()
@@ -203,7 +210,7 @@ def cmd_models_pin(settings: Settings, args) -> int:
     return Exit.OK
 
 
-def cmd_models_rollback(settings: Settings, args) -> int:
+def cmd_models_rollback(settings: Settings, args: argparse.Namespace) -> int:
     mm = _manager(settings)
     report = mm.rollback(time.time(), reason=args.reason)
     cur = mm.manifest_of(mm.pointers()[0])

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import Settings
@@ -35,13 +35,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: the report type of a job: PushReport for push, PullReport for pull and the health gate
+R = TypeVar("R", PushReport, PullReport)
+
 
 @dataclass
-class JobResult:
+class JobResult(Generic[R]):
     """What one job pass did: its report, or why it did nothing."""
 
     ran: bool
-    report: PushReport | PullReport | None = None
+    report: R | None = None
     error: Exception | None = None
     retry_in_s: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -72,7 +75,7 @@ class SyncDaemon:
 
     # -- jobs ---------------------------------------------------------------------------
 
-    def push_job(self, now: float, max_files: int | None = None) -> JobResult:
+    def push_job(self, now: float, max_files: int | None = None) -> JobResult[PushReport]:
         if not self.push_backoff.ready(now):
             return JobResult(False)
         try:
@@ -92,7 +95,7 @@ class SyncDaemon:
         self.push_backoff.succeeded()
         return JobResult(True, report=report)
 
-    def pull_job(self, now: float) -> JobResult:
+    def pull_job(self, now: float) -> JobResult[PullReport]:
         if not self.pull_backoff.ready(now):
             return JobResult(False)
         try:
@@ -113,7 +116,7 @@ class SyncDaemon:
             log.info("pull: %s", report.summary())
         return JobResult(True, report=report)
 
-    def health_job(self, now: float) -> JobResult:
+    def health_job(self, now: float) -> JobResult[PullReport]:
         try:
             report = self.models.check_health(now)
         except LockBusy:

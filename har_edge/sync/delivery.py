@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import Row, and_, delete, func, insert, select, update
 
 from har_edge.agent.outbox import (
     PENDING_DEPLOYMENT,
@@ -52,7 +53,7 @@ class Delivery:
 
     # -- reading ----------------------------------------------------------------
 
-    def pending_files(self, limit: int | None = None) -> list:
+    def pending_files(self, limit: int | None = None) -> Sequence[Row[*tuple[Any, ...]]]:
         """Processed files whose run is not finished yet, oldest first."""
         q = select(files).where(PENDING_FILE).order_by(files.c.id)
         if limit is not None:
@@ -71,7 +72,7 @@ class Delivery:
         with self.outbox.engine.connect() as conn:
             return [PendingPoint(*r) for r in conn.execute(q).all()]
 
-    def pending_deployments(self) -> list:
+    def pending_deployments(self) -> Sequence[Row[*tuple[Any, ...]]]:
         with self.outbox.engine.connect() as conn:
             return conn.execute(select(deployments).where(PENDING_DEPLOYMENT).order_by(deployments.c.id)).all()
 
@@ -85,11 +86,11 @@ class Delivery:
             return (
                 conn.execute(
                     select(func.count()).where(refusals.c.kind == kind, refusals.c.file_id == file_id)
-                ).scalar()
+                ).scalar_one()
                 > 0
             )
 
-    def refusal_rows(self) -> list:
+    def refusal_rows(self) -> Sequence[Row[*tuple[Any, ...]]]:
         with self.outbox.engine.connect() as conn:
             return conn.execute(select(refusals).order_by(refusals.c.id)).all()
 

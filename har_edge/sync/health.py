@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Connection, func, or_, select
 
 from har_edge.agent.outbox import Outbox, deployments, files, metrics
 from har_edge.agent.settings import SyncSettings
@@ -43,15 +43,16 @@ class Verdict:
     reason: str
 
 
-def _mean_confidence(conn, file_ids: list[int]) -> float | None:
+def _mean_confidence(conn: Connection, file_ids: list[int]) -> float | None:
     if not file_ids:
         return None
-    return conn.execute(
+    mean = conn.execute(
         select(func.avg(metrics.c.value)).where(metrics.c.file_id.in_(file_ids), metrics.c.key == CONFIDENCE_KEY)
     ).scalar()
+    return None if mean is None else float(mean)
 
 
-def _input_outside(conn, file_ids: list[int]) -> float | None:
+def _input_outside(conn: Connection, file_ids: list[int]) -> float | None:
     """Mean over the files of the worst channel's share of inputs beyond the int8 range."""
     if not file_ids:
         return None

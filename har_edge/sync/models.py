@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,8 +91,14 @@ class ModelManager:
 
     # -- reading state ------------------------------------------------------------------
 
-    def lock(self):
+    def lock(self) -> AbstractContextManager[None]:
         return file_lock(self.models_dir / LOCK_NAME, LOCK_WAIT_S)
+
+    def configured_registry(self) -> Registry:
+        """The registry models come from; SyncError when none is configured."""
+        if self.registry is None:
+            raise SyncError("no registry configured (sync.registry): set it to a Git URL or path of the model registry")
+        return self.registry
 
     def state(self) -> ModelState:
         return ModelState.load(self.models_dir)
@@ -130,7 +137,7 @@ class ModelManager:
         if pin:
             rel = next((r for r in releases if r.version == pin), None)
             if rel is None:
-                return None, f"pinned version {pin} is not released in {self.registry.display}"
+                return None, f"pinned version {pin} is not released in {self.configured_registry().display}"
             if pin == cur_version:
                 return None, f"pinned version {pin} is active"
             refusal = self.is_refused(rel, state)
@@ -223,7 +230,7 @@ class ModelManager:
         shutil.rmtree(staging, ignore_errors=True)
         try:
             t0 = time.monotonic()
-            folder = self.registry.fetch(release, staging / "model")
+            folder = self.configured_registry().fetch(release, staging / "model")
             t_fetch = time.monotonic() - t0
             state = self.state()
             m: Manifest | None = None
@@ -497,7 +504,7 @@ class ModelManager:
             names = [n for n in names if (m := self.manifest_of(n)) is not None and m.version == version]
             if not names:
                 raise SyncError(f"{version} is not installed here (current: {cur or 'bundled'}, previous: {prev})")
-        out = []
+        out: list[tuple[str, str, str | None]] = []
         for name in names or [None]:
             folder = self.folder_of(name)
             label = name or "bundled"

@@ -8,7 +8,7 @@ travel through the outbox both processes share, and the agent exports them.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from har_edge.agent.errors import HarEdgeError
 from har_edge.agent.outbox import Outbox
@@ -16,11 +16,15 @@ from har_edge.agent.syncpasses import record_pass
 
 if TYPE_CHECKING:
     from har_edge.sync.daemon import JobResult
+    from har_edge.sync.models import PullReport
+    from har_edge.sync.push import PushReport
 
 log = logging.getLogger(__name__)
 
+R = TypeVar("R", "PushReport", "PullReport")
 
-def record(outbox: Outbox, task: str, result: JobResult) -> JobResult:
+
+def record(outbox: Outbox, task: str, result: JobResult[R]) -> JobResult[R]:
     """Store how ``result`` went (a skipped pass stores nothing) and return it."""
     if not result.ran:  # waiting out a back-off, or another process holds the lock: neither success nor failure
         return result

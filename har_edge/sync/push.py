@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from har_edge.agent import __version__
 from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
@@ -129,6 +129,10 @@ class _FileRow(Protocol):
     def run_id(self) -> str | None: ...
     @property
     def artifact_delivered_ms(self) -> int | None: ...
+    @property
+    def monitor_status(self) -> str | None: ...
+    @property
+    def monitor_json(self) -> str | None: ...
 
 
 class Pusher:
@@ -334,7 +338,7 @@ class Pusher:
 
     # -- retraining requests ------------------------------------------------------------------
 
-    def _push_retrain_requests(self, report: PushReport, stop) -> None:
+    def _push_retrain_requests(self, report: PushReport, stop: threading.Event | None) -> None:
         """Each request: a tag on the device run and an artifact listing its files (and their windows, if shared)."""
         import json
 
@@ -375,13 +379,15 @@ class Pusher:
             )
             self.outbox.mark_retrain_request(req.id)
 
-    def _flagged_npz(self, listed: list[dict], path: Path) -> Path | None:
+    def _flagged_npz(self, listed: list[dict[str, Any]], path: Path) -> Path | None:
         """One .npz of the kept (scaled) windows of the listed files: ``<sha256[:16]>.windows`` / ``.idx``."""
         import io
 
         import numpy as np
 
-        arrays: dict[str, np.ndarray] = {}
+        # values typed Any: numpy's stub matches ``**arrays`` against ``allow_pickle: bool`` too, and passing
+        # allow_pickle explicitly would store an array of that name on numpy < 2 (edge-legacy)
+        arrays: dict[str, Any] = {}
         for f in listed:
             blob = self.outbox.flagged_npz(int(f["file_id"]))
             if blob is None:
@@ -610,7 +616,7 @@ class Pusher:
             )
 
 
-def _monitor_description(f) -> str:
+def _monitor_description(f: _FileRow) -> str:
     """The run description of a file: its monitor verdict and reasons."""
     if not f.monitor_status:
         return ""

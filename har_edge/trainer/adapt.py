@@ -218,7 +218,8 @@ def adapt(
         else:
             target = windows_from_mlflow(settings, str(from_mlflow), Path(tmp))
     model = keras.models.load_model(keras_path, compile=False)
-    test_x = test_y = None
+    test_x: np.ndarray | None = None
+    test_y: np.ndarray | None = None
     train_x = target[:0]
     try:
         from har_edge.trainer.prepare import load_prepared
@@ -228,7 +229,7 @@ def adapt(
         train_x = apply_scaler(p.x["train"], mean, scale)
     except TrainerError as exc:
         log.warning("no prepared training data (%s): test accuracy is unmeasured, AdaBN uses the target only", exc)
-    acc_before = _accuracy(model, test_x, test_y) if test_x is not None else None
+    acc_before = _accuracy(model, test_x, test_y) if test_x is not None and test_y is not None else None
     if len(train_x) and test_x is not None:
         # the features the head should see: held-out source windows through the model with source statistics
         ms = keras.models.load_model(keras_path, compile=False)
@@ -258,7 +259,7 @@ def adapt(
             model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
             model.fit(target[keep], probs[keep].argmax(axis=1), epochs=2, batch_size=64, verbose=0)
     drift_after = feature_drift(source_features, model, target)
-    acc_after = _accuracy(model, test_x, test_y) if test_x is not None else None
+    acc_after = _accuracy(model, test_x, test_y) if test_x is not None and test_y is not None else None
     new_version = version or _next_version(manifest.version)
     result = AdaptResult(out, new_version, len(target), drift_before, drift_after, acc_before, acc_after, pseudo)
     if acc_before is not None and acc_after is not None and acc_after < acc_before - max_accuracy_drop:

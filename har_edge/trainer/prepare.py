@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,17 +30,19 @@ Progress = Callable[[Iterable[Any]], Iterable[Any]]
 
 
 class Unit(Protocol):
-    """A recording (or export) of one subject that can be cut into labelled windows."""
+    """A recording (or export) of one subject that can be cut into labelled windows (read-only: frozen dataclasses)."""
 
-    name: str
-    subject: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def subject(self) -> str: ...
 
     def windows(self, window: int, step: int) -> LabelledWindows: ...
 
 
 @dataclass(frozen=True)
 class SourceData:
-    units: list[Unit]
+    units: Sequence[Unit]
     source: str
     source_hash: str
 
@@ -148,6 +150,7 @@ def prepare(settings: Settings, progress: Progress = iter) -> dict[str, Any]:
     out = settings.prepared_file
     out.parent.mkdir(parents=True, exist_ok=True)
     save_npz(out, arrays)
+    n_windows = {name: len(ws) for name, ws in sets.items()}
     meta = {
         "source": data.source,
         "source_sha256": data.source_hash,
@@ -159,7 +162,7 @@ def prepare(settings: Settings, progress: Progress = iter) -> dict[str, Any]:
         "step": d.step,
         "train_step": d.train_step,
         "subjects": split,
-        "windows": {name: len(ws) for name, ws in sets.items()},
+        "windows": n_windows,
         "per_class": {
             name: {d.labels[i]: int((ws.labels == i).sum()) for i in range(len(d.labels))} for name, ws in sets.items()
         },
@@ -168,7 +171,7 @@ def prepare(settings: Settings, progress: Progress = iter) -> dict[str, Any]:
     settings.prepared_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     log.info(
         "prepared %s windows (train/val/test) from %s into %s",
-        "/".join(str(meta["windows"][n]) for n in SPLITS),
+        "/".join(str(n_windows[n]) for n in SPLITS),
         data.source,
         out,
     )

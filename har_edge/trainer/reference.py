@@ -222,7 +222,7 @@ def build_reference(
         temperature = Temperature(measured_on=measured_on, value=1.0, status="uncalibrated")
     q = calibrate(p, temperature.value)
     conf = q.max(axis=1)
-    counts = bin_counts(conf, CONFIDENCE_EDGES)
+    counts = bin_counts(conf, list(CONFIDENCE_EDGES))
     confidence = ConfidenceSummary(
         measured_on=measured_on,
         windows=len(p),

@@ -19,15 +19,24 @@ file's state and the pickle reads the same whatever pandas is installed
 from __future__ import annotations
 
 import codecs
+import importlib
 import io
 import pickle
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import numpy as np
 
 from har_edge.trainer.errors import DataError, UnsafePickle
 
 __all__ = ["Record", "frame_columns", "safe_load", "safe_loads"]
+
+
+class _Readable(Protocol):
+    """What :class:`pickle.Unpickler` reads from: a binary file, a GzipFile, BytesIO."""
+
+    def read(self, n: int, /) -> bytes: ...
+    def readline(self) -> bytes: ...
+
 
 #: Python 2 module names a protocol-2 pickle uses.
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
@@ -81,10 +90,10 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
 
 def _numpy_reconstruct() -> Any:
     try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+        multiarray = importlib.import_module("numpy._core.multiarray")  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    return multiarray._reconstruct
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -105,7 +114,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: BinaryIO, source: str) -> None:
+    def __init__(self, file: _Readable, source: str) -> None:
         super().__init__(file, encoding="latin1")
         self.source = source
 
@@ -123,7 +132,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickle(f"{self.source} uses persistent ids: refusing to load it")
 
 
-def safe_load(file: BinaryIO, source: str = "pickle") -> Any:
+def safe_load(file: _Readable, source: str = "pickle") -> Any:
     """Unpickle ``file`` admitting only the allow-listed numpy/pandas names."""
     try:
         return _RestrictedUnpickler(file, source).load()

@@ -102,11 +102,11 @@ def _from_study_folder(
     window: int,
     step: int,
     max_gap_s: float,
-    raws: list,
-    exports: list,
-    labs: list,
-    subs: list,
-    files: list,
+    raws: list[np.ndarray],
+    exports: list[np.ndarray],
+    labs: list[np.ndarray],
+    subs: list[np.ndarray],
+    files: list[str],
 ) -> None:
     """Windows of a labelled export folder (``labels.csv``: file,subject,label,start,end)."""
     from har_edge.trainer.data.garmin import LABELS_FILE
@@ -156,7 +156,11 @@ def from_exports(
     max_gap_s: float = 1.0,
 ) -> Windows:
     """Every window of the exports in the model's channels and units (labelled when ``labels`` given)."""
-    raws, exports, labs, subs, files = [], [], [], [], []
+    raws: list[np.ndarray] = []  # per part: raw windows, export index, label (-1 none), subject
+    exports: list[np.ndarray] = []
+    labs: list[np.ndarray] = []
+    subs: list[np.ndarray] = []
+    files: list[str] = []
     span_ms = window * 1000.0 / rate_hz
     folders = [Path(p) for p in paths if Path(p).is_dir()]
     for folder in folders:
