@@ -1,7 +1,8 @@
 """``har-train adapt``: a model adapted to the data its devices flagged, released through the usual loop.
 
-From the float source (``--float PATH``, or the Keras model the folder's manifest lists in ``source_files``; a folder holding
-only ``model.tflite`` is refused: int8 weights cannot be re-estimated):
+From the float source (``--float PATH``, or the Keras model the folder's manifest lists in
+``source_files``; a folder holding only ``model.tflite`` is refused: int8 weights cannot be
+re-estimated):
 
 1. AdaBN: every BatchNormalization layer's moving mean and variance are re-estimated, layer by
    layer, on the target windows (no labels needed), mixed with as many training windows when the
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from har_edge.agent.manifest import read_manifest
+from har_edge.agent.manifest import read_manifest, write_manifest
 from har_edge.agent.preprocess import apply_scaler
 from har_edge.trainer.errors import GateFailed, TrainerError
 from har_edge.trainer.settings import Settings
@@ -69,8 +70,6 @@ def find_float_model(folder: Path, explicit: Path | None) -> Path:
         return Path(explicit)
     # the float sources the manifest names (har-train import and adapt keep them beside model.tflite):
     # the original Keras model first, then its unrolled rebuild (BatchNorms not folded)
-    from har_edge.agent.manifest import read_manifest
-
     named = read_manifest(folder).source_files
     for candidate in (n for n in named if n.endswith((".keras", ".h5"))):
         if (Path(folder) / candidate).is_file():

@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="the model folder whose golden.npz is rewritten")
     p.add_argument("--data", nargs="+", default=[], metavar="EXPORT", help="draw new golden windows from exports")
     p = add_command(sub, "adapt", cmd_adapt, "AdaBN (+ pseudo-labels) on flagged data -> a new model folder to release")
-    p.add_argument("folder", help="model folder (with float/model.keras, or give --float)")
+    p.add_argument("folder", help="model folder (its manifest lists the float Keras source, or give --float)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="folder of exports (or one export) from the target devices")
     src.add_argument("--from-mlflow", metavar="FILTER", help="MLflow run filter of device runs with shared windows")
