@@ -108,34 +108,6 @@ def keras_macs(model: Any) -> tuple[int, dict[str, int]]:
     return total, by_layer
 
 
-def tflite_fc_conv_macs(model_path: Path) -> int:
-    """MACs of one window from a .tflite's FULLY_CONNECTED and CONV_2D ops: the cross-check of :func:`keras_macs`.
-
-    (``bench.inference.tflite_macs`` tests ``not op["outputs"]``, which numpy refuses
-    for the ops of an unrolled LSTM that have several outputs.)
-    """
-    from har_edge.agent.runtime import _import_interpreter
-
-    Interpreter, _ = _import_interpreter()
-    interp: Any = Interpreter(model_path=str(model_path), num_threads=1)  # _get_ops_details is private API
-    inp = interp.get_input_details()[0]
-    if int(inp["shape"][0]) != 1:
-        interp.resize_tensor_input(inp["index"], [1, *inp["shape"][1:]], strict=False)
-    interp.allocate_tensors()
-    shapes = {t["index"]: tuple(int(s) for s in t["shape"]) for t in interp.get_tensor_details()}
-    total = 0
-    for op in interp._get_ops_details():
-        ins = [int(i) for i in op["inputs"] if i >= 0]
-        if len(op["outputs"]) == 0 or len(ins) < 2:
-            continue
-        out, w = shapes[int(op["outputs"][0])], shapes[ins[1]]
-        if op["op_name"] == "FULLY_CONNECTED":  # weights (units, in)
-            total += int(np.prod(out)) * w[1]
-        elif op["op_name"] == "CONV_2D":  # weights (out_ch, kh, kw, in_ch)
-            total += int(np.prod(out)) * w[1] * w[2] * w[3]
-    return total
-
-
 # -- the study's data (synthetic) ---------------------------------------------------------------------
 
 
@@ -344,7 +316,9 @@ def run(report: Report, *, quick: bool = False) -> None:
     model_dir = folder / "imported"
     manifest = read_manifest(model_dir)
     macs = int(info["macs_keras"])
-    macs_tflite = tflite_fc_conv_macs(model_dir / "model.tflite")
+    from bench.inference import tflite_macs
+
+    macs_tflite, _ = tflite_macs(model_dir / "model.tflite")
     rounds, n = (3, 512) if quick else (ROUNDS, WINDOWS)
     with np.load(folder / "held_out.npz") as z:
         held, y_held, float_probs = z["windows"], z["labels"], z["float_probs"]
