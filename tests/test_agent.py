@@ -294,6 +294,25 @@ def test_process_command_equals_the_daemon(settings, walk_fit, tmp_path):
     assert walk_fit.exists()  # the command works on a copy
 
 
+def test_process_command_reports_usage_and_duplicates_as_such(walk_fit, tmp_path):
+    """A missing file is a usage error (2) and nothing is processed; content processed before is a duplicate."""
+    data = tmp_path / "var"
+    r = _cli("agent", "process", str(walk_fit), str(tmp_path / "nothere.fit"), data_dir=data)
+    assert r.returncode == 2 and "nothere.fit: no such file" in r.stderr
+    assert not (data / "outbox.sqlite").exists() or Outbox(data / "outbox.sqlite").status_counts()["files"] == {}
+    assert _cli("agent", "process", str(walk_fit), data_dir=data).returncode == 0
+    again = _cli("agent", "process", str(walk_fit), data_dir=data)
+    assert again.returncode == 0 and "duplicate of an already processed file" in again.stdout, again.stdout
+    assert "interruption" not in again.stdout
+    assert Outbox(data / "outbox.sqlite").status_counts()["files"] == {"processed": 1, "duplicate": 1}
+
+
+def test_replay_of_names_that_match_nothing_fails(tmp_path):
+    r = _cli("agent", "replay", "nothere.fit", data_dir=tmp_path / "var")
+    assert r.returncode == 1 and "nothing in quarantine matching those names" in r.stdout
+    assert _cli("agent", "replay", data_dir=tmp_path / "var").returncode == 0  # nothing to do is no failure
+
+
 def test_process_command_exits_nonzero_on_quarantine(tmp_path):
     bad = tmp_path / "ride.fit"
     write_activity_fit(bad)

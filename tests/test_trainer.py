@@ -331,8 +331,9 @@ def test_adapt_on_shifted_data_reduces_drift_and_keeps_accuracy(pipeline, tmp_pa
     s = pipeline.settings
     with pytest.raises(TrainerError, match=r"a tflite-only folder cannot be adapted"):
         adapt(s, pipeline.folder, tmp_path / "x", data=tmp_path)
+    # a device of its own: the session's server also holds other tests' device runs
     with pytest.raises(TrainerError, match="no run matching"):
-        windows_from_mlflow(s, "tags.`har.kind` = 'device'", tmp_path)
+        windows_from_mlflow(s, f"tags.`har.kind` = 'device' and tags.`har.device` = 'none-{tmp_path.name}'", tmp_path)
     target = tmp_path / "exports"
     target.mkdir()
     recs = synthetic.generate(s.data.labels, subjects=3, seconds_per_activity=40, seed=99)

@@ -85,15 +85,15 @@ def cmd_agent_process(settings: Settings, args: argparse.Namespace) -> int:
 
     from har_edge.agent.daemon import Agent
 
+    groups = _process_groups(args.files)
+    missing = [p for group in groups for p in group if not p.is_file()]
+    if missing:  # a usage error: nothing is processed
+        for p in missing:
+            print(f"{p}: no such file", file=sys.stderr)
+        return Exit.USAGE
     agent = Agent(settings)
     failed = 0
-    for group in _process_groups(args.files):
-        missing = [p for p in group if not p.is_file()]
-        if missing:
-            for p in missing:
-                print(f"{p}: no such file", file=sys.stderr)
-            failed += 1
-            continue
+    for group in groups:
         label = " + ".join(p.name for p in group)
         # work on copies claimed into work/, so the same quarantine/archive rules apply
         with tempfile.TemporaryDirectory(dir=settings.work) as tmp:
@@ -129,6 +129,7 @@ def cmd_agent_replay(settings: Settings, args: argparse.Namespace) -> int:
         print(f"back in the inbox: {p.name}")
     if not moved:
         print("nothing in quarantine" + (" matching those names" if args.names else ""))
+        return Exit.FAILED if args.names else Exit.OK  # names that match nothing: a check that failed
     return Exit.OK
 
 

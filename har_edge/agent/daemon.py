@@ -92,7 +92,7 @@ class Agent:
                 out.append(self._give_up(group, stuck.times, stuck.stage, stuck.progress))
                 continue
             log.info("recovering %s left in work/ by an interrupted run", names)
-            done = self._handle_or_wait(group)
+            done = self._handle_or_wait(group, recovered=True)
             if done is not None:
                 out.append(done)
         return out
@@ -118,8 +118,13 @@ class Agent:
         claimed: list[Path],
         progress: Callable[[int], None] | None = None,
         verified: Iterable[Verified] = (),
+        *,
+        recovered: bool = False,
     ) -> Outcome:
         """Process a claimed group and move it to the archive or quarantine.
+
+        ``recovered``: the group was found in work/ at start; if an interrupted run already stored it,
+        only its move is finished. Otherwise content processed before is recorded as a duplicate.
 
         ``verified``: the watcher's proofs of the group's FIT checks (decoding skips a second CRC pass).
 
@@ -128,7 +133,7 @@ class Agent:
         ident = self.processor.identify(claimed)  # the one dedup query
         prior = ident.prior
         # a file recovered after a crash may already be stored: finish its move only
-        if prior is not None and prior.name == claimed[0].name and self._from_work(claimed):
+        if recovered and prior is not None and prior.name == claimed[0].name and self._from_work(claimed):
             self._finish(claimed, None)
             log.info("%s was stored before the interruption; archived", claimed[0].name)
             return Outcome(FileStatus.PROCESSED, prior.id, prior.name, windows=prior.windows)
@@ -150,11 +155,16 @@ class Agent:
         self.attempts.end(group)
 
     def _handle_or_wait(
-        self, group: list[Path], now: float | None = None, verified: Iterable[Verified] = ()
+        self,
+        group: list[Path],
+        now: float | None = None,
+        verified: Iterable[Verified] = (),
+        *,
+        recovered: bool = False,
     ) -> Outcome | None:
         """:meth:`handle`, except that a full disk pauses the agent instead of raising."""
         try:
-            return self.handle(group, verified=verified)
+            return self.handle(group, verified=verified, recovered=recovered)
         except (DiskFull, OSError) as exc:
             if not _disk_full(exc):
                 raise

@@ -33,3 +33,5 @@ class DeploymentOutcome(StrEnum):
     REFUSED = "refused"
     ROLLED_BACK = "rolled_back"
     LOAD_FAILED = "load_failed"
+    #: the model passed the health gate (the criteria that applied are in the reason)
+    HEALTHY = "healthy"

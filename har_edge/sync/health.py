@@ -29,6 +29,7 @@ from sqlalchemy import Connection, func, or_, select
 
 from har_edge.agent.outbox import Outbox, deployments, files, metrics
 from har_edge.agent.settings import SyncSettings
+from har_edge.common.states import DeploymentOutcome, FileStatus
 from har_edge.sync.state import Probation
 
 CONFIDENCE_KEY = "mean_confidence"
@@ -77,7 +78,7 @@ def judge(
         failed_load = conn.execute(
             select(deployments)
             .where(
-                deployments.c.outcome == "load_failed",
+                deployments.c.outcome == DeploymentOutcome.LOAD_FAILED.value,
                 deployments.c.to_version == p.folder,
                 deployments.c.time_ms >= p.since_ms,
             )
@@ -91,8 +92,8 @@ def judge(
                 files.c.model_sha256 == p.sha256,
                 files.c.processed_ms >= p.since_ms,
                 or_(
-                    files.c.status == "processed",
-                    (files.c.status == "failed")
+                    files.c.status == FileStatus.PROCESSED.value,
+                    (files.c.status == FileStatus.FAILED.value)
                     & files.c.error_kind.not_in(s.health_ignored_error_kinds)
                     & or_(files.c.error_kind != "internal", files.c.error_stage == "inference"),
                 ),
@@ -102,15 +103,15 @@ def judge(
         ).all()
         if len(rows) < n:
             return Verdict("pending", f"{len(rows)} of {n} files processed under {p.version} so far")
-        failed = sum(1 for r in rows if r.status == "failed")
+        failed = sum(1 for r in rows if r.status == FileStatus.FAILED)
         if failed / n > s.health_max_failed_share:
-            kinds = sorted({r.error_kind for r in rows if r.status == "failed"})
+            kinds = sorted({r.error_kind for r in rows if r.status == FileStatus.FAILED})
             return Verdict(
                 "failed",
                 f"{failed} of the first {n} files under {p.version} failed ({', '.join(kinds)}), "
                 f"more than sync.health_max_failed_share={s.health_max_failed_share:g}",
             )
-        processed = [r.id for r in rows if r.status == "processed"]
+        processed = [r.id for r in rows if r.status == FileStatus.PROCESSED]
         outside = _input_outside(conn, processed)
         if outside is not None and outside > MAX_INPUT_OUTSIDE_SHARE:
             return Verdict(
@@ -137,7 +138,7 @@ def judge(
                     select(files.c.id)
                     .where(
                         files.c.model_sha256 == p.previous_sha256,
-                        files.c.status == "processed",
+                        files.c.status == FileStatus.PROCESSED.value,
                         files.c.processed_ms < p.since_ms,
                     )
                     .order_by(files.c.id.desc())

@@ -33,6 +33,7 @@ from har_edge.agent.model import load_model
 from har_edge.agent.modelstore import CURRENT, PREVIOUS, folder_of, fsync_dir, read_pointer, set_pointer
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import Settings
+from har_edge.common.states import DeploymentOutcome
 from har_edge.common.versions import parse_version
 from har_edge.sync.errors import ModelRefused, RegistryError, SyncError
 from har_edge.sync.health import judge
@@ -179,7 +180,7 @@ class ModelManager:
                     report.note = why if releases else report.note
                     break
                 log.info("installing %s: %s", release.tag, why)
-                self._install(release, now, report, outcome="activated", reason=why)
+                self._install(release, now, report, outcome=DeploymentOutcome.ACTIVATED, reason=why)
                 if report.activated:
                     break
         report.seconds = time.monotonic() - t0
@@ -266,7 +267,7 @@ class ModelManager:
         self.outbox.record_deployment(
             from_version=cur.version if cur else None,
             to_version=release.version,
-            outcome="refused",
+            outcome=DeploymentOutcome.REFUSED,
             reason=reason,
             time_ms=int(now * 1000),
         )
@@ -359,7 +360,10 @@ class ModelManager:
             state.probation = None
             state.save(self.models_dir)
             self.outbox.record_deployment(
-                from_version=p.previous_version, to_version=p.folder, outcome="healthy", reason=verdict.reason
+                from_version=p.previous_version,
+                to_version=p.folder,
+                outcome=DeploymentOutcome.HEALTHY,
+                reason=verdict.reason,
             )
         else:
             log.error("%s failed the health gate: %s", p.version, verdict.reason)
@@ -400,7 +404,7 @@ class ModelManager:
         self.outbox.record_deployment(
             from_version=cur,
             to_version=target or (good.version if good else None),
-            outcome="rolled_back",
+            outcome=DeploymentOutcome.ROLLED_BACK,
             reason=reason,
             time_ms=int(now * 1000),
         )
@@ -440,7 +444,9 @@ class ModelManager:
                     state.save(self.models_dir)
                     raise ModelRefused(f"the local copy of {version} ({folder}) fails its checks: {exc}") from None
                 state.save(self.models_dir)
-                self._activate(folder, m, None, now, report, outcome="pinned", reason="pinned by a person")
+                self._activate(
+                    folder, m, None, now, report, outcome=DeploymentOutcome.PINNED, reason="pinned by a person"
+                )
             else:
                 if self.registry is None:
                     raise SyncError(f"{version} is not installed here and no registry is configured (sync.registry)")
@@ -453,7 +459,7 @@ class ModelManager:
                         f"{name}@{version} is not released in {self.registry.display} (releases: {listed}){hint}"
                     )
                 state.save(self.models_dir)
-                self._install(rel, now, report, outcome="pinned", reason="pinned by a person")
+                self._install(rel, now, report, outcome=DeploymentOutcome.PINNED, reason="pinned by a person")
                 if report.refused:
                     return report
             state = self.state()
