@@ -233,7 +233,14 @@ def test_states_are_the_stored_strings():
 
     assert [s.value for s in FileStatus] == ["processed", "failed", "duplicate"]
     assert FileStatus("failed").shown == "quarantined" and FileStatus.PROCESSED.shown == "processed"
-    assert {o.value for o in DeploymentOutcome} == {"activated", "pinned", "refused", "rolled_back", "load_failed", "healthy"}
+    assert {o.value for o in DeploymentOutcome} == {
+        "activated",
+        "pinned",
+        "refused",
+        "rolled_back",
+        "load_failed",
+        "healthy",
+    }
 
 
 def test_architecture_lists_every_module():
