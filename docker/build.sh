@@ -68,7 +68,7 @@ fi
 mkdir -p "$CACHE"
 export CONTAINERS_CONF="$CACHE/containers.conf"
 cat >"$CONTAINERS_CONF.tmp" <<'EOF'
-# written by docker/build.sh: what works on these machines (see GUIDE.md section 6)
+# written by docker/build.sh: podman's default ulimits fail without a privileged setrlimit ("Operation not permitted")
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 

@@ -1,4 +1,4 @@
-"""The edge image, built with podman and run the way it is deployed (GUIDE section 6).
+"""The edge image, built with podman and run the way it is deployed.
 
 ``docker/build.sh edge`` makes the image from a debootstrap base (cached under
 .cache/podman/) and wheels built on the host; the containers run as the image's

@@ -1,4 +1,4 @@
-"""Real FIT files from public repositories (shared/corpus/fit): every one is refused with a reason.
+"""Real FIT files from public repositories (a corpus beside the checkout in CI): every one is refused with a reason.
 
 ``real-no-imu/`` holds device recordings without IMU messages (NoImuData),
 ``damaged/`` files that are truncated, never finalized, fail their CRC or use

@@ -2,16 +2,16 @@
 
 The target follows MLflow's own conventions: ``har_edge.sync.tracking_uri`` or
 ``MLFLOW_TRACKING_URI``; without either, an embedded store
-``sqlite:///<data_dir>/mlflow/mlflow.db`` with artifacts beside it (GUIDE
-section 4: the ./mlruns file store is in maintenance mode in 3.x, and the
-sqlite store needs alembic). Credentials come from MLflow's variables
+``sqlite:///<data_dir>/mlflow/mlflow.db`` with artifacts beside it (the
+./mlruns file store is in maintenance mode in MLflow 3.x, and the sqlite
+store needs alembic). Credentials come from MLflow's variables
 (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``,
 ``MLFLOW_TRACKING_SERVER_CERT_PATH``) unless the settings give them; MLflow
 reads these from the environment on every request, so settings are applied
 there, for this process only. They are never logged: only
 :attr:`Target.display` (the URI without user info) is.
 
-MLflow's defaults retry a refused connection for minutes (GUIDE: 247 s);
+MLflow's defaults retry a refused connection for minutes (measured: 247 s);
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` are set
 from the settings so a pass fails in about a second and the daemon backs off.
 """

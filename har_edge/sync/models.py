@@ -3,7 +3,7 @@
 Order of trust: a fetched folder is first *verified* (its manifest names this
 model and this version, the channel order is the agent's, and sha256 of
 ``model.tflite`` and ``golden.npz`` match the manifest: DVC does not notice a
-corrupted remote object, GUIDE section 5), then *validated* with the agent's
+corrupted remote object by default), then *validated* with the agent's
 own loader (it loads in the edge runtime, shapes and types match the
 manifest, one output per label, the golden windows reproduce). Only then is it
 moved under ``models/`` and the ``current`` pointer switched atomically (the

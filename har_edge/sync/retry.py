@@ -2,7 +2,7 @@
 
 MLflow raises ``MlflowException`` for everything. What tells them apart is the
 error code (and whether the server answered at all: ``RestException`` carries
-the answer's JSON). GUIDE section 4: a refused or hung connection surfaces as a
+the answer's JSON). Measured: a refused or hung connection surfaces as a
 plain ``MlflowException`` with INTERNAL_ERROR once the (bounded) HTTP retries
 are spent; a server that answered 400 raises ``RestException``.
 """

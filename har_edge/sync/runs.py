@@ -1,6 +1,6 @@
 """MLflow runs found by identity tags before they are ever created.
 
-``create_run`` always makes a new run (GUIDE section 4), so a retry after a
+``create_run`` always makes a new run, so a retry after a
 crash between "created" and "remembered" would make a second one. Every run
 sync creates carries identity tags (set atomically by ``create_run``) and is
 looked up by them first:

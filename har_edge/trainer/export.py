@@ -1,6 +1,6 @@
 """Full-int8 conversion, golden windows, the manifest and the model folder.
 
-Conversion (what works with TF 2.21, GUIDE §3): ``Optimize.DEFAULT``, a
+Conversion (what works with TF 2.21): ``Optimize.DEFAULT``, a
 representative dataset of real (scaled) training windows, builtins-only int8
 kernels, int8 input and output. The folder written is the edge contract
 (``har_edge.agent.manifest``): ``model.tflite``, ``manifest.json``, ``golden.npz``

@@ -10,7 +10,7 @@ MEAN, FULLY_CONNECTED, SOFTMAX (+ reshapes).
 ``cnn_bilstm``: the seed project's idea (convolutions, then a bidirectional
 LSTM) in a form that converts to builtins: ``LSTM(unroll=True)`` after two
 pooling blocks (50 time steps for a 200-sample window) and no BatchNorm after
-the recurrent layer (TF's int8 converter mis-scales it, see GUIDE §3). Its unrolled
+the recurrent layer (TF 2.21's int8 converter mis-scales a BatchNorm after a BiLSTM). Its unrolled
 recurrence is many small sequential ops, several times slower per window on
 the edge, and ~620 KB as int8: use it only when the CNN is not enough.
 """
