@@ -307,6 +307,20 @@ def test_process_command_reports_usage_and_duplicates_as_such(walk_fit, tmp_path
     assert Outbox(data / "outbox.sqlite").status_counts()["files"] == {"processed": 1, "duplicate": 1}
 
 
+def test_status_reads_the_manifest_without_loading_tflite(tmp_path):
+    probe = (
+        "import sys; from har_edge.cli import main; code = main(['status', '--json', '--data-dir', sys.argv[1]]); "
+        "loaded = [m for m in ('ai_edge_litert', 'tflite_runtime') if m in sys.modules]; "
+        "print('LOADED', loaded, file=sys.stderr); sys.exit(code or (1 if loaded else 0))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "var")], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model"]["name"] == "har-cnn"
+    assert "LOADED []" in r.stderr
+
+
 def test_replay_of_names_that_match_nothing_fails(tmp_path):
     r = _cli("agent", "replay", "nothere.fit", data_dir=tmp_path / "var")
     assert r.returncode == 1 and "nothing in quarantine matching those names" in r.stdout

@@ -134,21 +134,18 @@ def cmd_agent_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from har_edge.agent.modelstore import ActiveModel
+    from har_edge.agent.manifest import read_manifest
+    from har_edge.agent.modelstore import choose_model
     from har_edge.agent.outbox import Outbox
     from har_edge.agent.retention import data_dir_usage
 
     with Outbox(settings.outbox_path) as ob:
         st = ob.status_counts()
         st["recent_files"] = ob.recent_files(args.recent)
-    try:
-        m = ActiveModel(settings.models_dir, explicit=settings.agent.model_dir).refresh()
-        st["model"] = {
-            "name": m.manifest.name,
-            "version": m.manifest.version,
-            "sha256": m.manifest.sha256,
-            "folder": str(m.folder),
-        }
+    try:  # the manifest only: status never loads TFLite (`models verify` and `health` check the bytes)
+        choice = choose_model(settings.models_dir, settings.agent.model_dir)
+        mf = read_manifest(choice.folder)
+        st["model"] = {"name": mf.name, "version": mf.version, "sha256": mf.sha256, "folder": str(choice.folder)}
     except HarEdgeError as exc:
         st["model"] = {"error": str(exc)}
     st["data_dir"] = str(settings.data_dir)
