@@ -43,15 +43,6 @@ def parse_version(text: str) -> VersionKey | None:
     )
 
 
-def version_code(text: str) -> float | None:
-    """A number that grows with the version (major*1e6 + minor*1e3 + patch), for a heartbeat metric."""
-    key = parse_version(text)
-    if key is None:
-        return None
-    major, minor, patch = key.core
-    return float(major * 1_000_000 + min(minor, 999) * 1_000 + min(patch, 999))
-
-
 def newer_than(a: str, b: str) -> bool:
     """True when version ``a`` orders after ``b``; a text that is no version orders before every version."""
     ka, kb = parse_version(a), parse_version(b)

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 from har_edge.agent import __version__
 from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
 from har_edge.agent.settings import Settings
-from har_edge.common.versions import version_code
 from har_edge.sync import runs
 from har_edge.sync.delivery import Delivery, PendingPoint
 from har_edge.sync.errors import ServerAccessDenied, ServerRejected, SyncError
@@ -61,8 +60,7 @@ HEARTBEAT_KEYS = (
     "backlog_deployments",
     "oldest_undelivered_age_s",
     "disk_free_mb",
-    "active_model_version",
-)
+)  # the active model is the device run's tag har.active_model_version ("name version"), never a number
 MAX_TAG_VALUE = 5000
 MAX_BATCH_ITEMS = 1000  # MLflow's cap on metrics + params + tags in one log_batch
 
@@ -254,10 +252,6 @@ class Pusher:
             "oldest_undelivered_age_s": max(0.0, (now_ms_ - b["oldest_ms"]) / 1000) if b["oldest_ms"] else 0.0,
             "disk_free_mb": shutil.disk_usage(self.settings.data_dir).free / 1e6,
         }
-        m = active_manifest(self.settings.models_dir, self.settings.agent.model_dir)
-        code = version_code(m.version) if m else None
-        if code is not None:
-            values["active_model_version"] = code
         self.outbox.add_metrics([MetricPoint(k, float(v), now_ms_, 0) for k, v in values.items()], file_id=None)
         self._last_heartbeat_ms = now_ms_
         return True
