@@ -60,11 +60,12 @@ class Admin:
         self.url = url.rstrip("/")
         self.session = requests.Session()
         self.session.auth = (username, password)
-        self.session.verify = verify
+        # per request, not on the session: requests lets REQUESTS_CA_BUNDLE override a session's verify
+        self.verify = verify
         self.timeout_s = 30.0
 
     def _call(self, method: str, path: str, what: str, ok: tuple[int, ...] = (200,), **kw: Any) -> dict[str, Any]:
-        resp = self.session.request(method, self.url + path, timeout=self.timeout_s, **kw)
+        resp = self.session.request(method, self.url + path, timeout=self.timeout_s, verify=self.verify, **kw)
         if resp.status_code not in ok:
             try:
                 message = resp.json().get("message", resp.text[:300])
