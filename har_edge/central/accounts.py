@@ -81,13 +81,20 @@ class Admin:
 
     def user_exists(self, username: str) -> bool:
         body = self._call(
-            "GET", "/api/2.0/mlflow/users/get", f"looking up user {username!r}", ok=(200, 404), params={"username": username}
+            "GET",
+            "/api/2.0/mlflow/users/get",
+            f"looking up user {username!r}",
+            ok=(200, 404),
+            params={"username": username},
         )
         return bool(body["_status"] == 200)
 
     def create_user(self, username: str, password: str) -> None:
         self._call(
-            "POST", "/api/2.0/mlflow/users/create", f"creating user {username!r}", json={"username": username, "password": password}
+            "POST",
+            "/api/2.0/mlflow/users/create",
+            f"creating user {username!r}",
+            json={"username": username, "password": password},
         )
 
     def set_password(self, username: str, password: str) -> None:
@@ -125,7 +132,12 @@ class Admin:
             "POST",
             "/api/3.0/mlflow/users/permissions/grant",
             f"granting {permission} on experiment {experiment_id} to {username!r}",
-            json={"username": username, "resource_type": "experiment", "resource_id": experiment_id, "permission": permission},
+            json={
+                "username": username,
+                "resource_type": "experiment",
+                "resource_id": experiment_id,
+                "permission": permission,
+            },
         )
 
     def permission(self, username: str, experiment_id: str) -> str:

@@ -22,10 +22,14 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from har_edge.central.errors import ServiceStartError
 from har_edge.central.process import free_port, port_open
 from har_edge.central.secrets_store import secret
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +161,21 @@ class Postgres:
     def running(self) -> bool:
         return (self.data_dir / "postmaster.pid").exists() and port_open(self.port)
 
-    def connect(self, database: str = "postgres", superuser: bool = True):  # type: ignore[no-untyped-def]
+    def connect(self, database: str = "postgres", superuser: bool = True) -> psycopg.Connection[Any]:
         """A psycopg connection (autocommit) as the superuser or the ``mlflow`` role."""
         import psycopg
 
-        user, pw = ("postgres", secret(self.root, "postgres-superuser-password")) if superuser else (ROLE, self.password)
+        user, pw = (
+            ("postgres", secret(self.root, "postgres-superuser-password")) if superuser else (ROLE, self.password)
+        )
         return psycopg.connect(
-            host="127.0.0.1", port=self.port, user=user, password=pw, dbname=database, autocommit=True, connect_timeout=5
+            host="127.0.0.1",
+            port=self.port,
+            user=user,
+            password=pw,
+            dbname=database,
+            autocommit=True,
+            connect_timeout=5,
         )
 
     def _ensure_databases(self) -> None:
@@ -171,15 +183,31 @@ class Postgres:
 
         with self.connect() as conn:
             if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (ROLE,)).fetchone() is None:
-                conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(ROLE), sql.Literal(self.password)))
+                conn.execute(
+                    sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(ROLE), sql.Literal(self.password))
+                )
             for db in DATABASES:
                 if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone() is None:
-                    conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(ROLE)))
+                    conn.execute(
+                        sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(ROLE))
+                    )
 
     def dump(self, database: str, dest: Path) -> Path:
         """``pg_dump -Fc`` of one database to ``dest`` (the backup docs/deploy.md describes)."""
         env = dict(os.environ, PGPASSWORD=self.password)
-        args = [str(self.bindir / "pg_dump"), "-h", "127.0.0.1", "-p", str(self.port), "-U", ROLE, "-Fc", "-f", str(dest), database]
+        args = [
+            str(self.bindir / "pg_dump"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            ROLE,
+            "-Fc",
+            "-f",
+            str(dest),
+            database,
+        ]
         res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
         if res.returncode != 0:
             raise ServiceStartError(f"pg_dump {database} failed: {res.stderr[-1000:]}")

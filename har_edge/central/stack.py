@@ -119,9 +119,7 @@ class CentralStack:
     def _version_bucket(self) -> None:
         """Bucket versioning: an overwritten or deleted artifact stays recoverable (docs/deploy.md)."""
         try:
-            self.s3_client().put_bucket_versioning(
-                Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"}
-            )
+            self.s3_client().put_bucket_versioning(Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"})
         except Exception as exc:  # a store without versioning still works; the backup section says so
             log.warning("could not turn on versioning of bucket %s: %s", self.bucket, exc)
 

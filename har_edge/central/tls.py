@@ -12,13 +12,17 @@ import ipaddress
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from har_edge.central.mlflow_server import Tls
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 DEFAULT_NAMES = ("127.0.0.1", "localhost")
 
 
-def _san(names: Sequence[str]):  # type: ignore[no-untyped-def]
+def _san(names: Sequence[str]) -> x509.SubjectAlternativeName:
     from cryptography import x509
 
     out: list[x509.GeneralName] = []
@@ -42,7 +46,7 @@ def make_ca_and_server_cert(folder: Path, names: Sequence[str] = DEFAULT_NAMES, 
     if tls.cert.exists() and tls.key.exists() and tls.ca.exists():
         return tls
     folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
 
     def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         return key.private_bytes(
@@ -78,9 +82,7 @@ def make_ca_and_server_cert(folder: Path, names: Sequence[str] = DEFAULT_NAMES, 
         .add_extension(_san(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     for path, data in (

@@ -184,11 +184,7 @@ def render(status: FleetStatus) -> str:
     rows = [("DEVICE", "HEARTBEAT", "BACKLOG", "MODEL", "MONITOR", "STATE")]
     for d in status.devices:
         b = d.backlog
-        backlog = (
-            f"{b.get('backlog_files', 0):.0f} files / {b.get('backlog_points', 0):.0f} pts"
-            if b
-            else "-"
-        )
+        backlog = f"{b.get('backlog_files', 0):.0f} files / {b.get('backlog_points', 0):.0f} pts" if b else "-"
         mon = ", ".join(f"{v} {k}" for k, v in d.monitor.items()) or "-"
         state = "SILENT" if d.silent else "ok"
         if d.monitor.get("alert"):
@@ -246,6 +242,4 @@ def register(
         parents,
     )
     st.add_argument("--json", action="store_true", help="one JSON document instead of the table")
-    st.add_argument(
-        "--silent-after", type=float, metavar="SECONDS", help="override fleet.silent_after_s for this call"
-    )
+    st.add_argument("--silent-after", type=float, metavar="SECONDS", help="override fleet.silent_after_s for this call")
