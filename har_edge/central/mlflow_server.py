@@ -84,7 +84,7 @@ class MlflowCentral:
         host: str = "127.0.0.1",
         workers: int = 2,
         auth: bool = True,
-        auth_cache_ttl_s: int = 0,
+        auth_cache_ttl_s: int = 300,
         tls: Tls | None = None,
     ) -> None:
         self.root = Path(root).resolve()

@@ -46,8 +46,10 @@ class StackOptions:
     s3_port: int | None = None
     workers: int = 2
     auth: bool = True
-    #: seconds a worker trusts a checked password (MLflow's ``auth_cache_ttl_seconds``; 0: hash every request)
-    auth_cache_ttl_s: int = 0
+    #: seconds a worker trusts a checked password (MLflow's ``auth_cache_ttl_seconds``; 0: check every request).
+    #: Each check is a scrypt hash, measured 0.40 s of CPU here: without the cache every request pays it.
+    #: A changed or deleted password may keep working on other workers for this long.
+    auth_cache_ttl_s: int = 300
     tls: bool = False
     bucket: str = DEFAULT_BUCKET
 
