@@ -71,10 +71,15 @@ def stack():
     root = Path(tempfile.mkdtemp(prefix="har-central-test-"))
     os.chmod(root, 0o755)
     st = CentralStack(root / "stack", StackOptions(workers=2, tls=True))
-    with st:
+    try:
+        st.start()
         PASSWORDS.extend([st.admin_password, st.postgres.password, st.store.secret_key])
         yield st
-    shutil.rmtree(root, ignore_errors=True)
+    finally:  # the data is thrown away: no graceful stops (weed takes 20 s to leave on SIGTERM)
+        st.mlflow.stop()
+        st.store.stop(kill=True)
+        st.postgres.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _device(stack, tmp_path: Path, name: str) -> tuple[Path, object]:
@@ -236,7 +241,17 @@ def test_a_device_can_neither_read_nor_write_another_devices_experiment(stack, t
 
 def test_add_device_command_writes_a_private_settings_file(stack, tmp_path):
     out = tmp_path / "edge-07.toml"
-    exe = [sys.executable, "-m", "har_edge.central", "add-device", "edge-07", "--root", str(stack.root), "--out", str(out)]
+    exe = [
+        sys.executable,
+        "-m",
+        "har_edge.central",
+        "add-device",
+        "edge-07",
+        "--root",
+        str(stack.root),
+        "--out",
+        str(out),
+    ]
     res = subprocess.run(exe, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     OUTPUTS.append(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr
@@ -246,7 +261,9 @@ def test_add_device_command_writes_a_private_settings_file(stack, tmp_path):
     assert settings.device == "edge-07" and settings.sync.experiment == "har-edge/edge-07"
     assert settings.sync.server_cert_path == stack.ca_path and settings.sync.tracking_uri == stack.url
     # again: refused (the password would silently change), unless --rotate
-    again = subprocess.run(exe, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    again = subprocess.run(
+        exe, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120
+    )
     OUTPUTS.append(again.stdout + again.stderr)
     assert again.returncode == 1 and "already exists" in again.stderr and "--rotate" in again.stderr
 
@@ -269,8 +286,10 @@ def test_fleet_status_lists_devices_and_exits_1_when_one_is_silent(stack, tmp_pa
     assert me["backlog"]["backlog_files"] == 1  # as of the heartbeat, taken before the push
     assert me["monitor"] and sum(me["monitor"].values()) == 1
     assert 0 <= me["heartbeat_age_s"] < 300
-    code, out = _finish(_har_edge(*args, "--silent-after", "0.001", env=env))
+    code, out = _finish(_har_edge(*args, env={**env, "HAR_EDGE_FLEET__SILENT_AFTER_S": "0.001"}))
     assert code == 1 and "status-01" in json.loads(out[: out.rindex("}") + 1])["silent"]
+    code, out = _finish(_har_edge(*args, "--silent-after", "0.001", env=env))
+    assert code == 1
     code, out = _finish(_har_edge("fleet", "status", "--data-dir", str(tmp_path / "ops"), env=env))
     assert code == 0 and "status-01" in out and "silent for more than 60 min" in out
 
@@ -336,8 +355,9 @@ def test_an_object_store_outage_mid_push_loses_nothing_and_doubles_nothing(stack
         stack,
         tmp_path,
         "s3-outage",
-        started=lambda ob: sqlite_ids(ob, "SELECT count(*) FROM files WHERE artifact_delivered_ms IS NOT NULL")[0][0]
-        >= 1,
+        started=lambda ob: (
+            sqlite_ids(ob, "SELECT count(*) FROM files WHERE artifact_delivered_ms IS NOT NULL")[0][0] >= 1
+        ),
         cut=lambda: stack.store.stop(kill=True),
         restore=stack.store.start,
     )

@@ -60,3 +60,13 @@ def test_settings_are_frozen(tmp_path):
 def test_secrets_do_not_show_in_repr(tmp_path):
     s = load_settings(env={"HAR_EDGE_SYNC__PASSWORD": "hunter2", "HAR_EDGE_SYNC__TOKEN": "tok-123"}, data_dir=tmp_path)
     assert "hunter2" not in repr(s) and "tok-123" not in repr(s)
+
+
+def test_fleet_settings_defaults_env_and_bounds(tmp_path):
+    """``har-edge fleet status``: silent after an hour, verdicts over the newest 10 files, both settable."""
+    s = load_settings(env={}, data_dir=tmp_path)
+    assert s.fleet.silent_after_s == 3600 and s.fleet.recent_files == 10
+    s = load_settings(env={"HAR_EDGE_FLEET__SILENT_AFTER_S": "90", "HAR_EDGE_FLEET__RECENT_FILES": "3"})
+    assert s.fleet.silent_after_s == 90 and s.fleet.recent_files == 3
+    with pytest.raises(ConfigError, match="fleet.silent_after_s"):
+        load_settings(env={"HAR_EDGE_FLEET__SILENT_AFTER_S": "0"})
