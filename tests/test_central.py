@@ -196,32 +196,32 @@ def test_a_device_can_neither_read_nor_write_another_devices_experiment(stack, t
             method, stack.url + path, auth=(account.username, account.password), verify=ca, timeout=30, **kw
         )
 
+    api, exp = "/api/2.0/mlflow", b.experiment_id
     # B writes its own run
-    r = call(b, "POST", "/api/2.0/mlflow/runs/create", json={"experiment_id": b.experiment_id, "start_time": 1})
+    r = call(b, "POST", f"{api}/runs/create", json={"experiment_id": exp, "start_time": 1})
     assert r.status_code == 200, r.text
     b_run = r.json()["run"]["info"]["run_id"]
-    assert call(b, "POST", "/api/2.0/mlflow/runs/log-metric",
-                json={"run_id": b_run, "key": "x", "value": 1.0, "timestamp": 1, "step": 0}).status_code == 200  # fmt: skip
+    metric = {"run_id": b_run, "key": "x", "value": 1.0, "timestamp": 1, "step": 0}
+    assert call(b, "POST", f"{api}/runs/log-metric", json=metric).status_code == 200
 
     # A, with its own valid account, is refused every one of these on B's experiment and run
+    grant = {"username": "box-a", "resource_type": "experiment", "resource_id": exp, "permission": "MANAGE"}
     refused = {
-        "get the experiment": call(a, "GET", "/api/2.0/mlflow/experiments/get", params={"experiment_id": b.experiment_id}),
-        "create a run": call(a, "POST", "/api/2.0/mlflow/runs/create", json={"experiment_id": b.experiment_id}),
-        "read a run": call(a, "GET", "/api/2.0/mlflow/runs/get", params={"run_id": b_run}),
-        "log a metric": call(a, "POST", "/api/2.0/mlflow/runs/log-metric",
-                             json={"run_id": b_run, "key": "x", "value": 9.0, "timestamp": 2, "step": 0}),
-        "set a tag": call(a, "POST", "/api/2.0/mlflow/runs/set-tag", json={"run_id": b_run, "key": "k", "value": "v"}),
-        "delete the run": call(a, "POST", "/api/2.0/mlflow/runs/delete", json={"run_id": b_run}),
-        "rename the experiment": call(a, "POST", "/api/2.0/mlflow/experiments/update",
-                                      json={"experiment_id": b.experiment_id, "new_name": "stolen"}),
-        "grant itself access": call(a, "POST", "/api/3.0/mlflow/users/permissions/grant",
-                                    json={"username": "box-a", "resource_type": "experiment",
-                                          "resource_id": b.experiment_id, "permission": "MANAGE"}),
-        "create a user": call(a, "POST", "/api/2.0/mlflow/users/create", json={"username": "x", "password": "y"}),
-        "upload an artifact": call(a, "PUT",
-                                   f"/api/2.0/mlflow-artifacts/artifacts/{b.experiment_id}/{b_run}/artifacts/evil.txt",
-                                   data=b"evil"),
-    }  # fmt: skip
+        "get the experiment": call(a, "GET", f"{api}/experiments/get", params={"experiment_id": exp}),
+        "create a run": call(a, "POST", f"{api}/runs/create", json={"experiment_id": exp}),
+        "read a run": call(a, "GET", f"{api}/runs/get", params={"run_id": b_run}),
+        "log a metric": call(a, "POST", f"{api}/runs/log-metric", json={**metric, "value": 9.0, "timestamp": 2}),
+        "set a tag": call(a, "POST", f"{api}/runs/set-tag", json={"run_id": b_run, "key": "k", "value": "v"}),
+        "delete the run": call(a, "POST", f"{api}/runs/delete", json={"run_id": b_run}),
+        "rename the experiment": call(
+            a, "POST", f"{api}/experiments/update", json={"experiment_id": exp, "new_name": "stolen"}
+        ),
+        "grant itself access": call(a, "POST", "/api/3.0/mlflow/users/permissions/grant", json=grant),
+        "create a user": call(a, "POST", f"{api}/users/create", json={"username": "x", "password": "y"}),
+        "upload an artifact": call(
+            a, "PUT", f"/api/2.0/mlflow-artifacts/artifacts/{exp}/{b_run}/artifacts/evil.txt", data=b"evil"
+        ),
+    }
     assert {what: r.status_code for what, r in refused.items()} == {what: 403 for what in refused}
     # a search is answered, with B's runs filtered out
     found = call(a, "POST", "/api/2.0/mlflow/runs/search", json={"experiment_ids": [b.experiment_id]})
@@ -269,7 +269,7 @@ def test_add_device_command_writes_a_private_settings_file(stack, tmp_path):
 
 
 def test_fleet_status_lists_devices_and_exits_1_when_one_is_silent(stack, tmp_path):
-    data, account = _device(stack, tmp_path, "status-01")
+    data, _ = _device(stack, tmp_path, "status-01")
     ob = Outbox(data / "outbox.sqlite")
     add_file(ob, 7, minutes=3)
     code, out = _finish(_har_edge("sync", "once", "--data-dir", str(data)))

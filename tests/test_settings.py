@@ -68,5 +68,5 @@ def test_fleet_settings_defaults_env_and_bounds(tmp_path):
     assert s.fleet.silent_after_s == 3600 and s.fleet.recent_files == 10
     s = load_settings(env={"HAR_EDGE_FLEET__SILENT_AFTER_S": "90", "HAR_EDGE_FLEET__RECENT_FILES": "3"})
     assert s.fleet.silent_after_s == 90 and s.fleet.recent_files == 3
-    with pytest.raises(ConfigError, match="fleet.silent_after_s"):
+    with pytest.raises(ConfigError, match=r"fleet\.silent_after_s"):
         load_settings(env={"HAR_EDGE_FLEET__SILENT_AFTER_S": "0"})
