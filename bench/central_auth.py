@@ -155,6 +155,8 @@ def main() -> int:
         for mode in ("off", "on", "cached"):
             results[mode] = measure(stack, mode, top / "devices", args.files, args.minutes, args.requests)
             print(f"{mode}: {results[mode]}", flush=True)
+        sizes = storage_figures(stack)
+        print(f"storage: {sizes}", flush=True)
     finally:
         stack.mlflow.stop()
         stack.store.stop(kill=True)
@@ -171,7 +173,42 @@ def main() -> int:
         ("push_wall_s", f"push of {args.files} files, wall s"),
     ):
         print(f"| {label} | " + " | ".join(f"{results[m][key]:.3g}" for m in ("off", "on", "cached")) + " |")
+    print(
+        f"\nstorage: {sizes['pg_bytes_per_metric_row']:.0f} bytes per metric row in PostgreSQL "
+        f"(table + indexes, {sizes['metric_rows']:.0f} rows); {sizes['csv_bytes_per_window']:.0f} bytes per window "
+        f"in predictions.csv; MLflow RSS {sizes['mlflow_rss_mb']:.0f} MB ({args.workers} workers + supervisor)"
+    )
     return 0
+
+
+def storage_figures(stack: CentralStack) -> dict[str, float]:
+    """Bytes per stored metric row, per window of the predictions CSVs, and the server's memory."""
+    import psutil
+
+    with stack.postgres.connect("mlflow") as conn:
+        rows = conn.execute("SELECT count(*) FROM metrics").fetchone()
+        size = conn.execute("SELECT pg_total_relation_size('metrics')").fetchone()
+    assert rows is not None and size is not None
+    s3 = stack.s3_client()
+    csv_bytes = 0
+    windows = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith("predictions.csv"):
+                body = s3.get_object(Bucket=stack.bucket, Key=obj["Key"])["Body"].read()
+                csv_bytes += len(body)
+                windows += body.count(b"\n") - 1
+    pid = stack.pids()["mlflow"]
+    rss = 0.0
+    if pid:
+        top = psutil.Process(pid)
+        rss = sum(p.memory_info().rss for p in [top, *top.children(recursive=True)]) / 1e6
+    return {
+        "metric_rows": float(rows[0]),
+        "pg_bytes_per_metric_row": size[0] / max(1, rows[0]),
+        "csv_bytes_per_window": csv_bytes / max(1, windows),
+        "mlflow_rss_mb": rss,
+    }
 
 
 if __name__ == "__main__":

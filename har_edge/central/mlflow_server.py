@@ -184,9 +184,10 @@ class MlflowCentral:
         except OSError:
             return False
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (uvicorn drains open connections), SIGKILL after ``timeout_s``."""
         if self.service is not None:
-            self.service.stop()
+            self.service.stop(timeout_s)
 
     def pids(self) -> list[int]:
         """The server's process tree (uvicorn's supervisor and its workers), for CPU accounting."""
