@@ -294,6 +294,28 @@ def test_fleet_status_lists_devices_and_exits_1_when_one_is_silent(stack, tmp_pa
     assert "silent for more than 0 s (fleet.silent_after_s)" in out
 
 
+def test_backup_command_dumps_both_databases_restorably(stack, tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "har_edge.central", "backup", str(tmp_path / "bk"), "--root", str(stack.root)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    OUTPUTS.append(res.stdout + res.stderr)
+    assert res.returncode == 0, res.stderr
+    dumps = sorted((tmp_path / "bk").glob("*.dump"))
+    assert [d.name.split("-")[0] for d in dumps] == ["mlflow", "mlflow_auth"]
+    listing = subprocess.run(
+        [str(stack.postgres.bindir / "pg_restore"), "--list", str(dumps[0])], capture_output=True, text=True
+    )
+    assert listing.returncode == 0 and "TABLE DATA public metrics" in listing.stdout
+    auth = subprocess.run(
+        [str(stack.postgres.bindir / "pg_restore"), "--list", str(dumps[1])], capture_output=True, text=True
+    )
+    assert "TABLE DATA public users" in auth.stdout
+
+
 def _push_through_an_outage(stack, tmp_path, name: str, *, started, cut, restore) -> None:
     """Push a backlog in a thread, cut a service once ``started(outbox)``, see the pass fail, restore, push again."""
     data, account = _device(stack, tmp_path, name)
