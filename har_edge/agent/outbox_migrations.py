@@ -29,6 +29,7 @@ from har_edge.agent.outbox_schema import (
     flagged_windows,
     inbox_seen,
     metadata,
+    raw_custody,
     retrain_requests,
     schema_version,
     sync_failures,
@@ -71,6 +72,16 @@ def _v2(conn: Connection) -> None:
     _add_columns(conn, "files", {"error_stage": "VARCHAR(16)", "monitor_status": "VARCHAR(16)", "monitor_json": "TEXT"})
 
 
+def _placeholder(conn: Connection) -> None:
+    """Versions 3 and 4 belong to other branches being merged; on this branch they change nothing."""
+
+
+def _v5(conn: Connection) -> None:
+    raw_custody.create(conn, checkfirst=True)
+    for ix in raw_custody.indexes:
+        ix.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(
         2,
@@ -78,6 +89,9 @@ MIGRATIONS: list[Migration] = [
         "files.error_stage, monitor_status, monitor_json",
         _v2,
     ),
+    Migration(3, "reserved for another branch (no change here)", _placeholder),
+    Migration(4, "reserved for another branch (no change here)", _placeholder),
+    Migration(5, "raw_custody (raw exports delivered to sync.raw_store)", _v5),
 ]
 
 #: the version this code writes

@@ -186,3 +186,31 @@ retrain_requests = Table(
     Column("files_json", Text, nullable=False),  # [{file_id, name, sha256, status, reasons}]
     Column("delivered_ms", BigInteger),
 )
+
+#: v5: raw custody, one row per file in archive/ (har_edge.sync.custody): its checksum and its upload to
+#: ``sync.raw_store``; retention deletes a file only once its row is ``delivered`` to the configured store
+raw_custody = Table(
+    "raw_custody",
+    metadata,
+    # the file, relative to archive/ (posix); size and mtime say it is still the file that was hashed
+    Column("path", Text, primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("found_ms", BigInteger, nullable=False),
+    # pending | uploading (a multipart upload or a partial copy is under way) | delivered
+    Column("state", String(16), nullable=False),
+    Column("store", Text),  # the raw_store URL the upload went (or goes) to
+    Column("object_key", Text),  # the object's key (S3) or path (folder) inside the store
+    Column("upload_id", Text),  # S3 multipart upload id
+    Column("part_size", BigInteger),
+    # parts the store acknowledged: [[number, etag, sha256 (base64)], ...]
+    Column("parts_json", Text),
+    Column("bytes_done", BigInteger, nullable=False, default=0),
+    Column("delivered_ms", BigInteger),
+    Column("checksum", Text),  # what the store reported and was compared (etag / sha256) at delivery
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+)
+Index("raw_custody_state", raw_custody.c.state, raw_custody.c.store)
+Index("raw_custody_sha", raw_custody.c.sha256)

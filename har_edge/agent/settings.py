@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from har_edge.agent.errors import ConfigError
 
@@ -181,6 +181,30 @@ class SyncSettings(_Section):
         False,
         description="upload the windows of alerting files with a retraining request (.npz); off: raw data stays here",
     )
+    # -- raw custody (har_edge.sync.custody): archived raw exports -> the study's store -----------------
+    raw_store: str | None = Field(
+        None,
+        description="copy every archived raw export here, checksummed and resumable, before retention may delete "
+        "it: s3://bucket[/prefix] (also a DVC remote's s3 URL) or an absolute folder / file:// URL (a DVC local "
+        "remote); unset: no custody",
+    )
+    raw_store_endpoint_url: str | None = Field(
+        None, description="S3 endpoint of raw_store (MinIO, SeaweedFS, ...); default AWS_ENDPOINT_URL, else AWS"
+    )
+    raw_store_region: str | None = Field(None, description="S3 region of raw_store; default AWS_REGION, else us-east-1")
+    raw_store_access_key_id: str | None = Field(
+        None, repr=False, description="S3 access key of raw_store; default AWS_ACCESS_KEY_ID / the AWS config"
+    )
+    raw_store_secret_access_key: str | None = Field(
+        None, repr=False, description="S3 secret key of raw_store; default AWS_SECRET_ACCESS_KEY / the AWS config"
+    )
+    raw_store_part_mb: float = Field(
+        8.0, ge=5, le=5120, description="S3 multipart part size; an export up to this size is sent in one request"
+    )
+    raw_store_pass_s: float = Field(
+        120.0, gt=0, description="a custody pass starts no new part or file after this long (the rest waits)"
+    )
+    raw_store_interval_s: float = Field(60.0, gt=0, description="how often a custody pass runs")
     # -- health gate ------------------------------------------------------------
     health_files: int = Field(3, ge=1, description="files a new model must process before it is trusted")
     health_max_failed_share: float = Field(
@@ -197,6 +221,21 @@ class SyncSettings(_Section):
         description="file failures that cannot be the model's fault and do not count against it "
         "(comma-separated in HAR_EDGE_SYNC__HEALTH_IGNORED_ERROR_KINDS)",
     )
+
+    @field_validator("raw_store")
+    @classmethod
+    def _store_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if v.startswith("s3://"):
+            if not v[5:].split("/", 1)[0]:
+                raise ValueError("an s3:// store needs a bucket: s3://bucket[/prefix]")
+            return v.rstrip("/")
+        path = v[7:] if v.startswith("file://") else v
+        if "://" in path or not path.startswith("/"):
+            raise ValueError("give s3://bucket[/prefix], an absolute folder or a file:// URL")
+        return v
 
     @field_validator("health_ignored_error_kinds", mode="before")
     @classmethod
@@ -237,6 +276,14 @@ class Settings(_Section):
     sync: SyncSettings = SyncSettings()
     http: HttpSettings = HttpSettings()
     monitor: MonitorSettings = MonitorSettings()
+
+    @model_validator(mode="after")
+    def _custody_needs_archive(self) -> Settings:
+        if self.sync.raw_store is not None and not self.agent.archive:
+            raise ValueError(
+                "sync.raw_store needs agent.archive = true: raw custody uploads the exports kept in archive/"
+            )
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -328,7 +375,7 @@ def load_settings(config: Path | None = None, env: Mapping[str, str] | None = No
         where = f" (from {config} and HAR_EDGE_* variables)" if config else " (from HAR_EDGE_* variables)"
         lines = []
         for e in exc.errors():
-            key = ".".join(str(p) for p in e["loc"])
+            key = ".".join(str(p) for p in e["loc"]) or "settings"
             msg = "unknown setting" if e["type"] == "extra_forbidden" else e["msg"]
             lines.append(f"  {key}: {msg}")
         raise ConfigError("invalid settings" + where + ":\n" + "\n".join(lines)) from None
