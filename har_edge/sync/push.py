@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from har_edge.agent import __version__
+from har_edge.agent.acknowledged import custody_backlog
 from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
 from har_edge.agent.settings import Settings
 from har_edge.sync import runs
@@ -252,6 +253,9 @@ class Pusher:
             "oldest_undelivered_age_s": max(0.0, (now_ms_ - b["oldest_ms"]) / 1000) if b["oldest_ms"] else 0.0,
             "disk_free_mb": shutil.disk_usage(self.settings.data_dir).free / 1e6,
         }
+        if self.settings.sync.raw_store:  # raw custody: archived files not yet verified in the store
+            cb = custody_backlog(self.outbox, self.settings.archive_dir, self.settings.sync.raw_store)
+            values |= {"custody_backlog_files": cb.files, "custody_backlog_mb": cb.bytes / 1e6}
         self.outbox.add_metrics([MetricPoint(k, float(v), now_ms_, 0) for k, v in values.items()], file_id=None)
         self._last_heartbeat_ms = now_ms_
         return True

@@ -192,6 +192,7 @@ class FolderStore:
                 os.fsync(out.fileno())
                 done += len(b)
                 item.sent += len(b)
+                item.parts_sent += 1
                 item.bytes_done = done
                 save(item)
         # the whole copy read back, prefix of an earlier pass included
