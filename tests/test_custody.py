@@ -254,7 +254,7 @@ with Outbox(settings.outbox_path) as ob:
 
 
 def _env(settings, s3) -> dict[str, str]:
-    store, bucket = s3
+    store = s3[0]
     return {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -334,7 +334,7 @@ def test_s3_a_file_damaged_during_its_upload_is_detected_and_never_delivered(tmp
         assert rep.delivered == 0 and len(rep.failed) == 1 and "changed since it was hashed" in rep.failed[0]
         assert rep.parts_sent == 2  # part 1 (its MD5 no longer the one the store holds) and part 4
         old_key = f"study-7/{object_key(row['sha256'])}"
-        with pytest.raises(Exception, match="NoSuchKey|Not Found|404"):
+        with pytest.raises(Exception, match=r"NoSuchKey|Not Found|404"):
             store.client().head_object(Bucket=bucket, Key=old_key)  # never completed under the old name
         with pytest.raises(Exception, match="NoSuchUpload"):
             store.client().list_parts(Bucket=bucket, Key=old_key, UploadId=row["upload_id"])  # aborted
@@ -400,9 +400,9 @@ def test_raw_store_settings_are_checked(tmp_path):
     assert s.sync.raw_store == "s3://bkt/a/b" and s.sync.raw_store_part_mb == 8 and s.sync.raw_store_pass_s == 120
     assert load_settings(env={}, data_dir=tmp_path).sync.raw_store is None
     for bad in ("relative/folder", "s3://", "gs://bucket"):
-        with pytest.raises(ConfigError, match="sync.raw_store"):
+        with pytest.raises(ConfigError, match=r"sync\.raw_store"):
             load_settings(env={"HAR_EDGE_SYNC__RAW_STORE": bad}, data_dir=tmp_path)
-    with pytest.raises(ConfigError, match="needs agent.archive = true"):
+    with pytest.raises(ConfigError, match=r"needs agent\.archive = true"):
         load_settings(
             env={"HAR_EDGE_SYNC__RAW_STORE": "/srv/raw", "HAR_EDGE_AGENT__ARCHIVE": "false"}, data_dir=tmp_path
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sqlalchemy import func, select
 
 from har_edge.agent import __version__
 from har_edge.agent.decode import open_export
@@ -28,6 +29,7 @@ from har_edge.agent.model import LoadedModel
 from har_edge.agent.monitor.accumulate import MonitorAccumulator
 from har_edge.agent.monitor.verdict import MonitorReport, judge
 from har_edge.agent.outbox import FileRecord, MetricPoint, Outbox, now_ms
+from har_edge.agent.outbox_schema import files
 from har_edge.agent.preprocess import StreamWindower, WindowSet, merge_quality
 from har_edge.agent.settings import AgentSettings, MonitorSettings
 from har_edge.agent.summary import iter_minute_points, summary_points
@@ -78,6 +80,13 @@ class _Inferred:
 StageListener = Callable[[str, int], None]
 
 
+def latest_window_ms(outbox: Outbox) -> int | None:
+    """The latest window start of any processed file in the outbox (None when there is none)."""
+    with outbox.engine.connect() as conn:
+        found = conn.execute(select(func.max(files.c.last_window_ms))).scalar()
+    return int(found) if found is not None else None
+
+
 class Processor:
     """Runs the pipeline for one export at a time against one outbox."""
 
@@ -101,8 +110,9 @@ class Processor:
         self.on_stage = on_stage
         #: wall and CPU seconds per stage of the last export processed (for benchmarks and logs)
         self.last_stages: dict[str, dict[str, float]] = {}
-        #: the latest sample time of the files processed so far (a plausibility reference for clocks)
-        self.last_data_ms: int | None = None
+        #: the latest sample time of the files processed so far (a plausibility reference for clocks); it
+        #: starts from the outbox's latest window time, so a restart does not forget it
+        self.last_data_ms: int | None = latest_window_ms(outbox)
         self._clock = _StageClock()
 
     def identify(self, paths: list[Path], sha256: str | None = None) -> Identity:
