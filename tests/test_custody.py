@@ -447,3 +447,38 @@ def _device_points(settings) -> list[tuple[str, float]]:
         return list(con.execute("SELECT key, value FROM metrics WHERE file_id IS NULL"))
     finally:
         con.close()
+
+
+def test_sync_run_delivers_the_archive_on_its_schedule(tmp_path):
+    store = tmp_path / "remote"
+    store.mkdir()
+    settings = _settings(tmp_path / "var", str(store))
+    data = os.urandom(3 * MIB)
+    _archive(settings, "a.fit", data)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HAR_EDGE_DATA_DIR": str(settings.data_dir),
+        "HAR_EDGE_SYNC__RAW_STORE": str(store),
+        "HAR_EDGE_SYNC__JITTER_S": "0",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "har_edge.cli", "sync", "run"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    dest = store / object_key(_sha(data))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not dest.exists() and proc.poll() is None:
+            time.sleep(0.2)
+        assert dest.exists(), "sync run did not deliver the archived file"
+        while time.monotonic() < deadline and _rows(settings)["2026-12-01/a.fit"]["state"] != "delivered":
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert dest.read_bytes() == data and _rows(settings)["2026-12-01/a.fit"]["state"] == "delivered"
+    assert "raw custody: archived exports to" in err
+    con = sqlite3.connect(settings.outbox_path)
+    assert con.execute("SELECT last_success_ms FROM sync_passes WHERE task = 'custody'").fetchone()[0] > 0
+    con.close()

@@ -36,7 +36,8 @@ def cmd_sync_run(settings: Settings, args: argparse.Namespace) -> int:
         reg = daemon.models.registry.display if daemon.models.registry else "none (sync.registry)"
         print(
             f"settings OK; push to {daemon.pusher.target.display} (experiment {settings.sync.experiment}); "
-            f"models from {reg}"
+            f"models from {reg}; raw custody to "
+            + (daemon.custody.store.display if daemon.custody else "none (sync.raw_store)")
         )
         return Exit.OK
     daemon.run(stop_event())
@@ -44,7 +45,7 @@ def cmd_sync_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_sync_once(settings: Settings, args: argparse.Namespace) -> int:
-    """One push and one pull; print what was delivered and fetched."""
+    """One push, one pull and (with sync.raw_store) one custody pass; print what was delivered and fetched."""
     from har_edge.sync.daemon import SyncDaemon
     from har_edge.sync.passes import record
 
@@ -80,6 +81,17 @@ def cmd_sync_once(settings: Settings, args: argparse.Namespace) -> int:
     elif pull.error is not None:
         print(f"models: {pull.error}")
         code = Exit.UNREACHABLE if isinstance(pull.error, RegistryError) else (code or Exit.FAILED)
+    if daemon.custody is not None:  # raw custody (sync.raw_store): one pass
+        custody = record(daemon.outbox, "custody", daemon.custody_job(now))
+        if custody.report is not None:
+            print(f"raw custody to {daemon.custody.store.display}: {custody.report.summary()}")
+            for item in custody.report.failed[:20]:
+                print(f"  not delivered: {item}")
+        if custody.error is not None:
+            if custody.report is None:
+                print(f"raw custody: {custody.error}")
+            unreachable = isinstance(custody.error, (ServerUnreachable, ServerAccessDenied))
+            code = code or (Exit.UNREACHABLE if unreachable else Exit.FAILED)
     return code
 
 

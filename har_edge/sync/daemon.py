@@ -219,6 +219,12 @@ class SyncDaemon:
             self.settings.sync.pull_interval_s,
             self.models.registry.display if self.models.registry else "no registry",
         )
+        if self.custody is not None:
+            log.info(
+                "raw custody: archived exports to %s every %.0f s",
+                self.custody.store.display,
+                self.settings.sync.raw_store_interval_s,
+            )
         try:
             self.stop.wait()
         finally:
