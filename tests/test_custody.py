@@ -482,3 +482,28 @@ def test_sync_run_delivers_the_archive_on_its_schedule(tmp_path):
     con = sqlite3.connect(settings.outbox_path)
     assert con.execute("SELECT last_success_ms FROM sync_passes WHERE task = 'custody'").fetchone()[0] > 0
     con.close()
+
+
+def test_a_mismatch_is_a_counted_sync_failure_and_the_next_pass_delivers(tmp_path):
+    store = tmp_path / "remote"
+    store.mkdir()
+    settings = _settings(tmp_path / "var", str(store))
+    data = os.urandom(100_000)
+    _archive(settings, "a.fit", data)
+    dest = store / object_key(_sha(data))
+    dest.parent.mkdir(parents=True)
+    # a partial copy left by an earlier run, complete in size but with other bytes
+    dest.with_name(f"{dest.name}.partial-{settings.device}").write_bytes(os.urandom(len(data)))
+    daemon = SyncDaemon(settings)
+    result = record(daemon.outbox, "custody", daemon.custody_job(1e9))
+    assert result.report is not None and len(result.report.failed) == 1 and result.error is not None
+    assert result.error.kind == "custody_mismatch" and not dest.exists()
+    con = sqlite3.connect(settings.outbox_path)
+    count = "SELECT count FROM sync_failures WHERE task = 'custody' AND kind = 'custody_mismatch'"
+    assert con.execute(count).fetchone() == (1,)
+    result = record(daemon.outbox, "custody", daemon.custody_job(1e9 + 60))  # no back-off for a file's mismatch
+    assert result.error is None and result.report is not None and result.report.delivered == 1
+    assert dest.read_bytes() == data
+    assert con.execute("SELECT last_success_ms FROM sync_passes WHERE task = 'custody'").fetchone()[0] > 0
+    con.close()
+    daemon.outbox.close()

@@ -52,6 +52,7 @@ class CustodyReport:
     parts_sent: int = 0
     deferred: bool = False  # the pass's time ran out (or it was stopped) with files left
     failed: list[str] = field(default_factory=list)  # "<file>: <why>" for mismatches and refused items
+    first_error: Exception | None = None  # the first of those (its kind is what sync_failures counts)
     backlog: CustodyBacklog | None = None
 
     @property
@@ -61,7 +62,7 @@ class CustodyReport:
     def summary(self) -> str:
         parts = [
             f"{self.delivered} file(s) delivered ({self.already_there} already in the store)",
-            f"{self.bytes_sent / 1e6:.1f} MB in {self.parts_sent} request(s)",
+            f"{self.bytes_sent / 1e6:.1f} MB in {self.parts_sent} part(s)",
         ]
         if self.failed:
             parts.append(f"{len(self.failed)} failed")
@@ -123,12 +124,14 @@ class Custody:
                     log.warning("raw custody: %s", exc)
                     self._note(rel, str(exc), reset=True)
                     report.failed.append(f"{rel}: {exc}")
+                    report.first_error = report.first_error or exc
                 except FileNotFoundError:
                     continue  # retention or a person removed it meanwhile: forgotten on the next pass
                 except (OSError, SyncError) as exc:
                     log.warning("raw custody: %s could not be delivered: %s", rel, exc)
                     self._note(rel, str(exc))
                     report.failed.append(f"{rel}: {exc}")
+                    report.first_error = report.first_error or exc
             report.backlog = self.backlog()
         if report.delivered_anything or report.failed:
             log.info("raw custody to %s: %s", self.store.display, report.summary())

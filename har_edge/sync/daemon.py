@@ -149,8 +149,8 @@ class SyncDaemon:
             log.exception("raw custody failed unexpectedly; next attempt in %.0f s", delay)
             return JobResult(True, error=exc, retry_in_s=delay)
         self.custody_backoff.succeeded()
-        if report.failed:
-            err = CustodyMismatch(f"{len(report.failed)} file(s) not delivered: {report.failed[0]}")
+        if report.failed:  # counted under the first failure's kind (custody_mismatch, sync, ...)
+            err = report.first_error or CustodyMismatch(report.failed[0])
             return JobResult(True, report=report, error=err)
         return JobResult(True, report=report)
 
