@@ -507,3 +507,44 @@ def test_a_mismatch_is_a_counted_sync_failure_and_the_next_pass_delivers(tmp_pat
     assert con.execute("SELECT last_success_ms FROM sync_passes WHERE task = 'custody'").fetchone()[0] > 0
     con.close()
     daemon.outbox.close()
+
+
+def _as_if_killed_before_the_delivered_commit(settings, rel: str, upload_id: str | None, bytes_done: int) -> None:
+    con = sqlite3.connect(settings.outbox_path)
+    con.execute(
+        "UPDATE raw_custody SET state = 'uploading', upload_id = ?, bytes_done = ?, delivered_ms = NULL, "
+        "checksum = NULL WHERE path = ?",
+        (upload_id, bytes_done, rel),
+    )
+    con.commit()
+    con.close()
+
+
+def test_s3_an_upload_completed_just_before_a_kill_is_not_sent_again(tmp_path, s3):
+    settings = _s3_settings(tmp_path, s3, raw_store_part_mb=5)
+    data = os.urandom(11 * MIB)
+    _archive(settings, "k.fit", data)
+    with Outbox(settings.outbox_path) as ob:
+        c = Custody(settings, ob)
+        ids = []
+        real_save = c._save
+        c._save = lambda item: (ids.append(item.upload_id), real_save(item))
+        assert c.run().delivered == 1
+        _as_if_killed_before_the_delivered_commit(settings, "2026-12-01/k.fit", ids[-1], len(data))
+        assert not custody_delivered(ob, settings.archive_dir, settings.archive_dir / "2026-12-01/k.fit", c.store.url)
+        rep = Custody(settings, ob).run()
+    assert rep.delivered == 1 and rep.parts_sent == 0 and rep.bytes_sent == 0
+    assert _rows(settings)["2026-12-01/k.fit"]["state"] == "delivered"
+
+
+def test_folder_a_copy_renamed_just_before_a_kill_is_not_copied_again(tmp_path):
+    store = tmp_path / "remote"
+    store.mkdir()
+    settings = _settings(tmp_path / "var", str(store))
+    data = os.urandom(300_000)
+    _archive(settings, "k.fit", data)
+    with Outbox(settings.outbox_path) as ob:
+        assert Custody(settings, ob).run().delivered == 1
+        _as_if_killed_before_the_delivered_commit(settings, "2026-12-01/k.fit", None, len(data))
+        rep = Custody(settings, ob).run()
+    assert rep.delivered == 1 and rep.bytes_sent == 0

@@ -199,7 +199,7 @@ class SyncSettings(_Section):
         None, repr=False, description="S3 secret key of raw_store; default AWS_SECRET_ACCESS_KEY / the AWS config"
     )
     raw_store_part_mb: float = Field(
-        8.0, ge=5, le=5120, description="S3 multipart part size; an export up to this size is sent in one request"
+        8.0, ge=5, le=512, description="S3 multipart part size (held in memory); an export up to it goes in one request"
     )
     raw_store_pass_s: float = Field(
         120.0, gt=0, description="a custody pass starts no new part or file after this long (the rest waits)"

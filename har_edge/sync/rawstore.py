@@ -172,6 +172,10 @@ class FolderStore:
         dest = self._dest(item)
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(f"{dest.name}.partial-{_safe(item.device)}")
+        if item.bytes_done and not partial.exists():  # renamed into place just before a kill?
+            found = self.present(item)
+            if found is not None:
+                return found
         chunk = item.part_size or 8 * CHUNK
         with open(partial, "ab") as out, open(item.path, "rb") as src:
             done = out.tell()

@@ -131,9 +131,12 @@ class S3Store:
         held: dict[int, str] = {}
         if item.upload_id:
             listed = self._listed_parts(item)
-            if listed is None:
-                log.info("raw store: the upload of %s expired or was aborted; starting it again", item.rel)
+            if listed is None:  # completed just before a kill (before the outbox knew), expired or aborted
                 _reset(item)
+                found = self.present(item)
+                if found is not None:
+                    return found
+                log.info("raw store: the upload of %s expired or was aborted; starting it again", item.rel)
             else:
                 held = listed
         if not item.upload_id:
