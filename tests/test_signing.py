@@ -418,7 +418,7 @@ def test_har_train_keygen_and_release_sign_and_never_show_the_private_key(tmp_pa
     reg = RegistryRepo(tmp_path / "registry")
     params = synthetic_params(tmp_path / "trainer", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     out_logs = [gen.stdout + gen.stderr]
-    for n, how in enumerate(("file", "env")):
+    for n, how in enumerate(("file", "env", "params")):
         version = release_version(n)
         folder = make_model_folder(tmp_path / f"model-{version}", version)
         run_env = dict(env)
@@ -426,8 +426,10 @@ def test_har_train_keygen_and_release_sign_and_never_show_the_private_key(tmp_pa
         args += ["--remote", str(reg.store)]
         if how == "file":
             args += ["--signing-key", str(key_file)]
-        else:
+        elif how == "env":
             run_env["HAR_TRAIN_SIGNING_KEY"] = key_file.read_text()
+        else:
+            args[len(train) : len(train)] = ["--set", f"release.signing_key={key_file}"]
         res = _run(args, cwd=tmp_path, env=run_env)
         assert res.returncode == 0, res.stderr[-3000:]
         result = json.loads(res.stdout[res.stdout.index("{") :])
@@ -446,8 +448,9 @@ def test_har_train_keygen_and_release_sign_and_never_show_the_private_key(tmp_pa
     # the device trusts the .pub file: both signed releases verify; the newest is activated
     shutil.copy(pub_file, data_dir / "release.pub")
     mm = _manager(data_dir, reg, trusted_keys=["release.pub"])
-    assert mm.update(time.time()).activated == V1
-    assert dict(mm.signature_states())[V1].state == "trusted"
+    assert mm.update(time.time()).activated == V2
+    states = dict(mm.signature_states())
+    assert states[V2].state == "trusted" and states[V2].key_id == kid
 
     # the private key appears nowhere: not in any output or log, not in the registry, its remote or the DVC store
     pem = key_file.read_text()
