@@ -495,3 +495,28 @@ def test_a_release_without_a_key_is_unsigned_with_a_warning(tmp_path, data_dir, 
     assert not (reg.work / "models" / MODEL_NAME / SIGNATURE_FILE).exists()
     mm = _manager(data_dir, reg, trusted_keys=[Key().inline])
     assert "signature unsigned" in _refused_only(mm.update(time.time()), V0)
+
+
+def test_a_bad_private_key_is_named_without_echoing_it(tmp_path, caplog):
+    from har_edge.trainer.errors import ReleaseError
+    from har_edge.trainer.keys import ENV_KEY, load_signing_key
+
+    secret = "-----BEGIN PRIVATE KEY-----\nTOPSECRETxMATERIALxTHATxISxNOTxAxKEY\n-----END PRIVATE KEY-----\n"
+    with pytest.raises(ConfigError) as err:
+        load_signing_key(None, {ENV_KEY: secret})
+    assert f"${ENV_KEY} is not an unencrypted ed25519 private key" in str(err.value)
+    assert "TOPSECRET" not in str(err.value)
+    assert load_signing_key("", {}) is None  # no key: an unsigned release (warned at release)
+    loose = tmp_path / "loose.key"
+    key = Ed25519PrivateKey.generate()
+    loose.write_text(key.private_bytes_raw().hex())  # neither PEM nor base64
+    with pytest.raises(ConfigError, match=r"loose\.key is not an unencrypted ed25519 private key") as err:
+        load_signing_key(loose, {})
+    assert key.private_bytes_raw().hex() not in str(err.value)
+    loose.write_text(base64.b64encode(key.private_bytes_raw()).decode())
+    loose.chmod(0o644)
+    caplog.set_level(logging.WARNING, logger="har_edge.trainer.keys")
+    assert key_id(load_signing_key(loose, {}).public_key()) == key_id(key.public_key())
+    assert any("readable by others (mode 644): chmod 600 it" in m for m in caplog.messages)
+    with pytest.raises(ReleaseError, match="cannot be read"):
+        load_signing_key(tmp_path / "absent.key", {})
