@@ -71,6 +71,20 @@ def _v2(conn: Connection) -> None:
     _add_columns(conn, "files", {"error_stage": "VARCHAR(16)", "monitor_status": "VARCHAR(16)", "monitor_json": "TEXT"})
 
 
+def _v3(conn: Connection) -> None:
+    _add_columns(
+        conn,
+        "files",
+        {
+            "utc_offset_s": "INTEGER",
+            "utc_offset_source": "VARCHAR(40)",
+            "summary_json": "TEXT",
+            "pages_ms": "BIGINT",
+            "daily_ms": "BIGINT",
+        },
+    )
+
+
 MIGRATIONS: list[Migration] = [
     Migration(
         2,
@@ -78,6 +92,7 @@ MIGRATIONS: list[Migration] = [
         "files.error_stage, monitor_status, monitor_json",
         _v2,
     ),
+    Migration(3, "files.utc_offset_s, utc_offset_source, summary_json, pages_ms, daily_ms", _v3),
 ]
 
 #: the version this code writes

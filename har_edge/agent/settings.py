@@ -223,6 +223,11 @@ class HttpSettings(_Section):
 class Settings(_Section):
     data_dir: Path = Field(Path("var"), description="holds inbox, archive, quarantine, outbox, models, logs")
     device_id: str = Field("", description="default: the host name")
+    timezone: str = Field(
+        "UTC",
+        description="IANA time zone of the device's wearer (e.g. Europe/Berlin): local times on the MLflow pages "
+        "of exports that state no UTC offset themselves",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
     # -- log file (har_edge.agent.logs): `agent run` and `sync run` also log to a rotated file -------------
@@ -237,6 +242,17 @@ class Settings(_Section):
     sync: SyncSettings = SyncSettings()
     http: HttpSettings = HttpSettings()
     monitor: MonitorSettings = MonitorSettings()
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}: use an IANA name such as Europe/Berlin or UTC") from None
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod
