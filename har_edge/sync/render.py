@@ -77,9 +77,11 @@ def draw_timeline(job: dict[str, Any], folder: Path) -> None:
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(14, 2.2 + 0.38 * n + 1.8), sharex=True, gridspec_kw={"height_ratios": [max(n, 2), 2.2]}
     )
+    per_label: dict[int, list[tuple[float, float]]] = {}
     for i, t0, t1 in _segments(local_ms, label, step_ms):
-        row = n - 1 - i
-        top.broken_barh([(_days(t0), _days(t1 - t0))], (row - 0.4, 0.8), facecolors=colour(i), linewidth=0)
+        per_label.setdefault(i, []).append((float(_days(t0)), float(_days(t1 - t0))))
+    for i, bars in per_label.items():  # one collection per activity: thousands of segments stay cheap
+        top.broken_barh(bars, (n - 1 - i - 0.4, 0.8), facecolors=colour(i), linewidth=0)
     top.set_yticks(range(n), labels[::-1])
     top.set_ylim(-0.6, n - 0.4)
     top.grid(axis="x", color="#dddddd", linewidth=0.6)
