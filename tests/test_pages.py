@@ -162,7 +162,9 @@ def test_a_file_run_shows_its_timeline_table_description_and_the_recording_span(
     assert _artifact_names(p, row.run_id) == ["activity_summary.json", "predictions.csv", "timeline.png"]
     dl = Path(p.client.download_artifacts(row.run_id, "timeline.png", str(tmp_path / "dl")))
     assert dl.read_bytes().startswith(PNG)
-    table = json.loads(Path(p.client.download_artifacts(row.run_id, "activity_summary.json", str(tmp_path))).read_text())
+    table = json.loads(
+        Path(p.client.download_artifacts(row.run_id, "activity_summary.json", str(tmp_path))).read_text()
+    )
     assert table["columns"] == ["activity", "minutes", "share", "mean_confidence"]
     minutes = sum(r[1] for r in table["data"])
     assert 16 < minutes < 18.1  # 20 min minus the 2 min gap and the windows around it
@@ -170,7 +172,7 @@ def test_a_file_run_shows_its_timeline_table_description_and_the_recording_span(
     tags = run.data.tags
     assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": "activity_summary.json", "type": "table"}]
     note = tags[runs.DESCRIPTION]
-    for text in ("night.fit", settings.device_id, "2025-03-23 23:50", "UTC-05:00", "activity.local_timestamp",
+    for text in ("night.fit", settings.device_id, "2025-03-23 23:50 to 00:10", "UTC-05:00", "activity.local_timestamp",
                  f"{row.model_name} {row.model_version}", f"**{row.monitor_status}**", "1 gap(s)"):  # fmt: skip
         assert text in note, text
     assert tags["har.recording.start_local"] == "2025-03-23 23:50"
@@ -181,7 +183,9 @@ def test_a_file_run_shows_its_timeline_table_description_and_the_recording_span(
     [daily] = _daily_runs(p)
     assert daily.data.tags[DAILY_KEY] == "device" and daily.data.tags[DAILY_VALUE] == settings.device_id
     assert _artifact_names(p, daily.info.run_id) == ["daily_activity.png", "daily_minutes.json"]
-    days = json.loads(Path(p.client.download_artifacts(daily.info.run_id, "daily_minutes.json", str(tmp_path))).read_text())
+    days = json.loads(
+        Path(p.client.download_artifacts(daily.info.run_id, "daily_minutes.json", str(tmp_path))).read_text()
+    )
     assert [r[0] for r in days["data"]] == ["2025-03-23", "2025-03-24"]
     assert days["columns"][0] == "day" and days["columns"][-1] == "total"
     assert abs(sum(r[-1] for r in days["data"]) - minutes) < 0.2

@@ -57,7 +57,7 @@ from har_edge.sync.renderer import RenderResult, render
 from har_edge.sync.state import KnownModel, known_models
 
 if TYPE_CHECKING:
-    from har_edge.sync.push import PushReport, Pusher
+    from har_edge.sync.push import Pusher, PushReport
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,9 @@ class Pages:
         """Files with a run whose pages are not on the server yet, oldest first."""
         q = (
             select(files)
-            .where(files.c.status == FileStatus.PROCESSED.value, files.c.run_id.is_not(None), files.c.pages_ms.is_(None))
+            .where(
+                files.c.status == FileStatus.PROCESSED.value, files.c.run_id.is_not(None), files.c.pages_ms.is_(None)
+            )
             .order_by(files.c.id)
             .limit(limit)
         )

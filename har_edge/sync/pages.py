@@ -131,7 +131,9 @@ def summarize(
             counts = np.bincount(labels[on_day], minlength=len(label_names))
             date = (datetime(1970, 1, 1) + timedelta(days=int(day))).date().isoformat()
             days[date] = {
-                name: round(int(c) * step / 60_000, 3) for name, c in zip(label_names, counts.tolist(), strict=True) if c
+                name: round(int(c) * step / 60_000, 3)
+                for name, c in zip(label_names, counts.tolist(), strict=True)
+                if c
             }
     first = int(start_ms[0]) if n else 0
     last = int(start_ms[-1]) + window if n else 0
@@ -185,7 +187,7 @@ def _span_text(s: FileSummary) -> str:
     start = local.local_text(s.start_ms)
     end_fmt = "%H:%M" if local.local_text(s.end_ms, "%Y-%m-%d") == local.local_text(s.start_ms, "%Y-%m-%d") else None
     end = local.local_text(s.end_ms, end_fmt or "%Y-%m-%d %H:%M")
-    return f"{start} – {end}"
+    return f"{start} to {end}"
 
 
 def verdict_text(status: str | None, monitor_json: str | None) -> tuple[str, list[str]]:
@@ -211,9 +213,7 @@ def file_description(
     """The run's markdown description (``mlflow.note.content``)."""
     verdict, reasons = verdict_text(monitor_status, monitor_json)
     utc = (
-        f"{_utc(s.start_ms)} – {_utc(s.end_ms)} UTC"
-        if s.windows
-        else "–"  # a file without windows has no span
+        f"{_utc(s.start_ms)} to {_utc(s.end_ms)} UTC" if s.windows else "-"  # a file without windows has no span
     )
     total = sum(a.minutes for a in s.activities)
     lines = [

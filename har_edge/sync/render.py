@@ -108,8 +108,10 @@ def draw_timeline(job: dict[str, Any], folder: Path) -> None:
     bottom.grid(color="#dddddd", linewidth=0.6)
     span = float(local_ms[-1] - local_ms[0]) if len(local_ms) else 0.0
     fmt = "%H:%M" if span < DAY_MS else "%a %d %H:%M"
-    bottom.xaxis.set_major_formatter(mdates.DateFormatter(fmt))
-    bottom.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=6, maxticks=14))
+    formatter: Any = mdates.DateFormatter  # untyped in matplotlib's stubs
+    locator: Any = mdates.AutoDateLocator
+    bottom.xaxis.set_major_formatter(formatter(fmt))
+    bottom.xaxis.set_major_locator(locator(minticks=6, maxticks=14))
     if len(local_ms):
         pad = max(step_ms, span * 0.005)
         bottom.set_xlim(_days(local_ms[0] - pad), _days(local_ms[-1] + step_ms + pad))

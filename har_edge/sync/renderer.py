@@ -37,7 +37,9 @@ class RenderResult:
         return not self.failed
 
 
-def render(folder: Path, jobs: list[dict[str, Any]], mpl_config_dir: Path, timeout_s: float = TIMEOUT_S) -> RenderResult:
+def render(
+    folder: Path, jobs: list[dict[str, Any]], mpl_config_dir: Path, timeout_s: float = TIMEOUT_S
+) -> RenderResult:
     """Draw ``jobs`` (data files already in ``folder``) in a child process; failures are in the result."""
     folder = Path(folder)
     (folder / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
