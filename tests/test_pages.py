@@ -172,7 +172,7 @@ def test_a_file_run_shows_its_timeline_table_description_and_the_recording_span(
     tags = run.data.tags
     assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": "activity_summary.json", "type": "table"}]
     note = tags[runs.DESCRIPTION]
-    for text in ("night.fit", settings.device_id, "2025-03-23 23:50 to 00:10", "UTC-05:00", "activity.local_timestamp",
+    for text in ("night.fit", settings.device_id, "2025-03-23 23:50 to 2025-03-24 00:10", "UTC-05:00", "activity.local_timestamp",
                  f"{row.model_name} {row.model_version}", f"**{row.monitor_status}**", "1 gap(s)"):  # fmt: skip
         assert text in note, text
     assert tags["har.recording.start_local"] == "2025-03-23 23:50"
