@@ -172,8 +172,9 @@ def test_a_file_run_shows_its_timeline_table_description_and_the_recording_span(
     tags = run.data.tags
     assert json.loads(tags["mlflow.loggedArtifacts"]) == [{"path": "activity_summary.json", "type": "table"}]
     note = tags[runs.DESCRIPTION]
-    for text in ("night.fit", settings.device_id, "2025-03-23 23:50 to 2025-03-24 00:10", "UTC-05:00", "activity.local_timestamp",
-                 f"{row.model_name} {row.model_version}", f"**{row.monitor_status}**", "1 gap(s)"):  # fmt: skip
+    for text in ("night.fit", settings.device_id, "2025-03-23 23:50 to 2025-03-24 00:10", "UTC-05:00",
+                 "activity.local_timestamp", f"{row.model_name} {row.model_version}", f"**{row.monitor_status}**",
+                 "1 gap(s)"):  # fmt: skip
         assert text in note, text
     assert tags["har.recording.start_local"] == "2025-03-23 23:50"
     assert tags["har.utc_offset"] == "UTC-05:00" and tags[runs.MODEL_VERSION] == row.model_version
@@ -259,6 +260,12 @@ def test_a_real_server_serves_the_timeline_and_the_table(mlflow_server, tmp_path
 
     png = get("timeline.png")
     assert png.startswith(PNG) and len(png) > 10_000
+    # the same bytes through the artifact proxy API (what `mlflow-artifacts:` URIs resolve to)
+    uri = p.client.get_run(row.run_id).info.artifact_uri
+    assert uri.startswith("mlflow-artifacts:/")
+    proxied = f"{mlflow_server.url}/api/2.0/mlflow-artifacts/artifacts/{uri.removeprefix('mlflow-artifacts:/')}"
+    with urllib.request.urlopen(f"{proxied}/timeline.png", timeout=30) as r:
+        assert r.read() == png
     table = json.loads(get("activity_summary.json"))
     assert table["columns"] == ["activity", "minutes", "share", "mean_confidence"] and len(table["data"]) == 6
     q = urllib.parse.urlencode({"run_id": row.run_id})
