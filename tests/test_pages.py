@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import time
 import urllib.parse
@@ -275,3 +276,54 @@ def test_a_real_server_serves_the_timeline_and_the_table(mlflow_server, tmp_path
     assert int(info["end_time"]) == row.last_window_ms + 4000
     note = p.client.get_run(row.run_id).data.tags[runs.DESCRIPTION]
     assert "device_settings.time_offset" in note and "UTC-05:00" in note
+
+
+@pytest.mark.server
+def test_make_ui_serves_the_local_store_and_says_where_to_click(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    settings = _settings(tmp_path / "data")
+    ob = Outbox(settings.outbox_path)
+    add_file(ob, 1, minutes=2)
+    Pusher(settings, ob).push(time.time())
+    venv = Path(sys.executable).parent.parent
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    # -o: the venv is the test's own, not one make should (re)build
+    cmd = ["make", "-s", "-o", f"{venv}/bin/.edge", "ui", f"VENV={venv}", f"DATA_DIR={tmp_path / 'data'}",
+           f"UI_PORT={port}"]  # fmt: skip
+    log = tmp_path / "ui.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+        body = json.dumps({"max_results": 10})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            names = [e["name"] for e in json.loads(r.read())["experiments"]]
+        assert settings.sync.experiment in names
+        text = log.read_text()
+        assert f"http://127.0.0.1:{port}" in text and "'Runs' tab" in text
+        assert not (root / "mlruns").exists()  # the UI's default experiment stays in the data dir
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

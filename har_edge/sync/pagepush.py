@@ -362,7 +362,6 @@ class Pages:
                 self.pusher._refuse("pages", f.id, f"pages of {f.name}", exc, report)
             self._mark("pages_ms", [f.id])
             return True
-        report.artifacts += 1 + int(drawn)
         if drawn or png is None:
             self._mark("pages_ms", [f.id])
             report.pages += 1
@@ -419,5 +418,4 @@ class Pages:
         except ServerRejected as exc:
             self.pusher._refuse("daily", None, f"daily run of {daily.key} {daily.value}", exc, report)
             return True
-        report.artifacts += 1 + int(drawn)
         return drawn
