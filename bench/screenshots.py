@@ -18,23 +18,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 
+from bench.common import fitgen
+from bench.mlflow_server import MlflowServer
+from har_edge.agent.model import BUNDLED_MODEL_DIR, load_model
+from har_edge.agent.outbox import Outbox
+from har_edge.agent.pipeline import Processor
+from har_edge.agent.settings import load_settings
+from har_edge.sync.push import Pusher
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from fitgen import write_imu_fit  # noqa: E402
-
-from bench.mlflow_server import MlflowServer  # noqa: E402
-from har_edge.agent.model import BUNDLED_MODEL_DIR, load_model  # noqa: E402
-from har_edge.agent.outbox import Outbox  # noqa: E402
-from har_edge.agent.pipeline import Processor  # noqa: E402
-from har_edge.agent.settings import load_settings  # noqa: E402
-from har_edge.sync.push import Pusher  # noqa: E402
 
 Signal = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 LOCAL = 3600  # UTC+01:00, as the files' activity messages say
@@ -66,7 +64,7 @@ def walking(t: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
 SITTING, STANDING, LYING = still((0.98, 0.0, -0.2)), still((0.9, -0.1, -0.4)), still((0.0, 0.0, 1.0))
 
 
-def schedule(parts: list[tuple[float, Signal]]) -> Signal:
+def schedule(parts: Sequence[tuple[float, Signal]]) -> Signal:
     """A signal that follows ``parts`` (minutes, signal) in turn."""
     edges = np.cumsum([0.0] + [m * 60 for m, _ in parts])
 
@@ -98,7 +96,7 @@ def exports(folder: Path) -> list[Path]:
     out = []
     for i, (name, start, parts, gaps) in enumerate(plans):
         seconds = sum(m for m, _ in parts) * 60
-        fx = write_imu_fit(
+        fx = fitgen().write_imu_fit(
             folder / name, seconds=seconds, start=start, signal=schedule(parts), gaps=gaps, engine="fast", seed=i,
             activity_local_offset_s=LOCAL,
         )  # fmt: skip
