@@ -177,6 +177,17 @@ class SyncSettings(_Section):
     )
     allow_prerelease: bool = Field(False, description="consider versions like 2.0.0-rc1 when looking for the newest")
     command_timeout_s: float = Field(120.0, gt=0, description="bound on each git/dvc call")
+    trusted_keys: tuple[str, ...] = Field(
+        (),
+        description="ed25519 public keys releases must be signed with: files (.pub or PEM; relative to the data "
+        "folder) or inline (base64 or PEM); several at once for a rotation (comma-separated in "
+        "HAR_EDGE_SYNC__TRUSTED_KEYS); empty: releases are not checked (a warning per release)",
+    )
+    revoked_keys: tuple[str, ...] = Field(
+        (),
+        description="key ids (16 hex digits) whose signatures are refused, even when the key is still trusted; "
+        "kept here on the device, never in the registry",
+    )
     share_flagged_windows: bool = Field(
         False,
         description="upload the windows of alerting files with a retraining request (.npz); off: raw data stays here",
@@ -204,10 +215,36 @@ class SyncSettings(_Section):
         "(comma-separated in HAR_EDGE_SYNC__HEALTH_IGNORED_ERROR_KINDS)",
     )
 
-    @field_validator("health_ignored_error_kinds", mode="before")
+    @field_validator("health_ignored_error_kinds", "trusted_keys", "revoked_keys", mode="before")
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         return tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else v
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from har_edge.agent.signing import is_inline_key, parse_public_key
+
+        for n, entry in enumerate(v):
+            if is_inline_key(entry):
+                try:
+                    parse_public_key(entry, source=f"inline key #{n + 1}")
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from None
+        return tuple(e.strip() for e in v)
+
+    @field_validator("revoked_keys")
+    @classmethod
+    def _key_ids(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        from har_edge.agent.signing import KEY_ID_PATTERN
+
+        out = tuple(k.strip().lower() for k in v)
+        bad = [k for k in out if not re.fullmatch(KEY_ID_PATTERN, k)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: a key id is 16 hex digits (`har-train keygen` prints it)")
+        return out
 
 
 class HttpSettings(_Section):

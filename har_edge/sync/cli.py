@@ -146,13 +146,20 @@ def cmd_models_verify(settings: Settings, args: argparse.Namespace) -> int:
     mm = _manager(settings)
     if args.release:
         return _verify_release(mm, args.release)
+    from har_edge.sync.trust import BUNDLED, TRUSTED
+
     failed = 0
+    signatures = dict(mm.signature_states(args.version))
     for folder, version, problem in mm.verify_installed(args.version):
+        verdict = signatures[folder]
         if problem:
             failed += 1
             print(f"{folder}: FAILED: {problem}")
         else:
             print(f"{folder}: OK ({version}: sha256, shapes, labels and golden windows check out)")
+        bad = mm.trust.enforced and verdict.state not in (TRUSTED, BUNDLED)
+        failed += bool(bad and not problem)
+        print(f"{folder}: signature {verdict.describe()}" + (" (sync.trusted_keys is set: FAILED)" if bad else ""))
     return Exit.FAILED if failed else Exit.OK
 
 
@@ -173,6 +180,7 @@ def _verify_release(mm: ModelManager, version: str) -> int:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         folder = mm.registry.fetch(rel, staging / "model")
+        print(f"{rel.tag}: signature {mm.trust.examine(folder, (rel.name, rel.version)).describe()}")
         mm.verify(folder, rel)
         mm.validate(folder)
     except RegistryError as exc:
