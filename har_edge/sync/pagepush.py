@@ -385,7 +385,7 @@ class Pages:
     def _deliver_daily(self, daily: Daily, png: str, tmp: Path, result: RenderResult, report: PushReport) -> bool:
         """Upload one group's daily page; False when its plot is to be drawn again later."""
         drawn = png in result.done
-        folder = tmp / f"daily-{daily.key}-{len(list(tmp.iterdir()))}"
+        folder = tmp / f"{png.removesuffix('.png')}-upload"  # the artifact's own name, one folder per group
         folder.mkdir()
         table = folder / DAILY_TABLE_ARTIFACT
         table.write_text(daily.table(), encoding="utf-8")
