@@ -242,6 +242,27 @@ def test_a_plot_that_cannot_be_drawn_blocks_nothing_and_is_drawn_later(tmp_path,
     assert ob.file(fid).daily_ms is not None and p.pages.last_render.peak_rss_kb > 10_000
 
 
+def test_pages_off_gives_runs_their_span_and_description_only_and_on_again_catches_up(tmp_path):
+    def settings_with(pages: bool):
+        sync = {"experiment": "pages-off", "pages": pages}
+        return load_settings(env={}, data_dir=tmp_path / "data", device_id="watch-off", sync=sync)
+
+    off = settings_with(False)
+    ob = Outbox(off.outbox_path)
+    fid = add_file(ob, 2, minutes=2)
+    p = Pusher(off, ob)
+    report = p.push(time.time())
+    row = ob.file(fid)
+    assert report.files_finished == 1 and report.pages == 0 and p.pages.last_render is None
+    assert _artifact_names(p, row.run_id) == ["predictions.csv"] and not _daily_runs(p)
+    run = p.client.get_run(row.run_id)
+    assert run.info.start_time == row.first_window_ms and "| monitor |" in run.data.tags[runs.DESCRIPTION]
+    on = Pusher(settings_with(True), Outbox(off.outbox_path))
+    assert on.push(time.time()).pages == 1
+    assert _artifact_names(on, row.run_id) == ["activity_summary.json", "predictions.csv", "timeline.png"]
+    assert len(_daily_runs(on)) == 1
+
+
 # -- a real server -----------------------------------------------------------------------------------------------
 
 

@@ -188,6 +188,11 @@ class SyncSettings(_Section):
         description="key ids (16 hex digits) whose signatures are refused, even when the key is still trusted; "
         "kept here on the device, never in the registry",
     )
+    pages: bool = Field(
+        True,
+        description="draw and upload each file run's timeline and activity table and the daily runs "
+        "(a matplotlib child process); off: runs get their description and span only",
+    )
     share_flagged_windows: bool = Field(
         False,
         description="upload the windows of alerting files with a retraining request (.npz); off: raw data stays here",

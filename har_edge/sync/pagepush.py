@@ -203,7 +203,7 @@ class Pages:
 
     def push(self, report: PushReport, stop: threading.Event | None = None) -> None:
         """Deliver the pending pages (at most :data:`FILES_PER_PASS` files) and the daily runs they change."""
-        if time.monotonic() < self._retry_at:
+        if not self.pusher.settings.sync.pages or time.monotonic() < self._retry_at:
             return
         todo = self.pending()
         if not todo and not self._daily_due():
