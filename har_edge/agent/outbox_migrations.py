@@ -72,11 +72,21 @@ def _v2(conn: Connection) -> None:
     _add_columns(conn, "files", {"error_stage": "VARCHAR(16)", "monitor_status": "VARCHAR(16)", "monitor_json": "TEXT"})
 
 
-def _placeholder(conn: Connection) -> None:
-    """Versions 3 and 4 belong to other branches being merged; on this branch they change nothing."""
+def _v3(conn: Connection) -> None:
+    _add_columns(
+        conn,
+        "files",
+        {
+            "utc_offset_s": "INTEGER",
+            "utc_offset_source": "VARCHAR(40)",
+            "summary_json": "TEXT",
+            "pages_ms": "BIGINT",
+            "daily_ms": "BIGINT",
+        },
+    )
 
 
-def _v5(conn: Connection) -> None:
+def _v4(conn: Connection) -> None:
     raw_custody.create(conn, checkfirst=True)
     for ix in raw_custody.indexes:
         ix.create(conn, checkfirst=True)
@@ -89,9 +99,8 @@ MIGRATIONS: list[Migration] = [
         "files.error_stage, monitor_status, monitor_json",
         _v2,
     ),
-    Migration(3, "reserved for another branch (no change here)", _placeholder),
-    Migration(4, "reserved for another branch (no change here)", _placeholder),
-    Migration(5, "raw_custody (raw exports delivered to sync.raw_store)", _v5),
+    Migration(3, "files.utc_offset_s, utc_offset_source, summary_json, pages_ms, daily_ms", _v3),
+    Migration(4, "raw_custody (raw exports delivered to sync.raw_store)", _v4),
 ]
 
 #: the version this code writes

@@ -60,6 +60,14 @@ files = Table(
     # v2: filled by the monitor
     Column("monitor_status", String(16)),
     Column("monitor_json", Text),
+    # v3: local time minus UTC (s) where the export states it, and which field said so (NULL: it does not)
+    Column("utc_offset_s", Integer),
+    Column("utc_offset_source", String(40)),
+    # v3: sync's pages (har_edge.sync.pages): the file's activity summary (JSON), when its table and timeline
+    # reached the server (or were given up), when the daily page that counts it did
+    Column("summary_json", Text),
+    Column("pages_ms", BigInteger),
+    Column("daily_ms", BigInteger),
 )
 Index("files_sha_processed", files.c.sha256, unique=True, sqlite_where=text("status = 'processed'"))
 Index("files_undelivered", files.c.finished_ms, files.c.status)
@@ -187,7 +195,7 @@ retrain_requests = Table(
     Column("delivered_ms", BigInteger),
 )
 
-#: v5: raw custody, one row per file in archive/ (har_edge.sync.custody): its checksum and its upload to
+#: v4: raw custody, one row per file in archive/ (har_edge.sync.custody): its checksum and its upload to
 #: ``sync.raw_store``; retention deletes a file only once its row is ``delivered`` to the configured store
 raw_custody = Table(
     "raw_custody",

@@ -73,6 +73,8 @@ class _Inferred:
     format: str
     #: the monitor's figures gathered during inference (None when monitoring is off)
     acc: MonitorAccumulator | None = None
+    #: (local time minus UTC in s, where the export says so), from the first recording that states it
+    utc_offset: tuple[int, str] | None = None
 
 
 #: ``(stage, progress)``: called when a stage is entered; progress counts stage entries, so it grows with
@@ -269,6 +271,8 @@ class Processor:
             model_sha256=m.sha256,
             monitor_status=monitor.status if monitor is not None else None,
             monitor_json=monitor.to_json() if monitor is not None else None,
+            utc_offset_s=r.utc_offset[0] if r.utc_offset else None,
+            utc_offset_source=r.utc_offset[1] if r.utc_offset else None,
         )
         fid = self.outbox.record_file(
             rec, label_names=m.labels, start_ms=r.starts, probs=r.probs, points=all_points, flagged_npz=flagged
@@ -395,6 +399,11 @@ class Processor:
                     self.last_data_ms = latest  # the next file's plausibility reference (see StreamWindower)
                 merge_quality(quality, sw.quality())
             fmt = ",".join(sorted({r.format for r in recordings}))
+            utc_offset = next(
+                ((int(r.meta["utc_offset_s"]), str(r.meta["utc_offset_source"])) for r in recordings
+                 if r.meta.get("utc_offset_s") is not None),
+                None,
+            )  # fmt: skip
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         self.last_stages = clock.figures()
@@ -416,7 +425,7 @@ class Processor:
         timings: dict[str, float] = {
             k: clock.wall[k] for k in ("decode", "preprocess", "inference", "monitor") if k in clock.wall
         }
-        return _Inferred(starts, probs, per_window, timings, quality, fmt, acc)
+        return _Inferred(starts, probs, per_window, timings, quality, fmt, acc, utc_offset)
 
 
 _malloc_trim: Any = None

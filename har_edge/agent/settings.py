@@ -188,6 +188,11 @@ class SyncSettings(_Section):
         description="key ids (16 hex digits) whose signatures are refused, even when the key is still trusted; "
         "kept here on the device, never in the registry",
     )
+    pages: bool = Field(
+        True,
+        description="draw and upload each file run's timeline and activity table and the daily runs "
+        "(a matplotlib child process); off: runs get their description and span only",
+    )
     share_flagged_windows: bool = Field(
         False,
         description="upload the windows of alerting files with a retraining request (.npz); off: raw data stays here",
@@ -305,6 +310,11 @@ class HttpSettings(_Section):
 class Settings(_Section):
     data_dir: Path = Field(Path("var"), description="holds inbox, archive, quarantine, outbox, models, logs")
     device_id: str = Field("", description="default: the host name")
+    timezone: str = Field(
+        "UTC",
+        description="IANA time zone of the device's wearer (e.g. Europe/Berlin): local times on the MLflow pages "
+        "of exports that state no UTC offset themselves",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
     # -- log file (har_edge.agent.logs): `agent run` and `sync run` also log to a rotated file -------------
@@ -327,6 +337,17 @@ class Settings(_Section):
                 "sync.raw_store needs agent.archive = true: raw custody uploads the exports kept in archive/"
             )
         return self
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}: use an IANA name such as Europe/Berlin or UTC") from None
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod
