@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Never
 
@@ -150,6 +151,12 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         st["model"] = {"error": str(exc)}
     st["data_dir"] = str(settings.data_dir)
     st["disk"] = data_dir_usage(settings)
+    if settings.sync.raw_store:
+        from har_edge.agent.acknowledged import custody_backlog
+
+        with Outbox(settings.outbox_path) as ob:
+            cb = custody_backlog(ob, settings.archive_dir, settings.sync.raw_store)
+        st["custody"] = {"store": settings.sync.raw_store, **asdict(cb)}
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return Exit.OK
@@ -165,6 +172,12 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     disk = st["disk"]
     parts = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in disk.items() if k not in ("total", "free"))
     print(f"disk MB:   {parts}; total {disk['total'] / 1e6:.1f}, free {disk['free'] / 1e6:.0f}")
+    if "custody" in st:
+        c = st["custody"]
+        print(
+            f"custody:   {c['files']} file(s), {c['bytes'] / 1e6:.1f} MB not yet verified in {c['store']} "
+            f"({c['uploading']} part-way); {c['delivered']} archived file(s) in the store"
+        )
     last = st["last_file"]
     if last:
         detail = f"{last['windows']} windows" if last["status"] == FileStatus.PROCESSED else (last["error"] or "")

@@ -126,6 +126,8 @@ class FileRecord:
     error_stage: str | None = None
     monitor_status: str | None = None
     monitor_json: str | None = None
+    utc_offset_s: int | None = None
+    utc_offset_source: str | None = None
 
 
 def now_ms() -> int:

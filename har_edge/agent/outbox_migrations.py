@@ -29,6 +29,7 @@ from har_edge.agent.outbox_schema import (
     flagged_windows,
     inbox_seen,
     metadata,
+    raw_custody,
     retrain_requests,
     schema_version,
     sync_failures,
@@ -71,6 +72,26 @@ def _v2(conn: Connection) -> None:
     _add_columns(conn, "files", {"error_stage": "VARCHAR(16)", "monitor_status": "VARCHAR(16)", "monitor_json": "TEXT"})
 
 
+def _v3(conn: Connection) -> None:
+    _add_columns(
+        conn,
+        "files",
+        {
+            "utc_offset_s": "INTEGER",
+            "utc_offset_source": "VARCHAR(40)",
+            "summary_json": "TEXT",
+            "pages_ms": "BIGINT",
+            "daily_ms": "BIGINT",
+        },
+    )
+
+
+def _v4(conn: Connection) -> None:
+    raw_custody.create(conn, checkfirst=True)
+    for ix in raw_custody.indexes:
+        ix.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(
         2,
@@ -78,6 +99,8 @@ MIGRATIONS: list[Migration] = [
         "files.error_stage, monitor_status, monitor_json",
         _v2,
     ),
+    Migration(3, "files.utc_offset_s, utc_offset_source, summary_json, pages_ms, daily_ms", _v3),
+    Migration(4, "raw_custody (raw exports delivered to sync.raw_store)", _v4),
 ]
 
 #: the version this code writes

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sqlalchemy import func, select
 
 from har_edge.agent import __version__
 from har_edge.agent.decode import open_export
@@ -28,6 +29,7 @@ from har_edge.agent.model import LoadedModel
 from har_edge.agent.monitor.accumulate import MonitorAccumulator
 from har_edge.agent.monitor.verdict import MonitorReport, judge
 from har_edge.agent.outbox import FileRecord, MetricPoint, Outbox, now_ms
+from har_edge.agent.outbox_schema import files
 from har_edge.agent.preprocess import StreamWindower, WindowSet, merge_quality
 from har_edge.agent.settings import AgentSettings, MonitorSettings
 from har_edge.agent.summary import iter_minute_points, summary_points
@@ -71,11 +73,20 @@ class _Inferred:
     format: str
     #: the monitor's figures gathered during inference (None when monitoring is off)
     acc: MonitorAccumulator | None = None
+    #: (local time minus UTC in s, where the export says so), from the first recording that states it
+    utc_offset: tuple[int, str] | None = None
 
 
 #: ``(stage, progress)``: called when a stage is entered; progress counts stage entries, so it grows with
 #: every chunk decoded and batch inferred
 StageListener = Callable[[str, int], None]
+
+
+def latest_window_ms(outbox: Outbox) -> int | None:
+    """The latest window start of any processed file in the outbox (None when there is none)."""
+    with outbox.engine.connect() as conn:
+        found = conn.execute(select(func.max(files.c.last_window_ms))).scalar()
+    return int(found) if found is not None else None
 
 
 class Processor:
@@ -101,8 +112,9 @@ class Processor:
         self.on_stage = on_stage
         #: wall and CPU seconds per stage of the last export processed (for benchmarks and logs)
         self.last_stages: dict[str, dict[str, float]] = {}
-        #: the latest sample time of the files processed so far (a plausibility reference for clocks)
-        self.last_data_ms: int | None = None
+        #: the latest sample time of the files processed so far (a plausibility reference for clocks); it
+        #: starts from the outbox's latest window time, so a restart does not forget it
+        self.last_data_ms: int | None = latest_window_ms(outbox)
         self._clock = _StageClock()
 
     def identify(self, paths: list[Path], sha256: str | None = None) -> Identity:
@@ -259,6 +271,8 @@ class Processor:
             model_sha256=m.sha256,
             monitor_status=monitor.status if monitor is not None else None,
             monitor_json=monitor.to_json() if monitor is not None else None,
+            utc_offset_s=r.utc_offset[0] if r.utc_offset else None,
+            utc_offset_source=r.utc_offset[1] if r.utc_offset else None,
         )
         fid = self.outbox.record_file(
             rec, label_names=m.labels, start_ms=r.starts, probs=r.probs, points=all_points, flagged_npz=flagged
@@ -385,6 +399,11 @@ class Processor:
                     self.last_data_ms = latest  # the next file's plausibility reference (see StreamWindower)
                 merge_quality(quality, sw.quality())
             fmt = ",".join(sorted({r.format for r in recordings}))
+            utc_offset = next(
+                ((int(r.meta["utc_offset_s"]), str(r.meta["utc_offset_source"])) for r in recordings
+                 if r.meta.get("utc_offset_s") is not None),
+                None,
+            )  # fmt: skip
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         self.last_stages = clock.figures()
@@ -406,7 +425,7 @@ class Processor:
         timings: dict[str, float] = {
             k: clock.wall[k] for k in ("decode", "preprocess", "inference", "monitor") if k in clock.wall
         }
-        return _Inferred(starts, probs, per_window, timings, quality, fmt, acc)
+        return _Inferred(starts, probs, per_window, timings, quality, fmt, acc, utc_offset)
 
 
 _malloc_trim: Any = None

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from har_edge.agent.errors import ConfigError
 
@@ -177,10 +177,50 @@ class SyncSettings(_Section):
     )
     allow_prerelease: bool = Field(False, description="consider versions like 2.0.0-rc1 when looking for the newest")
     command_timeout_s: float = Field(120.0, gt=0, description="bound on each git/dvc call")
+    trusted_keys: tuple[str, ...] = Field(
+        (),
+        description="ed25519 public keys releases must be signed with: files (.pub or PEM; relative to the data "
+        "folder) or inline (base64 or PEM); several at once for a rotation (comma-separated in "
+        "HAR_EDGE_SYNC__TRUSTED_KEYS); empty: releases are not checked (a warning per release)",
+    )
+    revoked_keys: tuple[str, ...] = Field(
+        (),
+        description="key ids (16 hex digits) whose signatures are refused, even when the key is still trusted; "
+        "kept here on the device, never in the registry",
+    )
+    pages: bool = Field(
+        True,
+        description="draw and upload each file run's timeline and activity table and the daily runs "
+        "(a matplotlib child process); off: runs get their description and span only",
+    )
     share_flagged_windows: bool = Field(
         False,
         description="upload the windows of alerting files with a retraining request (.npz); off: raw data stays here",
     )
+    # -- raw custody (har_edge.sync.custody): archived raw exports -> the study's store -----------------
+    raw_store: str | None = Field(
+        None,
+        description="copy every archived raw export here, checksummed and resumable, before retention may delete "
+        "it: s3://bucket[/prefix] (also a DVC remote's s3 URL) or an absolute folder / file:// URL (a DVC local "
+        "remote); unset: no custody",
+    )
+    raw_store_endpoint_url: str | None = Field(
+        None, description="S3 endpoint of raw_store (MinIO, SeaweedFS, ...); default AWS_ENDPOINT_URL, else AWS"
+    )
+    raw_store_region: str | None = Field(None, description="S3 region of raw_store; default AWS_REGION, else us-east-1")
+    raw_store_access_key_id: str | None = Field(
+        None, repr=False, description="S3 access key of raw_store; default AWS_ACCESS_KEY_ID / the AWS config"
+    )
+    raw_store_secret_access_key: str | None = Field(
+        None, repr=False, description="S3 secret key of raw_store; default AWS_SECRET_ACCESS_KEY / the AWS config"
+    )
+    raw_store_part_mb: float = Field(
+        8.0, ge=5, le=512, description="S3 multipart part size (held in memory); an export up to it goes in one request"
+    )
+    raw_store_pass_s: float = Field(
+        120.0, gt=0, description="a custody pass starts no new part or file after this long (the rest waits)"
+    )
+    raw_store_interval_s: float = Field(60.0, gt=0, description="how often a custody pass runs")
     # -- health gate ------------------------------------------------------------
     health_files: int = Field(3, ge=1, description="files a new model must process before it is trusted")
     health_max_failed_share: float = Field(
@@ -192,16 +232,63 @@ class SyncSettings(_Section):
         le=1,
         description="roll back when their mean confidence is below this ratio of the previous model's recent files",
     )
+    health_max_input_outside_share: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="roll back when more than this share of the scaled inputs lies beyond the int8 input range",
+    )
     health_ignored_error_kinds: tuple[str, ...] = Field(
         ("unknown_format", "corrupt", "no_imu_data", "unsafe_archive"),
         description="file failures that cannot be the model's fault and do not count against it "
         "(comma-separated in HAR_EDGE_SYNC__HEALTH_IGNORED_ERROR_KINDS)",
     )
 
-    @field_validator("health_ignored_error_kinds", mode="before")
+    @field_validator("raw_store")
+    @classmethod
+    def _store_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if v.startswith("s3://"):
+            if not v[5:].split("/", 1)[0]:
+                raise ValueError("an s3:// store needs a bucket: s3://bucket[/prefix]")
+            return v.rstrip("/")
+        path = v[7:] if v.startswith("file://") else v
+        if "://" in path or not path.startswith("/"):
+            raise ValueError("give s3://bucket[/prefix], an absolute folder or a file:// URL")
+        return v
+
+    @field_validator("health_ignored_error_kinds", "trusted_keys", "revoked_keys", mode="before")
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         return tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else v
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from har_edge.agent.signing import is_inline_key, parse_public_key
+
+        for n, entry in enumerate(v):
+            if is_inline_key(entry):
+                try:
+                    parse_public_key(entry, source=f"inline key #{n + 1}")
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from None
+        return tuple(e.strip() for e in v)
+
+    @field_validator("revoked_keys")
+    @classmethod
+    def _key_ids(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        from har_edge.agent.signing import KEY_ID_PATTERN
+
+        out = tuple(k.strip().lower() for k in v)
+        bad = [k for k in out if not re.fullmatch(KEY_ID_PATTERN, k)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: a key id is 16 hex digits (`har-train keygen` prints it)")
+        return out
 
 
 class HttpSettings(_Section):
@@ -232,6 +319,11 @@ class FleetSettings(_Section):
 class Settings(_Section):
     data_dir: Path = Field(Path("var"), description="holds inbox, archive, quarantine, outbox, models, logs")
     device_id: str = Field("", description="default: the host name")
+    timezone: str = Field(
+        "UTC",
+        description="IANA time zone of the device's wearer (e.g. Europe/Berlin): local times on the MLflow pages "
+        "of exports that state no UTC offset themselves",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
     # -- log file (har_edge.agent.logs): `agent run` and `sync run` also log to a rotated file -------------
@@ -247,6 +339,25 @@ class Settings(_Section):
     http: HttpSettings = HttpSettings()
     monitor: MonitorSettings = MonitorSettings()
     fleet: FleetSettings = FleetSettings()
+
+    @model_validator(mode="after")
+    def _custody_needs_archive(self) -> Settings:
+        if self.sync.raw_store is not None and not self.agent.archive:
+            raise ValueError(
+                "sync.raw_store needs agent.archive = true: raw custody uploads the exports kept in archive/"
+            )
+        return self
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}: use an IANA name such as Europe/Berlin or UTC") from None
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -338,7 +449,7 @@ def load_settings(config: Path | None = None, env: Mapping[str, str] | None = No
         where = f" (from {config} and HAR_EDGE_* variables)" if config else " (from HAR_EDGE_* variables)"
         lines = []
         for e in exc.errors():
-            key = ".".join(str(p) for p in e["loc"])
+            key = ".".join(str(p) for p in e["loc"]) or "settings"
             msg = "unknown setting" if e["type"] == "extra_forbidden" else e["msg"]
             lines.append(f"  {key}: {msg}")
         raise ConfigError("invalid settings" + where + ":\n" + "\n".join(lines)) from None

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from har_edge.agent import __version__
+from har_edge.agent.acknowledged import custody_backlog
 from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
 from har_edge.agent.settings import Settings
 from har_edge.sync import runs
@@ -40,6 +41,7 @@ from har_edge.sync.delivery import Delivery, PendingPoint
 from har_edge.sync.errors import ServerAccessDenied, ServerRejected, SyncError
 from har_edge.sync.locks import file_lock
 from har_edge.sync.mlflow_client import Target, ensure_experiment, make_client, resolve_target
+from har_edge.sync.pagepush import Pages
 from har_edge.sync.predictions import ARTIFACT_NAME, write_predictions_csv
 from har_edge.sync.retry import translate
 from har_edge.sync.state import KnownModel, active_manifest, known_models
@@ -73,13 +75,16 @@ class PushReport:
     device_points: int = 0
     artifacts: int = 0
     deployments: int = 0
+    pages: int = 0  # file runs whose table and timeline were delivered (har_edge.sync.pagepush)
     refused: list[str] = field(default_factory=list)
     backlog: dict[str, int | None] = field(default_factory=dict)
     stopped: bool = False
 
     @property
     def delivered_anything(self) -> bool:
-        return bool(self.points or self.device_points or self.artifacts or self.deployments or self.files_finished)
+        return bool(
+            self.points or self.device_points or self.artifacts or self.deployments or self.files_finished or self.pages
+        )
 
     def summary(self) -> str:
         parts = [
@@ -88,6 +93,7 @@ class PushReport:
             f"{self.artifacts} prediction CSV(s)",
             f"{self.device_points} device points",
             f"{self.deployments} deployment(s)",
+            f"{self.pages} file page(s)",
         ]
         if self.refused:
             parts.append(f"{len(self.refused)} refused by the server")
@@ -155,6 +161,7 @@ class Pusher:
         self._device_run: str | None = None
         self._last_heartbeat_ms: int | None = None
         self._known: dict[str, KnownModel] | None = None
+        self.pages = Pages(self)  # timelines, tables, descriptions and daily runs
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -222,6 +229,7 @@ class Pusher:
                         report.stopped = True
                         break
                     self._push_file(f, report, stop)
+            self.pages.push(report, stop)
             self._reclaim(now)
             report.backlog = self.delivery.backlog()
         if report.delivered_anything:
@@ -252,6 +260,9 @@ class Pusher:
             "oldest_undelivered_age_s": max(0.0, (now_ms_ - b["oldest_ms"]) / 1000) if b["oldest_ms"] else 0.0,
             "disk_free_mb": shutil.disk_usage(self.settings.data_dir).free / 1e6,
         }
+        if self.settings.sync.raw_store:  # raw custody: archived files not yet verified in the store
+            cb = custody_backlog(self.outbox, self.settings.archive_dir, self.settings.sync.raw_store)
+            values |= {"custody_backlog_files": cb.files, "custody_backlog_mb": cb.bytes / 1e6}
         self.outbox.add_metrics([MetricPoint(k, float(v), now_ms_, 0) for k, v in values.items()], file_id=None)
         self._last_heartbeat_ms = now_ms_
         return True
@@ -409,7 +420,8 @@ class Pusher:
             runs.MODEL_SHA: f.model_sha256 or "",
             runs.AGENT_VERSION: f.agent_version,
             runs.MONITOR: f.monitor_status or "",
-            runs.DESCRIPTION: _monitor_description(f),
+            runs.DESCRIPTION: self.pages.description(f),
+            **self.pages.tags(f),
         }
         return {k: v for k, v in tags.items() if v}
 
@@ -439,7 +451,7 @@ class Pusher:
                 self._file_identity(f),
                 tags=self._file_tags(f),
                 run_name=f.name,
-                start_time=f.received_ms,
+                start_time=self.pages.start_ms(f),  # the recording's span, not when it was processed
             )
             self.delivery.set_run_id(f.id, run_id)  # before anything else: no retry may create a second one
             if created:
@@ -468,7 +480,7 @@ class Pusher:
                     self.client.set_terminated,
                     run_id,
                     "FINISHED",
-                    end_time=f.processed_ms,
+                    end_time=self.pages.end_ms(f),
                 )
             except ServerRejected as exc:
                 self._refuse("finish", f.id, f"run {run_id}", exc, report)
@@ -608,20 +620,6 @@ class Pusher:
             log.info(
                 "reclaimed %d window rows and %d device points delivered over %g days ago", n_windows, n_points, days
             )
-
-
-def _monitor_description(f: _FileRow) -> str:
-    """The run description of a file: its monitor verdict and reasons."""
-    if not f.monitor_status:
-        return ""
-    import json
-
-    try:
-        reasons = list(json.loads(f.monitor_json or "{}").get("reasons", []))
-    except ValueError:
-        reasons = []
-    text = f"monitor: {f.monitor_status}" + "".join(f"\n- {r}" for r in reasons)
-    return text[:MAX_TAG_VALUE]
 
 
 def pending_summary(delivery: Delivery) -> str:

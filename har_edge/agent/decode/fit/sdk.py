@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from har_edge.agent.decode.fit.chunks import MAX_CHUNK_SAMPLES
+from har_edge.agent.decode.fit.chunks import MAX_CHUNK_SAMPLES, guarded
 from har_edge.agent.decode.fit.container import SMALL_MESG_LIMIT, FileIdentity, Verified, verify
 from har_edge.agent.decode.fit.meta import Fields, recording_meta
 from har_edge.agent.decode.fit.plan import no_imu_message
@@ -23,8 +23,10 @@ from har_edge.agent.decode.fit.profile import (
     ACCEL,
     GYRO,
     IMU_MESGS,
+    MESG_ACTIVITY,
     MESG_CALIBRATION,
     MESG_DEVICE_INFO,
+    MESG_DEVICE_SETTINGS,
     MESG_FILE_ID,
     MESG_TIMESTAMP_CORRELATION,
     SMALL_MESGS,
@@ -234,18 +236,15 @@ def decode_sdk(path: Path, name: str, verified: Verified | None = None) -> Recor
         gyro_source,
         corr,
         notes,
+        device_settings=[_named_to_nums(m, MESG_DEVICE_SETTINGS) for _, m in collector.small[MESG_DEVICE_SETTINGS]],
+        activities=[_named_to_nums(m, MESG_ACTIVITY) for _, m in collector.small[MESG_ACTIVITY]],
     )
     accel_seqs, accel_samples = per_kind[ACCEL]
     gyro_seqs, gyro_samples = per_kind.get(GYRO, ([], []))
 
-    def chunks() -> Iterator[Chunk]:
-        try:
-            yield from _sdk_chunks(accel_seqs, accel_samples, gyro_seqs, gyro_samples, gyro_source is not None)
-        except InputError:
-            raise
-        except Exception as exc:  # samples we decoded but cannot group: say so, never crash the agent
-            log.exception("%s: grouping the samples garmin-fit-sdk decoded failed", name)
-            raise CorruptFile(f"{name}: IMU records could not be decoded ({exc}): the file is damaged") from exc
+    def chunks() -> Iterator[Chunk]:  # samples we decoded but cannot group: a damaged file, said so
+        gyro = gyro_source is not None
+        return guarded(name, _sdk_chunks(accel_seqs, accel_samples, gyro_seqs, gyro_samples, gyro), "grouping samples")
 
     return Recording(
         name=name,
