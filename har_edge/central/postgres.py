@@ -39,17 +39,18 @@ RUN_AS_ROOT_USER = "postgres"
 
 
 def pg_bindir() -> Path:
-    """The folder of ``pg_ctl``: PG_BINDIR, else pg_config's, else the newest /usr/lib/postgresql/N/bin."""
+    """The folder of PostgreSQL's programs: PG_BINDIR, else the newest /usr/lib/postgresql/N/bin (Debian),
+    else where ``pg_ctl`` on PATH really lives (links resolved: a lone link to pg_ctl has no pg_dump beside it)."""
     if os.environ.get("PG_BINDIR"):
         return Path(os.environ["PG_BINDIR"])
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).parent
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name))
     if candidates:
         return candidates[-1].parent
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
     raise ServiceStartError(
-        "PostgreSQL is not installed (no pg_ctl on PATH or under /usr/lib/postgresql): "
+        "PostgreSQL is not installed (no pg_ctl under /usr/lib/postgresql or on PATH): "
         "apt-get install -y postgresql, or set PG_BINDIR"
     )
 
