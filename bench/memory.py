@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import MB, ROOT, SCRATCH, Report, RssSampler, imu_fixture, median
-from bench.mlflow_server import MlflowServer
+from bench.mlflow_server import MlflowServer, free_port
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ def measure_daemon(root: Path, files: list[Path], model_dir: Path | None) -> dic
     shutil.rmtree(root, ignore_errors=True)
     (root / "inbox").mkdir(parents=True)
     extra = {"HAR_EDGE_AGENT__MODEL_DIR": str(model_dir)} if model_dir else {}
+    extra["HAR_EDGE_HTTP__ADDRESS"] = f"127.0.0.1:{free_port()}"  # the endpoints on, on a port of its own
     _compile()
     with open(root / "agent.log", "wb") as logf:  # the daemon writes to its own copy of the descriptor
         proc = subprocess.Popen([_har_edge(), "--data-dir", str(root), "agent", "run"], env=_env(**extra),
