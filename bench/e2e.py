@@ -171,7 +171,7 @@ def run(report: Report, *, model_dir: Path | None, repeats: int = REPEATS, quick
         w = [p["wall"] for p in by_cfg[label]]
         speed = [b["wall"] / a["wall"] for a, b in zip(passes, by_cfg[label], strict=True)]
         report.add(S, f"  {label}", f"{median(w):.2f} s wall",
-                   ratio=f"default {median(speed):.2f}x faster",
+                   ratio=f"{median(speed):.2f}x the default's wall",
                    note=f"runs {spread(w)} s; CPU {median([p['cpu'] for p in by_cfg[label]]):.2f} s; "
                         f"paired with the default's run of the same round")  # fmt: skip
     from har_edge.agent.cpus import available_cores

@@ -1,6 +1,6 @@
 """``python -m bench.run`` (``make bench``): every section, one table, figures side by side in one run.
 
-    python -m bench.run                       # all sections, ~8-12 min on 2 quiet cores
+    python -m bench.run                       # all sections, ~10-15 min on 2 quiet cores
     python -m bench.run --sections e2e,swap   # some of them
     python -m bench.run --quick               # fewer rounds and repeats (a smoke run)
     python -m bench.run --model-dir DIR --keras FILE.keras
