@@ -9,10 +9,12 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import queue
 import shutil
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,10 +378,12 @@ class Processor:
                     last_file_ms=self.last_data_ms,
                 )
                 # decoded, windowed and inferred a chunk (~3 min) at a time: memory stays flat whatever the
-                # file's length. (A decode thread running ahead of inference was measured: no faster here, as
-                # decoding holds the GIL between numpy calls, and a second malloc arena costs ~2 MB.)
+                # file's length; with agent.decode_ahead a thread decodes and windows the next chunks while the
+                # model runs (LiteRT's invoke and numpy's large operations release the GIL)
                 batcher = _Batcher(getattr(model.runner, "batch", 1))
-                for ws in itertools.chain(_window_sets(rec, sw, clock), [None]):
+                ahead = self.settings.decode_ahead
+                sets = _decoded_ahead(rec, sw, clock, ahead) if ahead > 0 else _window_sets(rec, sw, clock)
+                for ws in itertools.chain(sets, [None]):
                     # whole batches only: a chunk's last few windows wait for the next chunk's
                     for windows, starts in batcher.add(ws):
                         with clock.stage("inference"):
@@ -505,8 +509,14 @@ class _StageClock:
     def figures(self) -> dict[str, dict[str, float]]:
         return {"wall_s": dict(self.wall), "cpu_s": dict(self.cpu)}
 
+    def absorb(self, other: _StageClock) -> None:
+        """Add another thread's stage seconds to these (its stages ran alongside, so walls overlap)."""
+        for mine, theirs in ((self.wall, other.wall), (self.cpu, other.cpu)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0.0) + v
 
-def _window_sets(rec: Recording, sw: StreamWindower, clock: _StageClock) -> Iterator[WindowSet]:
+
+def _window_sets(rec: Recording, sw: StreamWindower, clock: _StageClock) -> Generator[WindowSet, None, None]:
     """Decode a recording chunk by chunk and window it; yields non-empty WindowSets."""
     chunks = rec.chunks()
     try:
@@ -525,3 +535,62 @@ def _window_sets(rec: Recording, sw: StreamWindower, clock: _StageClock) -> Iter
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
+
+
+#: (stage entries made since the last item, a window set or None at the end, an exception raised or None)
+_Ahead = tuple[list[str], WindowSet | None, BaseException | None]
+
+
+def _decoded_ahead(rec: Recording, sw: StreamWindower, clock: _StageClock, depth: int) -> Iterator[WindowSet]:
+    """:func:`_window_sets` run by a decode thread at most ``depth`` window sets ahead of the caller.
+
+    What the caller sees is what it would see without the thread: the same window sets in the same order, the
+    decode thread's exception raised at the same point, and the stage entries (the listener: crash-loop
+    progress) replayed in this thread in the same order before each set. The thread's own clock measures its
+    stages; its seconds are added to ``clock`` at the end (they overlapped inference, so walls add up to more
+    than the file's). Memory: ``depth`` sets in the queue, one being made, one being inferred.
+    """
+    pending: list[str] = []
+    own = _StageClock(lambda name, _n: pending.append(name))
+    q: queue.Queue[_Ahead] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: _Ahead) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        sets = _window_sets(rec, sw, own)
+        try:
+            for ws in sets:
+                entries = pending[:]
+                pending.clear()
+                if not put((entries, ws, None)):
+                    return
+            put((pending[:], None, None))
+        except BaseException as exc:  # handed to the caller, raised there
+            put((pending[:], None, exc))
+        finally:
+            sets.close()
+
+    worker = threading.Thread(target=work, name="har-edge-decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            entries, ws, exc = q.get()
+            for name in entries:
+                clock.enter(name)
+            if exc is not None:
+                raise exc
+            if ws is None:
+                return
+            yield ws
+    finally:
+        stop.set()  # the caller stopped early (an error in inference): the thread ends after its chunk
+        worker.join()
+        clock.absorb(own)
