@@ -126,6 +126,13 @@ class FileRecord:
     error_stage: str | None = None
     monitor_status: str | None = None
     monitor_json: str | None = None
+    watch_manufacturer: str | None = None
+    watch_product: str | None = None
+    watch_serial: str | None = None
+    watch_firmware: str | None = None
+    watch_pseudonym: str | None = None
+    participant: str | None = None
+    participant_source: str | None = None
 
 
 def now_ms() -> int:

@@ -26,7 +26,9 @@ from sqlalchemy.engine import Connection
 from har_edge.agent.errors import SchemaVersionError
 from har_edge.agent.outbox_schema import (
     attempts,
+    files,
     flagged_windows,
+    forget_requests,
     inbox_seen,
     metadata,
     retrain_requests,
@@ -71,12 +73,40 @@ def _v2(conn: Connection) -> None:
     _add_columns(conn, "files", {"error_stage": "VARCHAR(16)", "monitor_status": "VARCHAR(16)", "monitor_json": "TEXT"})
 
 
+def _v4(conn: Connection) -> None:
+    _add_columns(
+        conn,
+        "files",
+        {
+            "watch_manufacturer": "TEXT",
+            "watch_product": "TEXT",
+            "watch_serial": "TEXT",
+            "watch_firmware": "TEXT",
+            "watch_pseudonym": "VARCHAR(32)",
+            "participant": "TEXT",
+            "participant_source": "VARCHAR(16)",
+        },
+    )
+    for ix in files.indexes:
+        if ix.name == "files_participant":
+            ix.create(conn, checkfirst=True)
+    forget_requests.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(
         2,
         "sync_refusals, attempts, inbox_seen, sync_passes, sync_failures, flagged_windows, retrain_requests; "
         "files.error_stage, monitor_status, monitor_json",
         _v2,
+    ),
+    # placeholder for another branch's version 3 (the lead renumbers at merge: drop this line then)
+    Migration(3, "(reserved)", lambda conn: None),
+    Migration(
+        4,
+        "files.watch_manufacturer, watch_product, watch_serial, watch_firmware, watch_pseudonym, participant, "
+        "participant_source (index files_participant); forget_requests",
+        _v4,
     ),
 ]
 
