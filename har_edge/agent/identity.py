@@ -140,10 +140,21 @@ class Identities:
             ) from None
         key = (st.st_mtime_ns, st.st_size)
         if key != self._mapping_key:
-            self._mapping = read_mapping(path)
+            try:
+                self._mapping = read_mapping(path)
+            except ConfigError as exc:
+                if self._mapping_key is None:
+                    raise
+                log.error("%s; the mapping read before is used until the file is fixed", exc)
+                return self._mapping
             self._mapping_key = key
             log.info("participants: read %d serial(s) from the study mapping %s", len(self._mapping), path)
         return self._mapping
+
+    def check(self) -> None:
+        """Read the secret and the mapping now: a ConfigError at start instead of at the first file."""
+        _ = self.secret
+        self.mapping()
 
     def assign(self, watch: Watch | None, folder: str | None = None) -> Assignment:
         serial = watch.serial if watch is not None else None

@@ -226,7 +226,7 @@ class ParticipantSettings(_Section):
     mapping: Path | None = Field(
         None,
         description="the study's serial -> participant table: CSV (columns serial,participant) or TOML "
-        "([serials] \"3391234567\" = \"P01\"); relative to data_dir",
+        '([serials] "3391234567" = "P01"); relative to data_dir',
     )
     folders: bool = Field(True, description="inbox/<participant>/<file> assigns that participant (one level)")
     secret_file: Path | None = Field(
