@@ -50,10 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent_cli.register(sub, parents)
     try:
         from har_edge.sync import cli as sync_cli
+        from har_edge.sync.forget import delete_participant_runs
     except ImportError:  # the bare agent runs without the sync extra's packages
         pass
     else:
         sync_cli.register(sub, parents)
+        sub.choices["forget"].set_defaults(server_eraser=delete_participant_runs)  # its MLflow runs too
     doctor.register(sub, parents)
     return p
 

@@ -101,7 +101,9 @@ class ForgetReport:
             f"  inbox/:     {len(self.inbox)} files waiting in the participant's folder",
         ]
         s = self.server
-        if s.get("skipped"):
+        if s.get("error"):
+            out.append(f"  server:     FAILED: {s['error']}")
+        elif s.get("skipped"):
             out.append(f"  server:     {s['skipped']}")
         elif s:
             out.append(
@@ -358,7 +360,11 @@ def forget(
         report.add(counts)
         erase_exports(settings, participant, exports, report, inbox=True)
         if server is not None:
-            report.server = server(participant)
+            try:
+                report.server = server(participant)
+            except HarEdgeError as exc:  # the device is erased all the same; the runs wait for another try
+                log.error("deleting the participant's MLflow runs failed: %s", exc)
+                report.server = {"error": f"{exc}: run forget again once the server answers"}
         deadline = time.monotonic() + wait_s
         while _in_flight(outbox, t) and time.monotonic() < deadline:
             time.sleep(0.2)

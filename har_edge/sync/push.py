@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from har_edge.agent import __version__
+from har_edge.agent.forget import withheld
 from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
 from har_edge.agent.settings import Settings
 from har_edge.sync import runs
@@ -40,6 +41,7 @@ from har_edge.sync.delivery import Delivery, PendingPoint
 from har_edge.sync.errors import ServerAccessDenied, ServerRejected, SyncError
 from har_edge.sync.locks import file_lock
 from har_edge.sync.mlflow_client import Target, ensure_experiment, make_client, resolve_target
+from har_edge.sync.participant_tags import file_run_tags
 from har_edge.sync.predictions import ARTIFACT_NAME, write_predictions_csv
 from har_edge.sync.retry import translate
 from har_edge.sync.state import KnownModel, active_manifest, known_models
@@ -221,6 +223,8 @@ class Pusher:
                     if stop is not None and stop.is_set():
                         report.stopped = True
                         break
+                    if withheld(self.outbox, f.id):  # its participant is being forgotten: never sent
+                        continue
                     self._push_file(f, report, stop)
             self._reclaim(now)
             report.backlog = self.delivery.backlog()
@@ -410,6 +414,7 @@ class Pusher:
             runs.AGENT_VERSION: f.agent_version,
             runs.MONITOR: f.monitor_status or "",
             runs.DESCRIPTION: _monitor_description(f),
+            **file_run_tags(f, share_serial=self.settings.participants.share_serial),
         }
         return {k: v for k, v in tags.items() if v}
 
