@@ -22,7 +22,7 @@ from har_edge.agent.errors import DiskFull, HarEdgeError, InputError, InternalEr
 from har_edge.agent.forget import honour
 from har_edge.agent.identity import Identities
 from har_edge.agent.modelstore import ActiveModel
-from har_edge.agent.outbox import Outbox
+from har_edge.agent.outbox import Outbox, now_ms
 from har_edge.agent.pipeline import Outcome, Processor
 from har_edge.agent.retention import ingestion_paused
 from har_edge.agent.settings import Settings
@@ -137,6 +137,9 @@ class Agent:
 
         Outbox trouble (a full disk included) propagates with the group still in work/."""
         model = self.models.refresh()
+        received = now_ms()
+        # recorded before hashing: an erasure asked for from now on sees this file in flight (agent.forget)
+        self.attempts.begin(claimed)
         ident = self.processor.identify(claimed)  # the one dedup query
         prior = ident.prior
         # a file recovered after a crash may already be stored: finish its move only
@@ -144,10 +147,10 @@ class Agent:
             self._finish(claimed, None)
             log.info("%s was stored before the interruption; archived", claimed[0].name)
             return Outcome(FileStatus.PROCESSED, prior.id, prior.name, windows=prior.windows)
-        self.attempts.begin(claimed)
         outcome = self.processor.process(
             claimed,
             model,
+            received_ms=received,
             name=claimed[0].name,
             progress=progress,
             identity=ident,

@@ -22,6 +22,7 @@ Every step is idempotent: forgetting twice, or a participant that never was, rem
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, delete, exists, func, insert, select, update
+from sqlalchemy.exc import OperationalError
 
 from har_edge.agent.errors import HarEdgeError
 from har_edge.agent.identity import valid_participant_id
@@ -189,7 +191,12 @@ def erase_rows(outbox: Outbox, participant: str, upto_ms: int) -> tuple[dict[str
 
     Returns the counts and the (sha256, name) of the files, to find their exports."""
     cond = and_(files.c.participant == participant, files.c.received_ms <= upto_ms)
+    with outbox.engine.connect() as conn:  # the cheap question first: most calls (the agent's) find nothing
+        if not conn.execute(select(exists().where(cond))).scalar():
+            return {}, []
     with outbox.transaction(durable=True) as conn:
+        # freed pages are overwritten with zeros: the deleted rows do not linger in the file's free space
+        conn.exec_driver_sql("PRAGMA secure_delete = ON")
         rows = conn.execute(select(files.c.id, files.c.sha256, files.c.name).where(cond)).all()
         ids = [r.id for r in rows]
         if not ids:
@@ -213,7 +220,18 @@ def erase_rows(outbox: Outbox, participant: str, upto_ms: int) -> tuple[dict[str
         for table in (windows, labels, metrics, flagged_windows):
             conn.execute(delete(table).where(table.c.file_id.in_(ids)))
         conn.execute(delete(files).where(files.c.id.in_(ids)))
+    _checkpoint(outbox)
     return counts, [(r.sha256, r.name) for r in rows]
+
+
+def _checkpoint(outbox: Outbox) -> None:
+    """Copy the WAL into the file and truncate it, so the deleted rows' old pages leave the WAL too (best effort:
+    a reader still open keeps the WAL until the next checkpoint)."""
+    try:
+        with outbox.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    except OperationalError as exc:  # busy: the next checkpoint (SQLite's own, every 1000 pages) does it
+        log.debug("outbox checkpoint after an erasure deferred: %s", exc)
 
 
 def _scrub_retrain_requests(conn: Any, ids: set[int]) -> int:
@@ -295,6 +313,8 @@ def erase_exports(
     _remove_tree(settings.quarantine / participant, data, report.quarantine)
     if inbox:
         _remove_tree(settings.inbox / participant, data, report.inbox)
+    with contextlib.suppress(OSError):
+        (settings.work / participant).rmdir()  # emptied once the agent moved its files on (a file in flight stays)
     if not exports:
         return
     flat = [(d, report.archive) for d in sorted(settings.archive_dir.glob("*/"))] + [
