@@ -470,11 +470,11 @@ def test_forget_deletes_the_participants_runs_and_gc_purges_them(mlflow_server, 
     # the operator's purge on the server (docs/privacy.md): afterwards the store holds nothing of them
     db = mlflow_server.root / "mlflow.db"
     r = subprocess.run(
-        [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", f"sqlite:///{db}", "--run-ids",
-         ",".join(rep.server["run_ids"])],
-        capture_output=True, text=True, env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server.url),
+        [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", f"sqlite:///{db}",
+         "--tracking-uri", mlflow_server.url, "--run-ids", ",".join(rep.server["run_ids"])],
+        capture_output=True, text=True,
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and "permanently deleted" in r.stdout, r.stderr + r.stdout
     con = sqlite3.connect(db)
     try:
         ids = rep.server["run_ids"]

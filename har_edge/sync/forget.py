@@ -50,7 +50,8 @@ def _purge_local(uri: str, run_ids: list[str]) -> bool:
     """``mlflow gc`` on the local store for these (deleted) runs: their rows and artifacts go for good."""
     if not run_ids:
         return True
-    cmd = [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", uri, "--run-ids", ",".join(run_ids)]
+    cmd = [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", uri, "--tracking-uri", uri]
+    cmd += ["--run-ids", ",".join(run_ids)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=GC_TIMEOUT_S, check=False)
     if res.returncode != 0:
         log.error("mlflow gc on the local store failed (exit %d): %s", res.returncode, res.stderr.strip()[-500:])
