@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -492,9 +493,13 @@ def test_erasure_holds_while_the_agent_and_sync_daemons_run(mlflow_server, tmp_p
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    long_fit = fixture_cache / "participants-long-3987650001.fit"
+    # 3 hours: several seconds of processing, so the file is in flight while forget runs
+    long_fit = fixture_cache / "participants-3h-3987650001.fit"
     if not long_fit.exists():
-        _fit(long_fit, SERIALS["alice"], seconds=1200, seed=7)
+        _fit(long_fit, SERIALS["alice"], seconds=3 * 3600, seed=7)
+    drops = tmp_path / "drops"
+    own = {f"{who}{i}": _fit(drops / f"{who}{i}.fit", SERIALS[who], seed=20 + 3 * i + k)
+           for i in range(4) for k, who in enumerate(("alice", "bob", "carol"))}  # fmt: skip
     data = tmp_path / "var"
     experiment = f"part-{uuid.uuid4().hex[:8]}"
     env = dict(
@@ -534,21 +539,48 @@ def test_erasure_holds_while_the_agent_and_sync_daemons_run(mlflow_server, tmp_p
     try:
         assert wait(lambda: (data / "inbox").is_dir(), 60)
         for i in range(3):
-            _drop(data, fits["alice"] if i != 1 else fits["carol"], f"P01/a{i}.fit")
-            _drop(data, fits["bob"], f"P02/b{i}.fit")
+            _drop(data, own[f"alice{i}"] if i != 1 else own[f"carol{i}"], f"P01/a{i}.fit")
+            _drop(data, own[f"bob{i}"], f"P02/b{i}.fit")
             time.sleep(0.3)
-        assert wait(lambda: len(file_runs()) >= 2, 120)  # P01 results are on the server by now
+        # everything delivered (P01's results are on the server), so sync's passes are short again
+        assert wait(lambda: len([x for x in file_runs() if x.info.status == "FINISHED"]) == 6, 120)
         _drop(data, long_fit, "P01/long.fit")
-        assert wait(lambda: (data / "work" / "P01" / "long.fit").exists(), 60)
-        r = subprocess.run(
+
+        def in_flight() -> int:
+            con = sqlite3.connect(data / "outbox.sqlite", timeout=30)
+            try:
+                return con.execute("SELECT count(*) FROM attempts").fetchone()[0]
+            finally:
+                con.close()
+
+        def requests() -> int:
+            con = sqlite3.connect(data / "outbox.sqlite", timeout=30)
+            try:
+                return con.execute("SELECT count(*) FROM forget_requests").fetchone()[0]
+            finally:
+                con.close()
+
+        # the agent is held (SIGSTOP) with long.fit in work/ until forget has asked: it is in flight for sure
+        assert wait(lambda: (data / "work" / "P01" / "long.fit").exists() and in_flight() == 1, 60)
+        procs[0].send_signal(signal.SIGSTOP)
+        fg = subprocess.Popen(
             [sys.executable, "-m", "har_edge.cli", "forget", "P01", "--json", "--wait", "120"],
-            env=env, capture_output=True, text=True, timeout=400,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert r.returncode == 0, r.stderr + r.stdout
+        try:
+            assert wait(lambda: requests() == 1, 120)
+        finally:
+            procs[0].send_signal(signal.SIGCONT)
+        out, err = fg.communicate(timeout=400)
+        assert fg.returncode == 0, err + out
+        r = subprocess.CompletedProcess(fg.args, fg.returncode, out, err)
         report = json.loads(r.stdout)
         assert report["participant"] == "P01" and not report["request_open"]
+        assert report["outbox"]["files"] >= 4 and report["server"]["runs_deleted"] >= 2
+        assert "P01/long.fit" in " ".join(report["archive"])
+        assert report["finished_in_flight"] == 1  # long.fit: in work/ when asked, finished, then erased
         # P02 goes on: later files are still processed and delivered
-        _drop(data, fits["bob"], "P02/late.fit")
+        _drop(data, own["bob3"], "P02/late.fit")
         assert wait(lambda: any(x.data.tags.get("har.file_name") == "late.fit" for x in file_runs()), 120)
         time.sleep(3)  # a few more sync passes: nothing of P01 may come back
     finally:

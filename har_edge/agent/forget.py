@@ -55,7 +55,7 @@ from har_edge.agent.outbox import (
 from har_edge.agent.outbox_schema import forget_requests
 from har_edge.agent.retention import REASON_SUFFIX
 from har_edge.agent.settings import Settings
-from har_edge.agent.watcher import SYNC_PUSH_LOCK
+from har_edge.agent.watcher import SYNC_PUSH_LOCK, held_elsewhere
 from har_edge.common.hashing import export_sha256
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class ForgetReport:
     in_flight: int = 0
     #: the request row stays until the agent has finished those files
     request_open: bool = False
+    #: files that were in flight when asked, finished by the agent, then erased here
+    finished_in_flight: int = 0
 
     def add(self, counts: dict[str, int]) -> None:
         for k, v in counts.items():
@@ -341,7 +343,12 @@ def honour(settings: Settings, outbox: Outbox) -> int:
     """Erase what open requests cover (files finished since they were asked); close requests with nothing left
     in flight. Returns the number of files erased. Cheap when there is no request (one query)."""
     erased = 0
-    for req in open_requests(outbox):
+    reqs = open_requests(outbox)
+    if not reqs or held_elsewhere(Path(settings.data_dir) / SYNC_PUSH_LOCK):
+        # the lock held: `forget` itself is at work (it erases what finishes while it waits, and reports it),
+        # or a sync pass is (which skips covered files): the next pass honours the request
+        return 0
+    for req in reqs:
         report = ForgetReport(req.participant)
         _erase_now(settings, outbox, req.participant, req.requested_ms, report)
         erased += report.outbox.get("files", 0)
@@ -388,7 +395,9 @@ def forget(
         deadline = time.monotonic() + wait_s
         while _in_flight(outbox, t) and time.monotonic() < deadline:
             time.sleep(0.2)
+        before = report.outbox.get("files", 0)
         _erase_now(settings, outbox, participant, t, report)  # what finished meanwhile
+        report.finished_in_flight = report.outbox.get("files", 0) - before
         report.in_flight = _in_flight(outbox, t)
         if report.in_flight == 0:
             with outbox.transaction(durable=True) as conn:

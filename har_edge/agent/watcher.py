@@ -319,7 +319,7 @@ class DropFolder:
         sync push is running (its lock is free). Returns how many were removed."""
         victims = list((self.work / ".scratch").glob("export-*"))
         sync_tmp = self.data_dir / SYNC_TMP
-        if sync_tmp.is_dir() and not _held(self.data_dir / SYNC_PUSH_LOCK):
+        if sync_tmp.is_dir() and not held_elsewhere(self.data_dir / SYNC_PUSH_LOCK):
             victims += list(sync_tmp.glob("tmp*"))
         for v in victims:
             if v.is_dir() and not v.is_symlink():
@@ -407,8 +407,8 @@ class DropFolder:
         return moved
 
 
-def _held(lock: Path) -> bool:
-    """True when another process holds this flock (sync's push lock)."""
+def held_elsewhere(lock: Path) -> bool:
+    """True when another process (or another open file of this one) holds this flock (sync's push lock)."""
     try:
         fd = os.open(lock, os.O_RDONLY)
     except FileNotFoundError:
