@@ -67,7 +67,9 @@ def participant_status(outbox: Outbox, participant: str, recent: int) -> dict[st
     """The parts of ``har-edge status`` about one participant's files (same keys, their values only)."""
     mine = files.c.participant == participant
     with outbox.engine.connect() as conn:
-        by_status = dict(conn.execute(select(files.c.status, func.count()).where(mine).group_by(files.c.status)).all())
+        by_status: dict[str, int] = dict(
+            conn.execute(select(files.c.status, func.count()).where(mine).group_by(files.c.status)).all()
+        )
         n_files, n_windows = conn.execute(
             select(func.count(), func.coalesce(func.sum(files.c.windows), 0)).where(mine, PENDING_FILE)
         ).one()

@@ -225,7 +225,7 @@ class Processor:
     def _record_duplicate(self, base: dict[str, Any], prior: Any) -> Outcome:
         name = base["name"]
         # the same content: the same watch; the participant of the folder it came from, else the prior's
-        who = {k: getattr(prior, k, None) for k in _WHO_COLUMNS}
+        who: dict[str, Any] = {k: getattr(prior, k, None) for k in _WHO_COLUMNS}
         if self._folder is not None and self.identities is not None:
             self._watch = Watch(
                 who["watch_manufacturer"], who["watch_product"], who["watch_serial"], who["watch_firmware"]

@@ -40,14 +40,13 @@ def _product(d: Mapping[str, Any]) -> str | None:
 
 def watch_of_meta(meta: Mapping[str, Any]) -> Watch | None:
     """The watch a recording's meta names (file_id first, device_info for what it lacks), or None."""
-    device = meta.get("device") if isinstance(meta.get("device"), Mapping) else {}
-    infos = [d for d in meta.get("devices") or [] if isinstance(d, Mapping)]
+    found = meta.get("device")
+    device: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    infos: list[Mapping[str, Any]] = [d for d in meta.get("devices") or [] if isinstance(d, Mapping)]
     serial = _text(device.get("serial_number"))
     # the device_info of the watch itself: the one with the file's serial, else the first
-    info = next((d for d in infos if serial is not None and _text(d.get("serial_number")) == serial), None)
-    if info is None and infos:
-        info = infos[0]
-    info = info or {}
+    mine = [d for d in infos if serial is not None and _text(d.get("serial_number")) == serial]
+    info: Mapping[str, Any] = (mine or infos or [{}])[0]
     watch = Watch(
         manufacturer=_text(device.get("manufacturer")) or _text(info.get("manufacturer")),
         product=_product(device) or _product(info),
