@@ -481,7 +481,8 @@ def test_forget_deletes_the_participants_runs_and_gc_purges_them(mlflow_server, 
         ids = rep.server["run_ids"]
         marks = ",".join("?" * len(ids))
         assert con.execute(f"SELECT count(*) FROM runs WHERE run_uuid IN ({marks})", ids).fetchone()[0] == 0
-        assert con.execute("SELECT count(*) FROM tags WHERE value = 'P01'").fetchone()[0] == 0
+        assert con.execute(f"SELECT count(*) FROM tags WHERE run_uuid IN ({marks})", ids).fetchone()[0] == 0
+        assert con.execute(f"SELECT count(*) FROM metrics WHERE run_uuid IN ({marks})", ids).fetchone()[0] == 0
     finally:
         con.close()
 
