@@ -603,3 +603,38 @@ def test_erasure_holds_while_the_agent_and_sync_daemons_run(mlflow_server, tmp_p
     needles = ["P01", str(SERIALS["alice"]), str(SERIALS["carol"])]
     needles += [watch_pseudonym(SECRET.encode(), str(SERIALS[w])) for w in ("alice", "carol")]
     assert _mentions(data, needles) == []
+
+
+def test_a_fitcsv_export_names_its_watch_too(tmp_path):
+    """FitCSVTool -b rows: file_id and device_info give manufacturer, product, serial and firmware."""
+    import csv
+
+    from har_edge.agent.decode.tables import decode_fitcsv
+    from har_edge.agent.watch import watch_of
+
+    head = ["Type", "Local Number", "Message"] + [f"{k} {i}" for i in range(1, 7) for k in ("Field", "Value", "Units")]
+    rows = [
+        ["Data", "0", "file_id", "type", "4", "", "manufacturer", "garmin", "", "garmin_product", "fr945", "",
+         "serial_number", "3987650009", ""],
+        ["Data", "1", "device_info", "manufacturer", "garmin", "", "serial_number", "3987650009", "",
+         "software_version", "12.5", ""],
+    ]  # fmt: skip
+    for k in range(300):
+        row = ["Data", "2", "accelerometer_data", "timestamp", str(1_111_111_111 + k), "s", "timestamp_ms", "0", "ms"]
+        row += ["sample_time_offset", "|".join(str(i * 40) for i in range(25)), "ms"]
+        for axis in ("x", "y", "z"):
+            row += [f"calibrated_accel_{axis}", "|".join("1000" if axis == "z" else "0" for _ in range(25)), "mg"]
+        rows.append(row)
+    path = tmp_path / "export.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([head, *rows])
+    rec = decode_fitcsv(path, path.name)
+    assert watch_of([rec]) == Watch("garmin", "fr945", "3987650009", "12.5")
+
+
+def test_participant_folders_can_be_turned_off(tmp_path, fits):
+    s = _settings(tmp_path / "var", folders=False)
+    _drop(s.data_dir, fits["alice"], "P07/a.fit")
+    (row,) = _rows(_run_agent(s).outbox)
+    assert row["participant"] == participant_pseudonym(SECRET.encode(), str(SERIALS["alice"]))
+    assert row["participant_source"] == "pseudonym"
