@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from har_edge.agent.errors import ConfigError
 
@@ -331,6 +331,28 @@ class HttpSettings(_Section):
         return v.strip()
 
 
+class ParticipantSettings(_Section):
+    """Who wore the watch: a study mapping, participant folders in the inbox, keyed pseudonyms (docs/privacy.md)."""
+
+    mapping: Path | None = Field(
+        None,
+        description="the study's serial -> participant table: CSV (columns serial,participant) or TOML "
+        '([serials] "3391234567" = "P01"); relative to data_dir',
+    )
+    folders: bool = Field(True, description="inbox/<participant>/<file> assigns that participant (one level)")
+    secret_file: Path | None = Field(
+        None,
+        description="file holding the study's pseudonym secret; relative to data_dir; default "
+        "<data_dir>/pseudonym.secret, generated (mode 0600) when neither it nor `secret` is given",
+    )
+    secret: SecretStr | None = Field(
+        None, repr=False, description="the pseudonym secret itself (HAR_EDGE_PARTICIPANTS__SECRET); wins over the file"
+    )
+    share_serial: bool = Field(
+        False, description="also send the raw watch serial to MLflow (tag har.watch_serial); off: only its pseudonym"
+    )
+
+
 class Settings(_Section):
     data_dir: Path = Field(Path("var"), description="holds inbox, archive, quarantine, outbox, models, logs")
     device_id: str = Field("", description="default: the host name")
@@ -353,6 +375,7 @@ class Settings(_Section):
     sync: SyncSettings = SyncSettings()
     http: HttpSettings = HttpSettings()
     monitor: MonitorSettings = MonitorSettings()
+    participants: ParticipantSettings = ParticipantSettings()
 
     @model_validator(mode="after")
     def _custody_needs_archive(self) -> Settings:

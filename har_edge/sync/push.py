@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from har_edge.agent import __version__
 from har_edge.agent.acknowledged import custody_backlog
+from har_edge.agent.forget import withheld
 from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
 from har_edge.agent.settings import Settings
 from har_edge.sync import runs
@@ -43,6 +44,7 @@ from har_edge.sync.errors import ServerAccessDenied, ServerRejected, SyncError
 from har_edge.sync.locks import file_lock
 from har_edge.sync.mlflow_client import Target, ensure_experiment, make_client, resolve_target
 from har_edge.sync.pagepush import Pages
+from har_edge.sync.participant_tags import file_run_tags
 from har_edge.sync.predictions import ARTIFACT_NAME, write_predictions_csv_parts
 from har_edge.sync.retry import translate
 from har_edge.sync.state import KnownModel, active_manifest, known_models
@@ -231,6 +233,8 @@ class Pusher:
                         if stop is not None and stop.is_set():
                             report.stopped = True
                             break
+                        if withheld(self.outbox, f.id):  # its participant is being forgotten: never sent
+                            continue
                         self._push_file(f, report, stop)
                 finally:
                     self.close()
@@ -427,6 +431,7 @@ class Pusher:
             runs.MONITOR: f.monitor_status or "",
             runs.DESCRIPTION: self.pages.description(f),
             **self.pages.tags(f),
+            **file_run_tags(f, share_serial=self.settings.participants.share_serial),
         }
         return {k: v for k, v in tags.items() if v}
 
