@@ -108,7 +108,8 @@ fuzz: $(BIN)/.dev
 	  PYTHONPATH=$(CURDIR) $(abspath $(BIN))/python $(CURDIR)/tests/fuzz/atheris_inputs.py -runs=$(FUZZ_RUNS) \
 	    -rss_limit_mb=1024 -timeout=30 -print_final_stats=1; fi
 
-# inference, end to end, sync, memory and model swap against baselines, in one run (~3-5 min)
+# inference (and its peers), own model, end to end, sync, memory and model swap in one run (~10-15 min);
+# `make bench BENCH_ARGS=--write-docs` publishes the figures (refused while the machine is busy unless BENCH_FORCE=1)
 bench: $(BIN)/.dev
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

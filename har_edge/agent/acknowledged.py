@@ -73,7 +73,8 @@ class CustodyBacklog:
 
 
 def archived_files(archive_dir: Path) -> list[tuple[str, os.stat_result]]:
-    """Every file under ``archive/<day>/`` as (path relative to archive/, stat), oldest day first."""
+    """Every file under ``archive/<day>/`` and ``archive/<day>/<participant>/`` as (path relative to archive/,
+    stat), oldest day first."""
     out: list[tuple[str, os.stat_result]] = []
     try:
         with os.scandir(archive_dir) as it:
@@ -81,17 +82,26 @@ def archived_files(archive_dir: Path) -> list[tuple[str, os.stat_result]]:
     except FileNotFoundError:
         return out
     for day in sorted(days, key=lambda e: e.name):
+        _files_in(day.path, day.name, out, depth=1)
+    return out
+
+
+def _files_in(folder: str, rel: str, out: list[tuple[str, os.stat_result]], depth: int) -> None:
+    """The visible files of ``folder`` (and, ``depth`` levels down, of its subfolders: participant folders)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    for e in entries:
+        if e.name.startswith("."):
+            continue
         try:
-            entries = sorted(os.scandir(day.path), key=lambda e: e.name)
+            if e.is_file(follow_symlinks=False):
+                out.append((f"{rel}/{e.name}", e.stat(follow_symlinks=False)))
+            elif depth > 0 and e.is_dir(follow_symlinks=False):
+                _files_in(e.path, f"{rel}/{e.name}", out, depth - 1)
         except FileNotFoundError:
             continue
-        for e in entries:
-            try:
-                if e.is_file(follow_symlinks=False) and not e.name.startswith("."):
-                    out.append((f"{day.name}/{e.name}", e.stat(follow_symlinks=False)))
-            except FileNotFoundError:
-                continue
-    return out
 
 
 def custody_backlog(outbox: Outbox, archive_dir: Path, store: str) -> CustodyBacklog:

@@ -143,6 +143,10 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     with Outbox(settings.outbox_path) as ob:
         st = ob.status_counts()
         st["recent_files"] = ob.recent_files(args.recent)
+        if args.participant:  # the counts, pending items and files of one participant
+            from har_edge.agent.participants import participant_status
+
+            st.update(participant_status(ob, args.participant, args.recent))
     try:  # the manifest only: status never loads TFLite (`models verify` and `health` check the bytes)
         choice = choose_model(settings.models_dir, settings.agent.model_dir)
         mf = read_manifest(choice.folder)
@@ -162,6 +166,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         return Exit.OK
     files = ", ".join(f"{k} {v}" for k, v in sorted(st["files"].items())) or "none yet"
     print(f"data dir:  {settings.data_dir}")
+    if args.participant:
+        print(f"participant: {args.participant}")
     print(f"files:     {files}")
     print(f"pending:   {st['windows_pending_delivery']} windows, {st['metric_points_pending']} metric points")
     mdl = st["model"]
@@ -252,6 +258,13 @@ def register(
     )
     status.add_argument("--json", action="store_true", help="one JSON document instead of the summary")
     status.add_argument("--recent", type=int, default=10, metavar="N", help="list the last N files (default 10)")
+    status.add_argument(
+        "--participant", metavar="P", help="only this participant's files (see `har-edge participants`)"
+    )
+
+    from har_edge.agent import participants_cli
+
+    participants_cli.register(subparsers, parents)
 
     add_command(
         subparsers, "health", cmd_health, "exit 0 if the outbox is writable and the active model verifies", parents

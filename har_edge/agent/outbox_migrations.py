@@ -26,7 +26,9 @@ from sqlalchemy.engine import Connection
 from har_edge.agent.errors import SchemaVersionError
 from har_edge.agent.outbox_schema import (
     attempts,
+    files,
     flagged_windows,
+    forget_requests,
     inbox_seen,
     metadata,
     raw_custody,
@@ -92,6 +94,26 @@ def _v4(conn: Connection) -> None:
         ix.create(conn, checkfirst=True)
 
 
+def _v5(conn: Connection) -> None:
+    _add_columns(
+        conn,
+        "files",
+        {
+            "watch_manufacturer": "TEXT",
+            "watch_product": "TEXT",
+            "watch_serial": "TEXT",
+            "watch_firmware": "TEXT",
+            "watch_pseudonym": "VARCHAR(32)",
+            "participant": "TEXT",
+            "participant_source": "VARCHAR(16)",
+        },
+    )
+    for ix in files.indexes:
+        if ix.name == "files_participant":
+            ix.create(conn, checkfirst=True)
+    forget_requests.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(
         2,
@@ -101,6 +123,12 @@ MIGRATIONS: list[Migration] = [
     ),
     Migration(3, "files.utc_offset_s, utc_offset_source, summary_json, pages_ms, daily_ms", _v3),
     Migration(4, "raw_custody (raw exports delivered to sync.raw_store)", _v4),
+    Migration(
+        5,
+        "files.watch_manufacturer, watch_product, watch_serial, watch_firmware, watch_pseudonym, participant, "
+        "participant_source (index files_participant); forget_requests",
+        _v5,
+    ),
 ]
 
 #: the version this code writes

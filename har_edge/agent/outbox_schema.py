@@ -68,7 +68,18 @@ files = Table(
     Column("summary_json", Text),
     Column("pages_ms", BigInteger),
     Column("daily_ms", BigInteger),
+    # v5: the source watch (FIT file_id/device_info, a table's metadata) and the participant (docs/privacy.md);
+    # the raw serial stays on the device unless participants.share_serial
+    Column("watch_manufacturer", Text),
+    Column("watch_product", Text),
+    Column("watch_serial", Text),
+    Column("watch_firmware", Text),
+    Column("watch_pseudonym", String(32)),
+    Column("participant", Text),
+    # folder | mapping | pseudonym
+    Column("participant_source", String(16)),
 )
+Index("files_participant", files.c.participant)
 Index("files_sha_processed", files.c.sha256, unique=True, sqlite_where=text("status = 'processed'"))
 Index("files_undelivered", files.c.finished_ms, files.c.status)
 
@@ -222,3 +233,13 @@ raw_custody = Table(
 )
 Index("raw_custody_state", raw_custody.c.state, raw_custody.c.store)
 Index("raw_custody_sha", raw_custody.c.sha256)
+#: v5: erasures asked for (`har-edge forget`) and not closed yet: the agent erases files of the participant that
+#: were in flight when it was asked (received_ms <= requested_ms), sync never pushes them; the row is deleted
+#: once nothing of the participant from before the request is left
+forget_requests = Table(
+    "forget_requests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("participant", Text, nullable=False),
+    Column("requested_ms", BigInteger, nullable=False),
+)

@@ -137,7 +137,10 @@ class Retention:
 
         units: list[Unit] = []
         root = self.settings.archive_dir
-        for day in sorted(p for p in _listdir(root) if p.is_dir()):
+        days = sorted(p for p in _listdir(root) if p.is_dir())
+        # a day's own files, and those of its participant folders (archive/<date>/<participant>/)
+        folders = [f for day in days for f in (day, *sorted(q for q in _listdir(day) if q.is_dir()))]
+        for day in folders:
             pairs: dict[str, list[Path]] = {}
             for p in sorted(_listdir(day)):
                 if not p.is_file():
@@ -157,7 +160,9 @@ class Retention:
 
     def quarantine_units(self) -> list[Unit]:
         units = []
-        for p in sorted(_listdir(self.settings.quarantine)):
+        root = self.settings.quarantine
+        found = [*_listdir(root), *(q for d in _listdir(root) if d.is_dir() for q in _listdir(d))]
+        for p in sorted(found):
             if not p.is_file() or p.name.endswith(REASON_SUFFIX) or p.name.endswith(REASON_SUFFIX + ".tmp"):
                 continue
             reason = p.with_name(p.name + REASON_SUFFIX)
@@ -222,10 +227,11 @@ class Retention:
             "quarantine", self.quarantine_units(), a.quarantine_max_age_days, a.quarantine_max_mb, 0, now,
             self._quarantine_deletable, rep,
         )  # fmt: skip
-        for d in _listdir(self.settings.archive_dir):
+        days = [d for d in _listdir(self.settings.archive_dir) if d.is_dir()]
+        for d in [*(s for day in days for s in _listdir(day)), *_listdir(self.settings.quarantine), *days]:
             if d.is_dir():
                 with contextlib.suppress(OSError):
-                    d.rmdir()  # an emptied day folder (a non-empty one stays)
+                    d.rmdir()  # an emptied participant or day folder (a non-empty one stays)
         for part in ("archive", "quarantine"):
             if rep.deleted[part]:
                 log.info(

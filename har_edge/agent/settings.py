@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from har_edge.agent.errors import ConfigError
 
@@ -34,7 +34,18 @@ class AgentSettings(_Section):
     model_dir: Path | None = Field(
         None, description="use this model folder instead of models/current or the bundled one"
     )
-    threads: int = Field(1, ge=1, le=64, description="TFLite interpreter threads")
+    threads: int | Literal["auto"] = Field(
+        "auto",
+        description="TFLite interpreter threads; auto: the cores this process may use (CPU affinity, capped by a "
+        "cgroup CPU quota)",
+    )
+    decode_ahead: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="chunks (~3 min of data each) a decode thread prepares while the model runs on the last ones; "
+        "0 decodes in turn with inference",
+    )
     batch: int = Field(64, ge=1, le=4096, description="windows per inference call")
     max_gap_s: float = Field(1.0, gt=0, description="a longer gap between samples splits the recording")
     low_confidence: float = Field(0.6, ge=0, le=1, description="windows under this confidence count as low-confidence")
@@ -68,6 +79,19 @@ class AgentSettings(_Section):
         512.0, ge=0, description="ingestion pauses while the data dir's file system has less free space than this"
     )
     retention_interval_s: float = Field(60.0, gt=0, description="how often archive/ and quarantine/ are pruned")
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise ValueError("must be auto or a whole number of threads from 1 to 64") from None
+        if isinstance(v, bool) or (isinstance(v, float) and v != n) or not 1 <= n <= 64:
+            raise ValueError("must be auto or a whole number of threads from 1 to 64")
+        return n
 
 
 class MonitorSettings(_Section):
@@ -316,6 +340,28 @@ class FleetSettings(_Section):
     recent_files: int = Field(10, ge=1, le=1000, description="monitor verdicts are counted over this many newest files")
 
 
+class ParticipantSettings(_Section):
+    """Who wore the watch: a study mapping, participant folders in the inbox, keyed pseudonyms (docs/privacy.md)."""
+
+    mapping: Path | None = Field(
+        None,
+        description="the study's serial -> participant table: CSV (columns serial,participant) or TOML "
+        '([serials] "3391234567" = "P01"); relative to data_dir',
+    )
+    folders: bool = Field(True, description="inbox/<participant>/<file> assigns that participant (one level)")
+    secret_file: Path | None = Field(
+        None,
+        description="file holding the study's pseudonym secret; relative to data_dir; default "
+        "<data_dir>/pseudonym.secret, generated (mode 0600) when neither it nor `secret` is given",
+    )
+    secret: SecretStr | None = Field(
+        None, repr=False, description="the pseudonym secret itself (HAR_EDGE_PARTICIPANTS__SECRET); wins over the file"
+    )
+    share_serial: bool = Field(
+        False, description="also send the raw watch serial to MLflow (tag har.watch_serial); off: only its pseudonym"
+    )
+
+
 class Settings(_Section):
     data_dir: Path = Field(Path("var"), description="holds inbox, archive, quarantine, outbox, models, logs")
     device_id: str = Field("", description="default: the host name")
@@ -339,6 +385,7 @@ class Settings(_Section):
     http: HttpSettings = HttpSettings()
     monitor: MonitorSettings = MonitorSettings()
     fleet: FleetSettings = FleetSettings()
+    participants: ParticipantSettings = ParticipantSettings()
 
     @model_validator(mode="after")
     def _custody_needs_archive(self) -> Settings:

@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 
 from har_edge.agent.acknowledged import DELIVERED, CustodyBacklog, archived_files, custody_backlog
+from har_edge.agent.forget import open_requests
 from har_edge.agent.outbox import Outbox, now_ms
 from har_edge.agent.outbox_schema import raw_custody
 from har_edge.agent.settings import Settings
@@ -94,6 +95,11 @@ class Custody:
         def expired() -> bool:
             return (stop is not None and stop.is_set()) or time.monotonic() >= deadline
 
+        if open_requests(self.outbox):  # an erasure under way: nothing of that participant may leave now
+            log.info("raw custody: an erasure request is open (har-edge forget); this pass uploads nothing")
+            report.deferred = True
+            report.backlog = self.backlog()
+            return report
         with file_lock(Path(self.settings.data_dir) / LOCK_NAME, 5.0):
             rows = self._rows()
             files = archived_files(self.archive)

@@ -8,7 +8,7 @@ delivers what is pending:
   ``timeline.png``; then ``pages_ms`` is set. The summary is kept in ``files.summary_json`` the first time
   it is computed, so the reclaimed windows (``sync.reclaim_after_days``) do not take it along; a file
   whose windows are gone before its timeline was drawn gets its table only (logged).
-- a daily run per value of each grouping key (``device`` today), identity tags ``har.kind=daily``,
+- a daily run per value of each grouping key (the device, and each participant), identity tags ``har.kind=daily``,
   ``har.daily.key``, ``har.daily.value``: ``daily_activity.png`` (minutes per activity per local day,
   stacked) and ``daily_minutes.json``, redrawn from every file summary whenever a file is not counted yet
   (``files.daily_ms`` NULL).
@@ -53,6 +53,7 @@ from har_edge.sync.pages import (
     summarize,
     verdict_text,
 )
+from har_edge.sync.participant_tags import summary_key, summary_tags
 from har_edge.sync.renderer import RenderResult, render
 from har_edge.sync.state import KnownModel, known_models
 
@@ -68,7 +69,7 @@ RETRY_S = 300.0
 DAILY_KEY = "har.daily.key"
 DAILY_VALUE = "har.daily.value"
 #: the grouping keys of daily runs: an attribute of each file (see :meth:`Pages.group_attrs`)
-KEYS: tuple[str, ...] = ("device",)
+KEYS: tuple[str, ...] = ("device", "participant")
 MPL_DIR = ".sync-tmp/matplotlib"
 
 
@@ -153,8 +154,12 @@ class Pages:
         return file_tags(s) if s is not None else {}
 
     def group_attrs(self, f: Any) -> dict[str, str]:
-        """The values a file is grouped by in daily runs, one per key."""
-        return {"device": self.pusher.device}
+        """The values a file is grouped by in daily runs, one per key (a file without a participant: device only)."""
+        attrs = {"device": self.pusher.device}
+        participant = summary_key(f)
+        if participant:
+            attrs["participant"] = participant
+        return attrs
 
     # -- the outbox -------------------------------------------------------------------------------------
 
@@ -370,7 +375,8 @@ class Pages:
 
     def _daily_run(self, daily: Daily) -> str:
         identity = {runs.KIND: "daily", DAILY_KEY: daily.key, DAILY_VALUE: daily.value}
-        tags = {runs.DEVICE: daily.value} if daily.key == "device" else {}
+        # a participant's daily run carries the tag `har-edge forget` deletes runs by
+        tags = {runs.DEVICE: daily.value} if daily.key == "device" else summary_tags(daily.value)
         run_id, created = self.pusher._run(
             f"finding the daily run of {daily.key} {daily.value}",
             identity,

@@ -28,12 +28,14 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from har_edge.agent import __version__
 from har_edge.agent.acknowledged import custody_backlog
+from har_edge.agent.forget import withheld
 from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
 from har_edge.agent.settings import Settings
 from har_edge.sync import runs
@@ -42,7 +44,8 @@ from har_edge.sync.errors import ServerAccessDenied, ServerRejected, SyncError
 from har_edge.sync.locks import file_lock
 from har_edge.sync.mlflow_client import Target, ensure_experiment, make_client, resolve_target
 from har_edge.sync.pagepush import Pages
-from har_edge.sync.predictions import ARTIFACT_NAME, write_predictions_csv
+from har_edge.sync.participant_tags import file_run_tags
+from har_edge.sync.predictions import ARTIFACT_NAME, write_predictions_csv_parts
 from har_edge.sync.retry import translate
 from har_edge.sync.state import KnownModel, active_manifest, known_models
 
@@ -162,6 +165,7 @@ class Pusher:
         self._last_heartbeat_ms: int | None = None
         self._known: dict[str, KnownModel] | None = None
         self.pages = Pages(self)  # timelines, tables, descriptions and daily runs
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -221,14 +225,19 @@ class Pusher:
             self.maybe_heartbeat(now)
             backlog = self.delivery.backlog()
             if backlog["points"] or backlog["files"] or backlog["deployments"]:
-                self._push_device(report, stop)
-                self._push_deployments(report, stop)
-                self._push_retrain_requests(report, stop)
-                for f in self.delivery.pending_files(limit=max_files):
-                    if stop is not None and stop.is_set():
-                        report.stopped = True
-                        break
-                    self._push_file(f, report, stop)
+                try:
+                    self._push_device(report, stop)
+                    self._push_deployments(report, stop)
+                    self._push_retrain_requests(report, stop)
+                    for f in self.delivery.pending_files(limit=max_files):
+                        if stop is not None and stop.is_set():
+                            report.stopped = True
+                            break
+                        if withheld(self.outbox, f.id):  # its participant is being forgotten: never sent
+                            continue
+                        self._push_file(f, report, stop)
+                finally:
+                    self.close()
             self.pages.push(report, stop)
             self._reclaim(now)
             report.backlog = self.delivery.backlog()
@@ -422,6 +431,7 @@ class Pusher:
             runs.MONITOR: f.monitor_status or "",
             runs.DESCRIPTION: self.pages.description(f),
             **self.pages.tags(f),
+            **file_run_tags(f, share_serial=self.settings.participants.share_serial),
         }
         return {k: v for k, v in tags.items() if v}
 
@@ -462,12 +472,7 @@ class Pusher:
         try:
             if not (created and self._params_with_first_points(f, run_id, report)):
                 self._push_params(f, run_id, report)
-            while not self._stopped(stop, report):
-                pts = self.delivery.pending_points(f.id, self.sync.batch_size)
-                if not pts:
-                    break
-                ok, bad = self._send_points(run_id, pts, f"metric points of {f.name}")
-                self._mark(ok, bad, f.id, report)
+            self._stream_points(run_id, f, report, stop)
             if self._stopped(stop, report):
                 return
             if f.artifact_delivered_ms is None:
@@ -494,6 +499,41 @@ class Pusher:
             log.error("%s", msg)
             self.delivery.refuse_file(f.id, msg)
             report.refused.append(f"file {f.name}")
+
+    def _stream_points(self, run_id: str, f: _FileRow, report: PushReport, stop: threading.Event | None) -> None:
+        """A file's pending points in ``log_batch`` chunks, pipelined: while one chunk's request is in flight
+        (in the sender thread), the previous chunk is marked and the next one read from the outbox.
+
+        A chunk is marked only once the server acknowledged it; an error in a request is raised here after
+        the chunks before it were marked, as without the pipeline.
+        """
+        what = f"metric points of {f.name}"
+        acked: tuple[list[PendingPoint], list[tuple[PendingPoint, str]]] | None = None
+        pts = self.delivery.pending_points(f.id, self.sync.batch_size)
+        try:
+            while pts and not self._stopped(stop, report):
+                request = self._sender().submit(self._send_points, run_id, pts, what)
+                if acked is not None:
+                    self._mark(*acked, f.id, report)
+                    acked = None
+                nxt = self.delivery.pending_points(f.id, self.sync.batch_size, after_id=pts[-1].id)
+                acked = request.result()
+                pts = nxt
+        finally:
+            if acked is not None:
+                self._mark(*acked, f.id, report)
+
+    def _sender(self) -> ThreadPoolExecutor:
+        """The one thread that sends ``log_batch`` requests while this one reads and marks the outbox."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="har-edge-sync-send")
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the sender thread (a pass starts it again when needed)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _params_with_first_points(self, f: _FileRow, run_id: str, report: PushReport) -> bool:
         """On a run just created (it has no params to conflict with) params ride with the first points.
@@ -532,12 +572,13 @@ class Pusher:
 
     def _push_artifact(self, f: _FileRow, run_id: str, report: PushReport) -> None:
         if f.windows:
-            names, starts, probs = self.outbox.file_windows(f.id)
+            names = self.delivery.file_labels(f.id)
             tmp_root = Path(self.settings.data_dir) / ".sync-tmp"
             tmp_root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
                 path = Path(tmp) / ARTIFACT_NAME
-                write_predictions_csv(path, names, starts, probs)
+                # streamed from the outbox a few thousand rows at a time: no whole-file arrays or lists
+                write_predictions_csv_parts(path, names, self.delivery.iter_windows(f.id))
                 try:
                     self._call(f"uploading the predictions of {f.name}", self.client.log_artifact, run_id, str(path))
                     report.artifacts += 1

@@ -86,6 +86,10 @@ class RawStore(Protocol):
         """Drop a partial upload (after a mismatch, or when the file is gone); never raises."""
         ...
 
+    def erase(self, sha256: str) -> bool:
+        """Delete the stored export with this content (an erasure request); False when it was not there."""
+        ...
+
 
 def read_parts(path: Path, part_size: int) -> Iterator[bytes]:
     """The file in parts of ``part_size`` bytes (the last one shorter; an empty file gives one empty part)."""
@@ -226,6 +230,19 @@ class FolderStore:
     def discard(self, item: Item) -> None:
         if item.key:
             self._dest(item).with_name(f"{self._dest(item).name}.partial-{_safe(item.device)}").unlink(missing_ok=True)
+
+    def erase(self, sha256: str) -> bool:
+        self._check_root()
+        dest = self.root / object_key(sha256)
+        for partial in dest.parent.glob(f"{dest.name}.partial-*"):
+            partial.unlink(missing_ok=True)
+        dest.with_suffix(".json").unlink(missing_ok=True)
+        try:
+            dest.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(dest.parent)
+        return True
 
 
 def _safe(s: str) -> str:

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from har_edge.agent.settings import Settings
 from har_edge.sync.errors import CustodyMismatch, ServerAccessDenied, ServerUnreachable, SyncError
-from har_edge.sync.rawstore import CHUNK, Expired, Item, SaveFn, b64, display_url, read_parts
+from har_edge.sync.rawstore import CHUNK, Expired, Item, SaveFn, b64, display_url, object_key, read_parts
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,21 @@ class S3Store:
             except Exception as exc:  # best effort: a lifecycle rule removes what is left
                 log.info("raw store: could not abort the upload of %s: %s", item.rel, type(exc).__name__)
         _reset(item)
+
+    def erase(self, sha256: str) -> bool:
+        key = f"{self.prefix}/{object_key(sha256)}" if self.prefix else object_key(sha256)
+        what = f"erasing {key} in the raw store {self.display}"
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            if _status(exc) == 404 or _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            err = translate(exc, what, self.display)
+            if err is None:
+                raise
+            raise err from exc
+        self._call(what, self.client.delete_object, Bucket=self.bucket, Key=key)
+        return True
 
     # -- helpers ------------------------------------------------------------------------------------
 

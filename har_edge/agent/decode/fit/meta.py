@@ -23,7 +23,9 @@ def _first(values: Fields, num: int) -> object:
     return vals[0]
 
 
-def _device(values: Fields, manufacturer_field: int, product_field: int, serial_field: int) -> dict[str, object]:
+def _device(
+    values: Fields, manufacturer_field: int, product_field: int, serial_field: int, software_field: int | None = None
+) -> dict[str, object]:
     manufacturer = _first(values, manufacturer_field)
     named = type_name("manufacturer", manufacturer) if manufacturer is not None else None
     out: dict[str, object] = {
@@ -31,9 +33,18 @@ def _device(values: Fields, manufacturer_field: int, product_field: int, serial_
         "product": _first(values, product_field),
         "serial_number": _first(values, serial_field),
     }
+    if software_field is not None:
+        out["software_version"] = _software_version(_first(values, software_field))
     if manufacturer == 1 and out["product"] is not None:  # garmin: product names are known
         out["product_name"] = type_name("garmin_product", out["product"])
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _software_version(raw: object) -> float | None:
+    """device_info.software_version as the watch shows it: the field holds hundredths (1250 is 12.50)."""
+    if not isinstance(raw, (int, float)) or isinstance(raw, bool):
+        return None
+    return round(float(raw) / 100, 2) if isinstance(raw, int) else round(float(raw), 2)
 
 
 def _time_created_ms(created: object, correlation: int | None) -> int | None:
@@ -114,7 +125,7 @@ def recording_meta(
         created = _time_created_ms(_first(file_ids[0], 4), correlation)
         if created is not None:
             meta["time_created_ms"] = created
-    devices = [_device(v, 2, 4, 3) for v in device_infos]
+    devices = [_device(v, 2, 4, 3, 5) for v in device_infos]
     if devices:
         meta["devices"] = [d for d in devices if d][:8]
     if correlation is not None:
