@@ -27,7 +27,7 @@ $(BIN)/.edge: pyproject.toml
 	touch $@
 
 $(BIN)/.dev: pyproject.toml $(BIN)/.edge
-	$(BIN)/pip install $(PIP_FLAGS) -e '.[edge,trainer,dev]'
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[edge,trainer,dev,central]'
 	touch $@
 
 # tflite-runtime installs only on CPython <= 3.11 with numpy < 2: its own environment

@@ -232,6 +232,7 @@ def add_file(
     error_kind: str | None = None,
     confidence: float | None = None,
     processed_ms: int | None = None,
+    quality: dict[str, float] | None = None,
 ) -> int:
     """Store one file the way the agent does (windows every 2 s, summary and per-minute points)."""
     from har_edge.agent.outbox import now_ms
@@ -269,7 +270,7 @@ def add_file(
         low_confidence=0.6,
         per_window_s=[0.001] * n,
         timings={"decode": 0.1, "preprocess": 0.05, "inference": 0.02},
-        quality={"coverage": 1.0},
+        quality={"coverage": 1.0, **(quality or {})},
         timestamp_ms=processed_ms,
     ) + minute_points(label_names=labels, start_ms=starts, probs=probs)
     return ob.record_file(rec, label_names=labels, start_ms=starts, probs=probs, points=points)

@@ -511,6 +511,27 @@ def test_the_health_gate_compares_confidence_only_across_the_same_label_set(tmp_
     assert same.state == "failed" and "mean confidence" in same.reason and "criteria" in same.reason
 
 
+def test_the_saturation_criterion_of_the_health_gate_is_a_setting(tmp_path):
+    from sync_helpers import add_file
+
+    from har_edge.agent.outbox import Outbox
+    from har_edge.agent.settings import SyncSettings
+    from har_edge.sync.health import judge
+    from har_edge.sync.state import Probation
+
+    ob = Outbox(tmp_path / "outbox.db")
+    new_sha, since = "c" * 64, 10_000
+    for seed in range(3):  # a fifth of gyro_z beyond the int8 input range: a units or scaler mismatch
+        outside = {"input_outside_share_gyro_z": 0.2, "input_outside_share_acc_x": 0.01}
+        add_file(ob, seed, minutes=2, model_sha256=new_sha, processed_ms=since + seed, quality=outside)
+    p = Probation(folder="2.0.0", version="2.0.0", sha256=new_sha, since_ms=since)
+    default = judge(ob, p, SyncSettings())
+    assert default.state == "failed" and "20.0% of the scaled inputs" in default.reason
+    assert "sync.health_max_input_outside_share=0.05" in default.reason
+    lenient = judge(ob, p, SyncSettings(health_max_input_outside_share=0.25))
+    assert lenient.state == "healthy" and "inputs beyond int8 range 20.00%" in lenient.reason
+
+
 @pytest.mark.slow
 def test_when_the_quantizer_fails_a_float_tflite_runs_as_a_float_model(study, tmp_path, monkeypatch):
     """ai-edge-quantizer handles our float model, so its failure is forced (the fallback path is the subject)."""

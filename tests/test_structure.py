@@ -23,7 +23,8 @@ ALLOWED = {
     "agent": {"common", "agent"},
     "sync": {"common", "agent", "sync"},
     "trainer": {"common", "agent", "trainer"},
-    "cli": {"common", "agent", "sync", "cli", "doctor"},
+    "central": {"common", "central"},
+    "cli": {"common", "agent", "sync", "central", "cli", "doctor"},
     "doctor": {"common", "agent", "sync", "doctor"},
 }
 

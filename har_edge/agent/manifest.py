@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from har_edge.agent.channels import STREAM
 from har_edge.agent.errors import ChecksumMismatch, ManifestError
 from har_edge.agent.monitor.reference import Reference
 from har_edge.common.hashing import sha256_file
@@ -32,15 +33,8 @@ MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 GOLDEN_FILE = "golden.npz"
 
-#: Channel order every har-edge model is fed in, with the units of the raw values.
-CHANNELS = (
-    ("acc_x", "m/s^2"),
-    ("acc_y", "m/s^2"),
-    ("acc_z", "m/s^2"),
-    ("gyro_x", "deg/s"),
-    ("gyro_y", "deg/s"),
-    ("gyro_z", "deg/s"),
-)
+#: Channel order every har-edge model is fed in, with the units of the raw values: the agent's stream.
+CHANNELS = STREAM
 
 
 class Channel(BaseModel):

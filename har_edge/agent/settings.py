@@ -198,6 +198,12 @@ class SyncSettings(_Section):
         le=1,
         description="roll back when their mean confidence is below this ratio of the previous model's recent files",
     )
+    health_max_input_outside_share: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="roll back when more than this share of the scaled inputs lies beyond the int8 input range",
+    )
     health_ignored_error_kinds: tuple[str, ...] = Field(
         ("unknown_format", "corrupt", "no_imu_data", "unsafe_archive"),
         description="file failures that cannot be the model's fault and do not count against it "

@@ -14,7 +14,7 @@ Judged from what the agent stored in the outbox, against thresholds in
   models have the same label set (confidence over 6 classes says nothing about
   confidence over 11), and skipped when the previous model left no files;
 - otherwise the failure share and input saturation decide: more than
-  :data:`MAX_INPUT_OUTSIDE_SHARE` of the scaled input values beyond the int8
+  ``health_max_input_outside_share`` of the scaled input values beyond the int8
   input range (mean over the files, worst channel) fails the model.
 
 The verdict's reason names the criteria that applied; it goes into the
@@ -34,8 +34,6 @@ from har_edge.sync.state import Probation
 
 CONFIDENCE_KEY = "mean_confidence"
 OUTSIDE_PREFIX = "quality_input_outside_share_"
-#: share of scaled input values beyond the int8 input range that fails a new model
-MAX_INPUT_OUTSIDE_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -113,11 +111,12 @@ def judge(
             )
         processed = [r.id for r in rows if r.status == FileStatus.PROCESSED]
         outside = _input_outside(conn, processed)
-        if outside is not None and outside > MAX_INPUT_OUTSIDE_SHARE:
+        limit = s.health_max_input_outside_share
+        if outside is not None and outside > limit:
             return Verdict(
                 "failed",
                 f"{outside:.1%} of the scaled inputs under {p.version} lie beyond its int8 input range "
-                f"(more than {MAX_INPUT_OUTSIDE_SHARE:.0%}): wrong units or scaler? "
+                f"(more than sync.health_max_input_outside_share={limit:g}): wrong units or scaler? "
                 "criteria: failure share, saturation",
             )
         new_labels, prev_labels = labels

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from har_edge.agent.decode.fit import container
-from har_edge.agent.decode.fit.chunks import iter_chunks
+from har_edge.agent.decode.fit.chunks import guarded, iter_chunks
 from har_edge.agent.decode.fit.container import FastPathUnsupported, FileIdentity, Verified
 from har_edge.agent.decode.fit.meta import recording_meta
 from har_edge.agent.decode.fit.plan import plan
@@ -124,14 +124,8 @@ def _decode_fast(path: Path, name: str, verified: Verified | None) -> Recording:
     if index.compressed_records:
         meta["compressed_timestamp_records"] = index.compressed_records
 
-    def chunks() -> Iterator[Chunk]:
-        try:
-            yield from iter_chunks(index, imu)
-        except (InputError, OSError):
-            raise
-        except Exception as exc:  # bytes we indexed but cannot read: say so, never crash the agent
-            log.exception("%s: decoding IMU records failed", name)
-            raise CorruptFile(f"{name}: IMU records could not be decoded ({exc}): the file is damaged") from exc
+    def chunks() -> Iterator[Chunk]:  # bytes we indexed but cannot read: a damaged file, said so
+        return guarded(name, iter_chunks(index, imu), "decoding IMU records")
 
     return Recording(
         name=name,

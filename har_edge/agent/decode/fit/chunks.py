@@ -7,6 +7,7 @@ stays flat whatever the file's length.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,6 +18,9 @@ from har_edge.agent.decode.fit.plan import ImuPlan, SensorPlan
 from har_edge.agent.decode.fit.profile import FIT_FIELD_TIMESTAMP
 from har_edge.agent.decode.fit.samples import assemble, ordered
 from har_edge.agent.decode.types import Chunk, SensorBlock
+from har_edge.agent.errors import CorruptFile, InputError
+
+log = logging.getLogger(__name__)
 
 #: largest number of samples of one sensor in a chunk
 MAX_CHUNK_SAMPLES = 8_192
@@ -185,3 +189,18 @@ def iter_chunks(index: FitIndex, imu: ImuPlan, *, max_samples: int = MAX_CHUNK_S
             if imu.gyro is not None:
                 gyro = _sensor_samples(buf, base, offsets[is_gyro], ids[is_gyro], imu.gyro, index, imu.correlation_ms)
             yield Chunk(accel, gyro)
+
+
+def guarded(name: str, chunks: Iterator[Chunk], what: str) -> Iterator[Chunk]:
+    """``chunks`` with any unexpected error turned into a CorruptFile that names the file: never a crash.
+
+    Our own input errors and I/O errors (a disk, not the file) pass through unchanged; ``what`` says in the
+    log which reader failed, with its traceback.
+    """
+    try:
+        yield from chunks
+    except (InputError, OSError):
+        raise
+    except Exception as exc:
+        log.exception("%s: %s failed", name, what)
+        raise CorruptFile(f"{name}: IMU records could not be decoded ({exc}): the file is damaged") from exc

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from har_edge.agent.decode.fit.chunks import MAX_CHUNK_SAMPLES
+from har_edge.agent.decode.fit.chunks import MAX_CHUNK_SAMPLES, guarded
 from har_edge.agent.decode.fit.container import SMALL_MESG_LIMIT, FileIdentity, Verified, verify
 from har_edge.agent.decode.fit.meta import Fields, recording_meta
 from har_edge.agent.decode.fit.plan import no_imu_message
@@ -238,14 +238,9 @@ def decode_sdk(path: Path, name: str, verified: Verified | None = None) -> Recor
     accel_seqs, accel_samples = per_kind[ACCEL]
     gyro_seqs, gyro_samples = per_kind.get(GYRO, ([], []))
 
-    def chunks() -> Iterator[Chunk]:
-        try:
-            yield from _sdk_chunks(accel_seqs, accel_samples, gyro_seqs, gyro_samples, gyro_source is not None)
-        except InputError:
-            raise
-        except Exception as exc:  # samples we decoded but cannot group: say so, never crash the agent
-            log.exception("%s: grouping the samples garmin-fit-sdk decoded failed", name)
-            raise CorruptFile(f"{name}: IMU records could not be decoded ({exc}): the file is damaged") from exc
+    def chunks() -> Iterator[Chunk]:  # samples we decoded but cannot group: a damaged file, said so
+        gyro = gyro_source is not None
+        return guarded(name, _sdk_chunks(accel_seqs, accel_samples, gyro_seqs, gyro_samples, gyro), "grouping samples")
 
     return Recording(
         name=name,
