@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,98 +27,15 @@ V0, V1, V2 = release_version(0), release_version(1), release_version(2)
 AWS_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 
-class _S3:
-    """A SeaweedFS S3 gateway with an admin key and a read-only device key (provisional, until main has one)."""
-
-    admin_key, admin_secret = "fleet-admin", "admin-secret-5e1f0a9d"
-    device_key, device_secret = "fleet-device", "device-secret-7c3b2e81"
-
-    def __init__(self, root: Path) -> None:
-        import json
-        import os
-        import socket
-
-        self.root = root
-        ports = []
-        while len(ports) < 4:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            if port < 55000 and port not in ports:
-                ports.append(port)
-        master, volume, filer, s3port = ports
-        cfg = root / "s3.json"
-        cfg.write_text(
-            json.dumps(
-                {
-                    "identities": [
-                        {
-                            "name": "admin",
-                            "credentials": [{"accessKey": self.admin_key, "secretKey": self.admin_secret}],
-                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                        },
-                        {
-                            "name": "device",
-                            "credentials": [{"accessKey": self.device_key, "secretKey": self.device_secret}],
-                            "actions": ["Read", "List"],
-                        },
-                    ]
-                }
-            )
-        )
-        weed = Path(sys.executable).with_name("weed")
-        cmd = [
-            str(weed), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root}",
-            f"-master.port={master}", "-master.volumeSizeLimitMB=64", f"-volume.port={volume}", "-volume.max=200",
-            "-filer", f"-filer.port={filer}",
-            "-s3", f"-s3.port={s3port}", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={cfg}",
-        ]  # fmt: skip
-        self.endpoint = f"http://127.0.0.1:{s3port}"
-        with open(root / "weed.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.admin().list_buckets()
-                break
-            except Exception:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    os.killpg(self.proc.pid, 9)
-                    raise RuntimeError("weed did not start: " + (root / "weed.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
-
-    def admin(self):
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.admin_key,
-            aws_secret_access_key=self.admin_secret,
-            region_name="us-east-1",
-        )
-
-    def bucket(self, name: str) -> str:
-        self.admin().create_bucket(Bucket=name)
-        return name
-
-    def stop(self) -> None:
-        import os
-        import signal
-
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+@pytest.fixture
+def s3(s3_store):
+    """The session's SeaweedFS store (one identity: the trainer and the devices use the same key here)."""
+    return s3_store
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = _S3(tmp_path_factory.mktemp("seaweed"))
-    yield server
-    server.stop()
+def _bucket(s3, name: str) -> str:
+    s3.create_bucket(name)
+    return name
 
 
 @pytest.fixture(autouse=True)
@@ -183,24 +99,24 @@ def _object_key(prefix: str, data: bytes) -> str:
 @pytest.mark.slow
 def test_a_release_to_s3_is_pulled_verified_and_activated(s3, registry, tmp_path, monkeypatch, caplog):
     repo, origin, ts = registry
-    bucket = s3.bucket("models")
+    bucket = _bucket(s3, "models")
     remote = f"s3://{bucket}/har"
     # the trainer: endpoint and keys from the standard AWS variables
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.admin_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.admin_secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
     caplog.set_level(logging.DEBUG)
     r0, folder0 = _release(ts, tmp_path, repo, V0, remote)
     assert r0.created and r0.remote == remote and r0.git_pushed
     key = _object_key("har", (folder0 / "model.tflite").read_bytes())
-    assert s3.admin().get_object(Bucket=bucket, Key=key)["Body"].read() == (folder0 / "model.tflite").read_bytes()
+    assert s3.client().get_object(Bucket=bucket, Key=key)["Body"].read() == (folder0 / "model.tflite").read_bytes()
     assert "endpointurl" not in (repo / ".dvc" / "config").read_text()  # the endpoint stays the trainer's
 
-    # the device: the endpoint from sync.dvc_remote_endpoint, a read-only key from the AWS variables
+    # the device: the endpoint from sync.dvc_remote_endpoint, the key from the AWS variables
     for name in AWS_NAMES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.device_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.device_secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
     mm = _device(tmp_path, origin, s3.endpoint)
     t0 = time.monotonic()
     report = mm.update(time.time())
@@ -215,31 +131,31 @@ def test_a_release_to_s3_is_pulled_verified_and_activated(s3, registry, tmp_path
     dvc = [*dvc_command(), "remote", "modify", "--local", "storage"]
     for opt, value in (
         ("endpointurl", s3.endpoint),
-        ("access_key_id", s3.admin_key),
-        ("secret_access_key", s3.admin_secret),
+        ("access_key_id", s3.access_key),
+        ("secret_access_key", s3.secret_key),
     ):
         subprocess.run([*dvc, opt, value], cwd=repo, check=True, capture_output=True)
     r1, _ = _release(ts, tmp_path, repo, V1, remote)
     assert r1.created
-    assert s3.admin_secret not in _git(repo, "show", "HEAD:.dvc/config")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.device_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.device_secret)
+    assert s3.secret_key not in _git(repo, "show", "HEAD:.dvc/config")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
     mm = _device(tmp_path, origin, s3.endpoint, "dev-s3-b")
     assert mm.update(time.time()).activated == V1
 
-    for secret in (s3.admin_secret, s3.device_secret):
-        assert secret not in caplog.text
-        assert all(secret not in str(row) for row in sqlite_ids(mm.outbox, "SELECT * FROM deployments"))
-        assert secret not in (mm.models_dir / "sync-state.json").read_text()
+    secret = s3.secret_key
+    assert secret not in caplog.text
+    assert all(secret not in str(row) for row in sqlite_ids(mm.outbox, "SELECT * FROM deployments"))
+    assert secret not in (mm.models_dir / "sync-state.json").read_text()
 
 
 @pytest.mark.slow
 def test_a_corrupted_object_in_the_bucket_is_refused(s3, registry, tmp_path, monkeypatch):
     repo, origin, ts = registry
-    bucket = s3.bucket("corrupt")
+    bucket = _bucket(s3, "corrupt")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.admin_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.admin_secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
     _release(ts, tmp_path, repo, V0, f"s3://{bucket}/har")
     mm = _device(tmp_path, origin, s3.endpoint)
     assert mm.update(time.time()).activated == V0
@@ -247,7 +163,7 @@ def test_a_corrupted_object_in_the_bucket_is_refused(s3, registry, tmp_path, mon
     raw = bytearray((folder / "model.tflite").read_bytes())
     key = _object_key("har", bytes(raw))
     raw[len(raw) // 2] ^= 0xFF
-    s3.admin().put_object(Bucket=bucket, Key=key, Body=bytes(raw))  # one byte flipped in the stored object
+    s3.client().put_object(Bucket=bucket, Key=key, Body=bytes(raw))  # one byte flipped in the stored object
     monkeypatch.delenv("AWS_ENDPOINT_URL")
 
     report = mm.update(time.time())
@@ -261,14 +177,14 @@ def test_a_corrupted_object_in_the_bucket_is_refused(s3, registry, tmp_path, mon
 @pytest.mark.slow
 def test_a_wrong_key_fails_the_fetch_without_showing_it(s3, registry, tmp_path, monkeypatch):
     repo, origin, ts = registry
-    bucket = s3.bucket("wrongkey")
+    bucket = _bucket(s3, "wrongkey")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.admin_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.admin_secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
     _release(ts, tmp_path, repo, V0, f"s3://{bucket}/har")
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     wrong = "wrong-secret-" + "x" * 20
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.device_key)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
     mm = _device(tmp_path, origin, s3.endpoint)
     from har_edge.sync.errors import RegistryError
