@@ -7,7 +7,7 @@ DATA_DIR ?= var
 PIP_FLAGS ?= --disable-pip-version-check -q
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help run sync lint test test-fast test-legacy-runtime test-podman fuzz train release bench chaos image image-mlflow demo clean
+.PHONY: help run sync lint test test-fast test-legacy-runtime test-podman fuzz train release bench chaos central image image-mlflow demo clean
 
 help:
 	@echo "make run     start the agent and the sync daemon on embedded defaults, data in ./$(DATA_DIR)"
@@ -19,6 +19,7 @@ help:
 	@echo "make fuzz    long structure-aware fuzzing of FIT/CSV/xlsx/zip (hours; FUZZ_SCALE, FUZZ_RUNS)"
 	@echo "make chaos   the long fault-injection run: 200+ kill -9, server outages, slow copies (~15 min)"
 	@echo "make image   build the edge container image with podman (docker/build.sh edge)"
+	@echo "make central the fleet's server on this host: PostgreSQL, SeaweedFS (S3), MLflow with accounts"
 	@echo "make demo    the whole loop on this machine: release, pull, process, push, compare"
 
 $(BIN)/.edge: pyproject.toml
@@ -57,6 +58,12 @@ train: $(BIN)/.dev
 # publish build/trainer/model: make release REGISTRY=../model-registry DVC_REMOTE=/srv/dvc-store
 release: $(BIN)/.dev
 	$(BIN)/har-train release --registry $(REGISTRY) --remote $(DVC_REMOTE) build/trainer/model
+
+# the central stack of a fleet on this host, until Ctrl-C (docs/deploy.md "Central server"):
+#   make central CENTRAL_ROOT=/srv/har-central CENTRAL_ARGS="--host 0.0.0.0 --tls"
+CENTRAL_ROOT ?= $(DATA_DIR)/central
+central: $(BIN)/.dev
+	$(BIN)/python -m har_edge.central up --root $(CENTRAL_ROOT) $(CENTRAL_ARGS)
 
 lint: $(BIN)/.dev
 	$(BIN)/ruff check .

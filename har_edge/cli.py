@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         sync_cli.register(sub, parents)
+        from har_edge.sync import fleet
+
+        fleet.register(sub, parents)
     doctor.register(sub, parents)
     return p
 

@@ -246,6 +246,15 @@ class HttpSettings(_Section):
         return v.strip()
 
 
+class FleetSettings(_Section):
+    """``har-edge fleet status``: the central view of many devices (run against the central MLflow)."""
+
+    silent_after_s: float = Field(
+        3600.0, gt=0, description="a device whose newest heartbeat is older than this is reported silent (exit 1)"
+    )
+    recent_files: int = Field(10, ge=1, le=1000, description="monitor verdicts are counted over this many newest files")
+
+
 class Settings(_Section):
     data_dir: Path = Field(Path("var"), description="holds inbox, archive, quarantine, outbox, models, logs")
     device_id: str = Field("", description="default: the host name")
@@ -263,6 +272,7 @@ class Settings(_Section):
     sync: SyncSettings = SyncSettings()
     http: HttpSettings = HttpSettings()
     monitor: MonitorSettings = MonitorSettings()
+    fleet: FleetSettings = FleetSettings()
 
     @field_validator("log_level", mode="before")
     @classmethod
