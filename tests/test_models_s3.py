@@ -79,8 +79,10 @@ def _release(settings, tmp_path: Path, repo: Path, version: str, remote: str):
     return release(settings, folder, registry=str(repo), remote=remote), folder
 
 
-def _device(tmp_path: Path, origin: Path, endpoint: str, name: str = "dev-s3"):
+def _device(tmp_path: Path, origin: Path, endpoint: str, name: str = "dev-s3", inside_dvc_project: bool = False):
     data = tmp_path / name
+    if inside_dvc_project:  # the registry (a local path) and the data dir inside another DVC project
+        subprocess.run([*dvc_command(), "init", "-q", "--no-scm"], cwd=tmp_path, check=True, capture_output=True)
     data.mkdir()
     s = load_settings(
         env={},
@@ -140,7 +142,7 @@ def test_a_release_to_s3_is_pulled_verified_and_activated(s3, registry, tmp_path
     assert s3.secret_key not in _git(repo, "show", "HEAD:.dvc/config")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
-    mm = _device(tmp_path, origin, s3.endpoint, "dev-s3-b")
+    mm = _device(tmp_path, origin, s3.endpoint, "dev-s3-b", inside_dvc_project=True)
     assert mm.update(time.time()).activated == V1
 
     secret = s3.secret_key

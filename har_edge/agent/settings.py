@@ -169,8 +169,8 @@ class SyncSettings(_Section):
     dvc_remote_endpoint: str | None = Field(
         None,
         description="endpoint of an S3-compatible store (http[s]://host:port) holding an s3:// DVC remote, "
-        "given to dvc get as the remote's endpointurl; keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-        "or the AWS credentials file, never from this URL",
+        "given to dvc get as AWS_ENDPOINT_URL_S3 (an endpointurl in the registry's committed DVC config wins); "
+        "keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS credentials file, never this URL",
     )
     model_name: str = Field(
         "har-cnn",

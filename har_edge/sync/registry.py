@@ -137,15 +137,22 @@ class Registry:
         """Download ``models/<name>`` at the release's tag into ``dest`` (which must not exist)."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        args = [*dvc_command(), "get", self.url, model_path(self.name), "--rev", release.tag, "-o", str(dest)]
-        remote_config = [f"url={self.remote_url}"] if self.remote_url else []
+        source = self.url
+        if "://" not in source and Path(source).exists():
+            # a local path as a file:// URL: given a bare path inside another DVC project, dvc get takes that
+            # project's cache (and config) for the registry's remote and fails
+            source = Path(source).resolve().as_uri()
+        args = [*dvc_command(), "get", source, model_path(self.name), "--rev", release.tag, "-o", str(dest)]
+        if self.remote_url:
+            args += ["--remote-config", f"url={self.remote_url}"]
+        env = self.env
         if self.endpoint_url:
-            remote_config.append(f"endpointurl={self.endpoint_url}")
-        if remote_config:
-            args += ["--remote-config", *remote_config]
+            # botocore's own variable, not `--remote-config endpointurl=`: inside another DVC project dvc get
+            # merges --remote-config into that project's cache remote and refuses the key
+            env = {**self.env, "AWS_ENDPOINT_URL_S3": self.endpoint_url}
         self.site_cache.mkdir(parents=True, exist_ok=True)
         try:
-            res = run(args, timeout_s=self.timeout_s, env=self.env, cwd=dest.parent)
+            res = run(args, timeout_s=self.timeout_s, env=env, cwd=dest.parent)
         except CommandTimeout as exc:
             raise RegistryUnreachable(
                 f"fetching {release.tag} from {self.display}: {exc}: the DVC remote may be unreachable "
