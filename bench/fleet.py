@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import statistics
@@ -170,33 +171,27 @@ class Target:
     accounts: dict[str, Any] = field(default_factory=dict)
 
 
+#: (kind, pattern) in the order they are tried on one printed error line
 _KINDS = (
-    ("database is locked", "sqlite_locked"),
-    ("timed out", "timeout"),
-    ("Read timed out", "timeout"),
-    ("503", "http_503"),
-    ("502", "http_502"),
-    ("500", "http_500"),
-    ("INTERNAL_ERROR", "http_5xx"),
-    ("Connection refused", "refused"),
-    ("401", "http_401"),
-    ("403", "http_403"),
-    ("refused by the server", "http_4xx"),
+    ("sqlite_locked", re.compile(r"database is locked")),
+    ("timeout", re.compile(r"no answer within the time-out|timed out")),
+    ("http_5xx", re.compile(r"(?:HTTP|status|code)\D{0,12}5\d\d\b|INTERNAL_ERROR|Internal Server Error")),
+    ("access_denied", re.compile(r"(?:HTTP|status|code)\D{0,12}40[13]\b|PERMISSION_DENIED|Unauthorized")),
+    ("refused_by_server", re.compile(r"refused by the server|INVALID_PARAMETER_VALUE")),
+    ("unreachable", re.compile(r"could not be reached|Connection refused")),
 )
 
 
 def error_kinds(text: str) -> list[tuple[str, str]]:
-    """(kind, line) of the errors a ``sync once`` printed."""
+    """(kind, line) of the errors a ``sync once`` printed on stdout (its log lines repeat them: not counted)."""
     found = []
     for line in text.splitlines():
         low = line.strip()
-        if " INFO " in low or " DEBUG " in low:
-            continue
-        if not (low.startswith(("push:", "models:")) or " ERROR " in low or " WARNING " in low or "refused" in low):
+        if not low.startswith(("push:", "models:", "refused by the server")):
             continue
         if low.startswith("models:") and "no registry configured" in low:
             continue
-        kinds = [kind for needle, kind in _KINDS if needle in low]
+        kinds = [kind for kind, pattern in _KINDS if pattern.search(low)]
         found.append((kinds[0] if kinds else "other", low[-300:]))
     return found
 
@@ -243,7 +238,7 @@ def run_device(name: str, data_dir: Path, env: dict[str, str], barrier: threadin
         res = subprocess.run([str(exe), "sync", "once"], env=env, capture_output=True, text=True, timeout=900)
         text = res.stdout + res.stderr
         pending = _pending(res.stdout)
-        found = error_kinds(text)
+        found = error_kinds(res.stdout)
         for kind, line in found:
             kinds.append(kind)
             samples.setdefault(kind, line)
