@@ -7,11 +7,12 @@ DATA_DIR ?= var
 PIP_FLAGS ?= --disable-pip-version-check -q
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help run sync lint test test-fast test-legacy-runtime test-podman fuzz train release bench bench-fleet chaos central image image-mlflow demo clean
+.PHONY: help run sync ui lint test test-fast test-legacy-runtime test-podman fuzz train release bench bench-fleet chaos central image image-mlflow demo clean
 
 help:
 	@echo "make run     start the agent and the sync daemon on embedded defaults, data in ./$(DATA_DIR)"
 	@echo "make sync    one sync pass: push the outbox, pull a newer model"
+	@echo "make ui      the MLflow UI on the embedded store of ./$(DATA_DIR) (after make run), http://127.0.0.1:$(UI_PORT)"
 	@echo "make lint    ruff (rules and format) and mypy (strict for the edge packages, a ratchet for the rest)"
 	@echo "make test    install everything the tests need and run all of them"
 	@echo "make train   retrain the default model from UCI HAPT (dvc repro)"
@@ -50,6 +51,21 @@ run: $(BIN)/.edge
 
 sync: $(BIN)/.edge
 	HAR_EDGE_DATA_DIR=$${HAR_EDGE_DATA_DIR:-$(DATA_DIR)} $(BIN)/har-edge sync once
+
+# the MLflow UI on the embedded store that `make run` / `make sync` fill (no server needed to collect them).
+# The edge extra has mlflow-skinny only; the UI needs full mlflow of the same version (flask, the web app).
+MLFLOW_VERSION := $(shell sed -n 's/.*"mlflow-skinny==\([0-9.]*\)".*/\1/p' pyproject.toml | head -n 1)
+UI_PORT ?= 5000
+ui: $(BIN)/.edge
+	@$(BIN)/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("mlflow") != "$(MLFLOW_VERSION)")' 2>/dev/null \
+	  || { echo "installing mlflow==$(MLFLOW_VERSION) (the UI) into $(VENV)"; $(BIN)/pip install $(PIP_FLAGS) 'mlflow==$(MLFLOW_VERSION)'; }
+	@data=$${HAR_EDGE_DATA_DIR:-$(DATA_DIR)}; db=$$(cd "$$data" 2>/dev/null && pwd)/mlflow/mlflow.db; \
+	if [ ! -f "$$db" ]; then echo "no MLflow store in $$data/mlflow yet: run make run (or make sync) first"; exit 1; fi; \
+	echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"; \
+	echo "  open experiment 'har-edge', then the 'Runs' tab (MLflow 3 opens an experiment on its overview):"; \
+	echo "  one run per file (timeline.png, activity_summary.json under Artifacts), 'daily device ...' per device"; \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec $(BIN)/mlflow ui --backend-store-uri "sqlite:///$$db" \
+	  --default-artifact-root "$$(dirname "$$db")/artifacts" --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 # retrain the default model from UCI HAPT (dvc repro) and bundle it into the agent
 train: $(BIN)/.dev
@@ -93,7 +109,8 @@ fuzz: $(BIN)/.dev
 	  PYTHONPATH=$(CURDIR) $(abspath $(BIN))/python $(CURDIR)/tests/fuzz/atheris_inputs.py -runs=$(FUZZ_RUNS) \
 	    -rss_limit_mb=1024 -timeout=30 -print_final_stats=1; fi
 
-# inference, end to end, sync, memory and model swap against baselines, in one run (~3-5 min)
+# inference (and its peers), own model, end to end, sync, memory and model swap in one run (~10-15 min);
+# `make bench BENCH_ARGS=--write-docs` publishes the figures (refused while the machine is busy unless BENCH_FORCE=1)
 bench: $(BIN)/.dev
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -17,7 +17,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = ROOT / ".ci" / "mypy-ratchet.json"
-STRICT = ("har_edge/common/", "har_edge/agent/", "har_edge/sync/", "har_edge/central/", "har_edge/cli.py", "har_edge/__init__.py")
+STRICT = (
+    "har_edge/common/",
+    "har_edge/agent/",
+    "har_edge/sync/",
+    "har_edge/central/",
+    "har_edge/cli.py",
+    "har_edge/__init__.py",
+)
 RATCHETED = {"har_edge/trainer/": "trainer", "bench/": "bench"}
 _ERROR = re.compile(r"^(?P<path>[^:\s]+\.py):\d+(?::\d+)?: error: ")
 _IGNORE = re.compile(r"#\s*type:\s*ignore")

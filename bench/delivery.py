@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 POINTS = 100_000
 SINGLE = 300
 RAW_BATCHES = 20
-TARGET_SHARE = 0.80
+TARGET_SHARE = 0.90
 T0_MS = 1_742_802_739_000  # 2025-03-24 07:52:19 UTC, the fixtures' start
 
 

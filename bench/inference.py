@@ -254,16 +254,29 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
             log.info("inference round %d/%d done", i + 1, rounds)
         agreement: float | None = None
         agree_note = ""
+        kp: NDArray[np.float32] | None = None
+        eval_scaled: NDArray[np.float32] | None = None
         if keras_from_file and same_arch:
             raw_eval, agree_note = agreement_windows(model, raw_windows)
             scaled_file, probs_file = SCRATCH / "agreement_windows.npy", SCRATCH / "keras_probs.npy"
-            np.save(scaled_file, apply_scaler(raw_eval, m.scaler.mean, m.scaler.scale).astype(np.float32))
+            eval_scaled = apply_scaler(raw_eval, m.scaler.mean, m.scaler.scale).astype(np.float32)
+            np.save(scaled_file, eval_scaled)
             worker.ask(op="probs", out=str(probs_file), windows=str(scaled_file))
             kp = np.load(probs_file)
             tp = load_model(model_dir, batch=agent_batch).predict(raw_eval)  # the agent's whole path, scaler included
             agreement = float((kp.argmax(1) == tp.argmax(1)).mean())
     finally:
         worker.close()
+
+    # -- peers: ONNX Runtime int8/float and LiteRT float on the same model (bench/peers.py) -------------
+    from bench.peers import compare
+
+    peer_batch = 256
+    report.raw["inference_peers"] = compare(
+        report, S, model_dir=model_dir, x=x, agent=runners[(1, peer_batch)].predict,
+        float_keras=keras_local if keras_from_file and same_arch else None, batch=peer_batch,
+        rounds=max(3, rounds // 2), eval_x=eval_scaled, float_probs=kp,
+    )  # fmt: skip
 
     # -- figures ------------------------------------------------------------------------------------
     def per_cpu(key: str) -> list[float]:
@@ -353,7 +366,7 @@ def run(report: Report, *, model_dir: Path | None, keras_path: Path | None, roun
                note=f"peak {fmt(median(peaks))} GFLOP/s float32 (numpy matmul, best of 40 per round, OpenBLAS "
                     f"{peak.info.get('architecture', '?')}); {peak_note}".rstrip("; "))  # fmt: skip
     report.add(S, "int8 TFLite vs MAC floor", f"{median(eff) * 100:.0f}%", baseline=f"{fmt(median(floors))} w/s/core",
-               target=">= 70%", ok=median(eff) >= 0.70, note=f"batch {best_key.rsplit('_b', 1)[1]}; per round: "
+               target=">= 75%", ok=median(eff) >= 0.75, note=f"batch {best_key.rsplit('_b', 1)[1]}; per round: "
                f"{spread([e * 100 for e in eff])}%")  # fmt: skip
     if agreement is not None:
         report.add(S, "argmax agreement int8 vs Keras float", f"{agreement * 100:.2f}%", note=agree_note)

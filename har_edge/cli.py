@@ -50,10 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent_cli.register(sub, parents)
     try:
         from har_edge.sync import cli as sync_cli
+        from har_edge.sync.forget import erase_participant_remote
     except ImportError:  # the bare agent runs without the sync extra's packages
         pass
     else:
         sync_cli.register(sub, parents)
+        sub.choices["forget"].set_defaults(server_eraser=erase_participant_remote)  # runs, raw custody
         from har_edge.sync import fleet
 
         fleet.register(sub, parents)

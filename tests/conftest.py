@@ -83,4 +83,4 @@ def s3_store(tmp_path_factory):
     store = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
     store.start()
     yield store
-    store.stop()
+    store.stop(kill=True)  # weed waits about 20 s on a SIGTERM; the store's data is a temporary folder

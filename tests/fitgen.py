@@ -133,6 +133,10 @@ class _Spec:
     correlation: bool = False
     #: (mesg_num, ((field, value), ...)): fields set on the preamble messages of that number
     preamble_fields: tuple[tuple[int, tuple[tuple[str, object], ...]], ...] = ()
+    #: write device_settings with this time_offset (local time minus UTC, s) before the IMU data
+    device_time_offset_s: int | None = None
+    #: write an activity message at the end whose local_timestamp is this far from its timestamp (s)
+    activity_local_offset_s: int | None = None
 
     @property
     def n_samples(self) -> int:
@@ -192,6 +196,9 @@ def _preamble(spec: _Spec) -> list[dict]:
             # the Encoder applies the profile's scale (65535) to orientation_matrix
             matrix = [v / 65535 for v in cal["orientation_matrix"]]
             out.append({"mesg_num": 167, "timestamp": created, **cal, "orientation_matrix": matrix})
+    if spec.device_time_offset_s is not None:
+        # time_offset is uint32: a zone west of UTC is written in two's complement
+        out.append({"mesg_num": 2, "active_time_zone": 0, "time_offset": [spec.device_time_offset_s & 0xFFFFFFFF]})
     for num, fields in spec.preamble_fields:
         found = [m for m in out if m["mesg_num"] == num]
         if not found:
@@ -335,10 +342,19 @@ def _block_messages(spec, idx, t_ms, keep, accel_mg, gyro) -> tuple[list[dict], 
 
 
 def _epilogue(spec: _Spec) -> list[dict]:
-    if not spec.extra_messages:
-        return []
     end = _fit_seconds(spec.start_ms + int(spec.seconds * 1000))
-    return [{"mesg_num": 21, "timestamp": end, "event": 0, "event_type": 4}]
+    out = [{"mesg_num": 21, "timestamp": end, "event": 0, "event_type": 4}] if spec.extra_messages else []
+    if spec.activity_local_offset_s is not None:
+        out.append(
+            {
+                "mesg_num": 34,
+                "timestamp": end,
+                "local_timestamp": end + spec.activity_local_offset_s,
+                "num_sessions": 1,
+                "type": 0,
+            }
+        )
+    return out
 
 
 # -- writers ---------------------------------------------------------------------
@@ -365,6 +381,8 @@ def write_imu_fit(
     system_time_s: int | None = None,
     correlation: bool | None = None,
     preamble_fields: Mapping[int, Mapping[str, object]] | None = None,
+    device_time_offset_s: int | None = None,
+    activity_local_offset_s: int | None = None,
 ) -> ImuFixture:
     """Write an IMU FIT file and return the samples it holds.
 
@@ -379,6 +397,8 @@ def write_imu_fit(
     ``preamble_fields``: {mesg_num: {field: value}} set on the messages written before the
     IMU data (file_id 0, timestamp_correlation 162, three_d_sensor_calibration 167, ...),
     e.g. an array where the profile has one value, as damaged or odd files hold.
+    ``device_time_offset_s`` writes a device_settings message with that time_offset and
+    ``activity_local_offset_s`` an activity message whose local_timestamp is that far ahead of UTC.
     The returned times are real times either way.
     """
     if accel_unit not in ("mg", "g"):
@@ -395,6 +415,7 @@ def write_imu_fit(
         samples_per_message, seed, SIGNALS[signal] if isinstance(signal, str) else signal, extra_messages,
         developer_field, system_offset_s, system_time_s is not None if correlation is None else correlation,
         tuple((num, tuple(fields.items())) for num, fields in (preamble_fields or {}).items()),
+        device_time_offset_s, activity_local_offset_s,
     )  # fmt: skip
     path = Path(path)
     parts: dict[str, list[np.ndarray]] = {"accel_t": [], "accel": [], "gyro_t": [], "gyro": []}

@@ -167,8 +167,11 @@ class RegistryRepo:
     def url(self) -> str:
         return str(self.remote)
 
-    def release_many(self, versions: list[tuple[str, str]]) -> list[str]:
-        """Release (version, variant) pairs in order: copy to models/<name>, dvc add + push, commit, tag, push."""
+    def release_many(self, versions: list[tuple[str, str]], prepare=None) -> list[str]:
+        """Release (version, variant) pairs in order: copy to models/<name>, dvc add + push, commit, tag, push.
+
+        ``prepare(folder, version)``, when given, changes each model folder before it is released (signs it).
+        """
         import sys
 
         releases = []
@@ -176,6 +179,8 @@ class RegistryRepo:
             folder = self.staged / f"{version}-{len(releases)}"
             shutil.rmtree(folder, ignore_errors=True)
             make_model_folder(folder, version, name=self.name, variant=variant)
+            if prepare is not None:
+                prepare(folder, version)
             self.folders[version] = folder
             releases.append({"tag": f"{self.name}@v{version}", "folder": str(folder)})
         job = {
@@ -198,8 +203,8 @@ class RegistryRepo:
         self._initialized = True
         return [r["tag"] for r in releases]
 
-    def release(self, version: str, variant: str = "good") -> str:
-        return self.release_many([(version, variant)])[0]
+    def release(self, version: str, variant: str = "good", prepare=None) -> str:
+        return self.release_many([(version, variant)], prepare)[0]
 
     def object_path(self, data: bytes) -> Path:
         md5 = hashlib.md5(data).hexdigest()

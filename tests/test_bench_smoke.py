@@ -136,3 +136,12 @@ def test_keras_macs_of_a_tiny_model_counted_by_hand(wrapped):
     total, by_layer = keras_macs(model)
     assert by_layer == {"Conv1D": 288, "Bidirectional": 768, "GRU": 504, "Dense": 15}
     assert total == 288 + 768 + 504 + 15
+
+
+def test_bench_refuses_to_publish_figures_of_a_busy_machine():
+    from bench.run import busy_reason
+
+    quiet = {"cores_usable": 2, "load_avg_at_start": "0.4 0.8 1.0"}
+    assert busy_reason(quiet, [0.4, 1.6, 2.1, 2.4]) == ""  # the bench's own two cores
+    assert "at the start" in busy_reason({"cores_usable": 2, "load_avg_at_start": "2.6 1.0 1.0"}, [2.6, 2.0])
+    assert "during the run" in busy_reason(quiet, [0.4, 3.5, 4.2, 4.0])

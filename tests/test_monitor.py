@@ -239,7 +239,7 @@ def _push_and_check(settings, model_dir, fits, tmp_path):
         assert run.data.tags[runs.MONITOR] == row.monitor_status
         reasons = json.loads(row.monitor_json)["reasons"]
         note = run.data.tags[runs.DESCRIPTION]
-        assert note.startswith(f"monitor: {row.monitor_status}") and all(r in note for r in reasons)
+        assert f"| monitor | **{row.monitor_status}** |" in note and all(r in note for r in reasons)
         assert "monitor.drift_score" in run.data.metrics
     assert p.client.get_run(ob.file(ids[1]).run_id).data.tags[runs.MONITOR] == "alert"
     dev = p.client.get_run(p.device_run())

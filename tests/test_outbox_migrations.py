@@ -71,7 +71,7 @@ def test_a_v1_outbox_migrates_in_place_to_the_fresh_schema(tmp_path):
     path = _v1_copy(tmp_path / "old" / "outbox.sqlite")
     before = sqlite3.connect(path).execute("SELECT count(*) FROM metrics").fetchone()[0]
     ob = Outbox(path)
-    assert ob.opened_version == 1 and _version(path) == SCHEMA_VERSION == 2
+    assert ob.opened_version == 1 and _version(path) == SCHEMA_VERSION
     counts = ob.status_counts()
     assert counts["files"] == {"processed": 3, "failed": 1, "duplicate": 1}
     assert counts["metric_points_pending"] == before  # nothing had to be drained, nothing was lost
@@ -81,7 +81,7 @@ def test_a_v1_outbox_migrates_in_place_to_the_fresh_schema(tmp_path):
     assert _shape(path) == _shape(fresh)
     # and opening again changes nothing
     ob = Outbox(path)
-    assert ob.opened_version == 2
+    assert ob.opened_version == SCHEMA_VERSION
     ob.close()
 
 
@@ -106,10 +106,11 @@ def test_a_newer_schema_is_refused_naming_both_versions(tmp_path):
     path = tmp_path / "o.sqlite"
     Outbox(path).close()
     con = sqlite3.connect(path)
-    con.execute("UPDATE schema_version SET version = 7")
+    con.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 5,))
     con.commit()
     con.close()
-    with pytest.raises(SchemaVersionError, match=r"schema version 7, newer than version 2") as e:
+    newer = rf"schema version {SCHEMA_VERSION + 5}, newer than version {SCHEMA_VERSION}"
+    with pytest.raises(SchemaVersionError, match=newer) as e:
         Outbox(path)
     assert str(path) in str(e.value)
 
@@ -126,8 +127,8 @@ def test_two_processes_opening_a_v1_outbox_at_once_migrate_it_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0]
-    assert sorted(outs).count("1") >= 1 and set(outs) <= {"1", "2"}
-    assert _version(path) == 2
+    assert sorted(outs).count("1") >= 1 and set(outs) <= {str(v) for v in range(1, SCHEMA_VERSION + 1)}
+    assert _version(path) == SCHEMA_VERSION
     con = sqlite3.connect(path)
     assert [r[1] for r in con.execute("PRAGMA table_info(files)")].count("error_stage") == 1
     con.close()
@@ -176,7 +177,7 @@ def test_the_documented_salvage_gives_an_outbox_that_opens(tmp_path):
     counts = ob.status_counts()
     assert counts["files"] == {"processed": 3, "failed": 1, "duplicate": 1}  # the files table was not hit
     assert counts["metric_points_pending"] == 154
-    assert ob.opened_version == 2
+    assert ob.opened_version == SCHEMA_VERSION
     with ob.engine.connect() as c:
         assert c.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
     ob.close()

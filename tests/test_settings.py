@@ -40,7 +40,7 @@ def test_every_problem_is_listed(tmp_path):
         load_settings(cfg, env={"HAR_EDGE_BOGUS": "1"})
     msg = str(err.value)
     assert "agent.settle: unknown setting" in msg
-    assert "agent.threads" in msg and "greater than or equal to 1" in msg
+    assert "agent.threads" in msg and "auto or a whole number of threads from 1 to 64" in msg
     assert "bogus: unknown setting" in msg
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Never
 
@@ -142,6 +143,10 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     with Outbox(settings.outbox_path) as ob:
         st = ob.status_counts()
         st["recent_files"] = ob.recent_files(args.recent)
+        if args.participant:  # the counts, pending items and files of one participant
+            from har_edge.agent.participants import participant_status
+
+            st.update(participant_status(ob, args.participant, args.recent))
     try:  # the manifest only: status never loads TFLite (`models verify` and `health` check the bytes)
         choice = choose_model(settings.models_dir, settings.agent.model_dir)
         mf = read_manifest(choice.folder)
@@ -150,11 +155,19 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         st["model"] = {"error": str(exc)}
     st["data_dir"] = str(settings.data_dir)
     st["disk"] = data_dir_usage(settings)
+    if settings.sync.raw_store:
+        from har_edge.agent.acknowledged import custody_backlog
+
+        with Outbox(settings.outbox_path) as ob:
+            cb = custody_backlog(ob, settings.archive_dir, settings.sync.raw_store)
+        st["custody"] = {"store": settings.sync.raw_store, **asdict(cb)}
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return Exit.OK
     files = ", ".join(f"{k} {v}" for k, v in sorted(st["files"].items())) or "none yet"
     print(f"data dir:  {settings.data_dir}")
+    if args.participant:
+        print(f"participant: {args.participant}")
     print(f"files:     {files}")
     print(f"pending:   {st['windows_pending_delivery']} windows, {st['metric_points_pending']} metric points")
     mdl = st["model"]
@@ -165,6 +178,12 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     disk = st["disk"]
     parts = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in disk.items() if k not in ("total", "free"))
     print(f"disk MB:   {parts}; total {disk['total'] / 1e6:.1f}, free {disk['free'] / 1e6:.0f}")
+    if "custody" in st:
+        c = st["custody"]
+        print(
+            f"custody:   {c['files']} file(s), {c['bytes'] / 1e6:.1f} MB not yet verified in {c['store']} "
+            f"({c['uploading']} part-way); {c['delivered']} archived file(s) in the store"
+        )
     last = st["last_file"]
     if last:
         detail = f"{last['windows']} windows" if last["status"] == FileStatus.PROCESSED else (last["error"] or "")
@@ -239,6 +258,13 @@ def register(
     )
     status.add_argument("--json", action="store_true", help="one JSON document instead of the summary")
     status.add_argument("--recent", type=int, default=10, metavar="N", help="list the last N files (default 10)")
+    status.add_argument(
+        "--participant", metavar="P", help="only this participant's files (see `har-edge participants`)"
+    )
+
+    from har_edge.agent import participants_cli
+
+    participants_cli.register(subparsers, parents)
 
     add_command(
         subparsers, "health", cmd_health, "exit 0 if the outbox is writable and the active model verifies", parents

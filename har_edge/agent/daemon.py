@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from har_edge.agent.attempts import Attempts
 from har_edge.agent.errors import DiskFull, HarEdgeError, InputError, InternalError
+from har_edge.agent.forget import honour
+from har_edge.agent.identity import Identities
 from har_edge.agent.modelstore import ActiveModel
-from har_edge.agent.outbox import Outbox
+from har_edge.agent.outbox import Outbox, now_ms
 from har_edge.agent.pipeline import Outcome, Processor
 from har_edge.agent.retention import ingestion_paused
 from har_edge.agent.settings import Settings
@@ -53,6 +55,8 @@ class Agent:
             on_load_failure=self._model_failed,
         )
         self.attempts = Attempts(self.outbox)
+        self.identities = Identities(settings)
+        self.identities.check()  # a missing secret file or a bad mapping: refused at start
         self.processor = Processor(
             a,
             self.outbox,
@@ -60,6 +64,7 @@ class Agent:
             on_stage=self.attempts.on_stage,
             monitor=settings.monitor,
             share_flagged_windows=settings.sync.share_flagged_windows,
+            identities=self.identities,
         )
         self._paused = False
         #: the group waiting for disk space, the outcome already stored for it (None: not stored yet),
@@ -107,7 +112,9 @@ class Agent:
         )
         log.error("%s", err)
         model = self.models.refresh()
-        outcome = self.processor.record_failure(group, model, err, name=name)
+        outcome = self.processor.record_failure(
+            group, model, err, name=name, folder=self.folder.participant_folder(group[0])
+        )
         self._finish(group, outcome)
         return outcome
 
@@ -130,6 +137,9 @@ class Agent:
 
         Outbox trouble (a full disk included) propagates with the group still in work/."""
         model = self.models.refresh()
+        received = now_ms()
+        # recorded before hashing: an erasure asked for from now on sees this file in flight (agent.forget)
+        self.attempts.begin(claimed)
         ident = self.processor.identify(claimed)  # the one dedup query
         prior = ident.prior
         # a file recovered after a crash may already be stored: finish its move only
@@ -137,15 +147,22 @@ class Agent:
             self._finish(claimed, None)
             log.info("%s was stored before the interruption; archived", claimed[0].name)
             return Outcome(FileStatus.PROCESSED, prior.id, prior.name, windows=prior.windows)
-        self.attempts.begin(claimed)
         outcome = self.processor.process(
-            claimed, model, name=claimed[0].name, progress=progress, identity=ident, verified=verified
+            claimed,
+            model,
+            received_ms=received,
+            name=claimed[0].name,
+            progress=progress,
+            identity=ident,
+            verified=verified,
+            folder=self.folder.participant_folder(claimed[0]),
         )
         self._finish(claimed, outcome)
         return outcome
 
     def _finish(self, group: list[Path], outcome: Outcome | None) -> None:
-        """Move a stored group out of work/ (its outbox commit is durable by now) and forget its attempts."""
+        """Move a stored group out of work/ (its outbox commit is durable by now) and forget its attempts;
+        then honour erasure requests asked for while it was in flight (finished, then forgotten)."""
         self._waiting = (group, outcome)  # until the move is done: a full disk can stop it
         if outcome is not None and outcome.status == FileStatus.FAILED:
             self.folder.to_quarantine(group, outcome.error or InputError("failed"))
@@ -153,6 +170,7 @@ class Agent:
             self.folder.done(group)
         self._waiting = None
         self.attempts.end(group)
+        honour(self.settings, self.outbox)
 
     def _handle_or_wait(
         self,
@@ -237,6 +255,7 @@ class Agent:
                 return []
             if isinstance(got, Outcome):
                 outcomes.append(got)
+        honour(self.settings, self.outbox)  # erasures asked for since the last pass (one query when none)
         if ingestion_paused(self.settings, self.outbox) or self.over_budget():
             return outcomes
         for group in self.folder.ready(now):
@@ -273,7 +292,8 @@ class Agent:
         self.models.refresh()
         self.recover()
         observer: Any = Observer()
-        observer.schedule(_Wake(), str(self.folder.inbox), recursive=False)
+        # recursive: files dropped into participant folders (inbox/<participant>/) wake the loop too
+        observer.schedule(_Wake(), str(self.folder.inbox), recursive=True)
         observer.start()
         log.info("watching %s", self.folder.inbox)
         interval = self.settings.agent.scan_interval_s

@@ -77,6 +77,12 @@ class RuntimeUnavailable(ModelError):
     kind = "runtime"
 
 
+class SignatureError(ModelError):
+    """A release whose signature is missing, invalid, or made by a key the device does not trust."""
+
+    kind = "signature"
+
+
 # -- storage ---------------------------------------------------------------
 
 

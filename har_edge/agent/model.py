@@ -109,7 +109,9 @@ def check_golden(model: LoadedModel) -> float:
     return dev
 
 
-def load_model(folder: Path, *, threads: int = 1, batch: int = 64, check_golden_windows: bool = True) -> LoadedModel:
+def load_model(
+    folder: Path, *, threads: int | str = 1, batch: int = 64, check_golden_windows: bool = True
+) -> LoadedModel:
     folder = Path(folder)
     manifest = read_manifest(folder)
     verify_files(folder, manifest)

@@ -97,7 +97,7 @@ class ActiveModel:
         models_dir: Path,
         *,
         explicit: Path | None = None,
-        threads: int = 1,
+        threads: int | str = 1,
         batch: int = 64,
         on_load_failure: Callable[[str | None, ModelError], None] | None = None,
     ) -> None:

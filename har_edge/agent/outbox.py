@@ -126,6 +126,15 @@ class FileRecord:
     error_stage: str | None = None
     monitor_status: str | None = None
     monitor_json: str | None = None
+    utc_offset_s: int | None = None
+    utc_offset_source: str | None = None
+    watch_manufacturer: str | None = None
+    watch_product: str | None = None
+    watch_serial: str | None = None
+    watch_firmware: str | None = None
+    watch_pseudonym: str | None = None
+    participant: str | None = None
+    participant_source: str | None = None
 
 
 def now_ms() -> int:
@@ -440,10 +449,13 @@ class Outbox:
             },
         }
 
-    def recent_files(self, n: int = 10) -> list[dict[str, Any]]:
-        """The last ``n`` files, newest first, in the form ``har-edge status`` shows (the names are final)."""
+    def recent_files(self, n: int = 10, participant: str | None = None) -> list[dict[str, Any]]:
+        """The last ``n`` files (of ``participant``, if given), newest first, as ``har-edge status`` shows them."""
+        q = select(files).order_by(files.c.id.desc()).limit(n)
+        if participant is not None:
+            q = q.where(files.c.participant == participant)
         with self.engine.connect() as conn:
-            rows = conn.execute(select(files).order_by(files.c.id.desc()).limit(n)).all()
+            rows = conn.execute(q).all()
         out = []
         for r in rows:
             monitor = None

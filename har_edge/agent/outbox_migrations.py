@@ -26,9 +26,12 @@ from sqlalchemy.engine import Connection
 from har_edge.agent.errors import SchemaVersionError
 from har_edge.agent.outbox_schema import (
     attempts,
+    files,
     flagged_windows,
+    forget_requests,
     inbox_seen,
     metadata,
+    raw_custody,
     retrain_requests,
     schema_version,
     sync_failures,
@@ -71,12 +74,60 @@ def _v2(conn: Connection) -> None:
     _add_columns(conn, "files", {"error_stage": "VARCHAR(16)", "monitor_status": "VARCHAR(16)", "monitor_json": "TEXT"})
 
 
+def _v3(conn: Connection) -> None:
+    _add_columns(
+        conn,
+        "files",
+        {
+            "utc_offset_s": "INTEGER",
+            "utc_offset_source": "VARCHAR(40)",
+            "summary_json": "TEXT",
+            "pages_ms": "BIGINT",
+            "daily_ms": "BIGINT",
+        },
+    )
+
+
+def _v4(conn: Connection) -> None:
+    raw_custody.create(conn, checkfirst=True)
+    for ix in raw_custody.indexes:
+        ix.create(conn, checkfirst=True)
+
+
+def _v5(conn: Connection) -> None:
+    _add_columns(
+        conn,
+        "files",
+        {
+            "watch_manufacturer": "TEXT",
+            "watch_product": "TEXT",
+            "watch_serial": "TEXT",
+            "watch_firmware": "TEXT",
+            "watch_pseudonym": "VARCHAR(32)",
+            "participant": "TEXT",
+            "participant_source": "VARCHAR(16)",
+        },
+    )
+    for ix in files.indexes:
+        if ix.name == "files_participant":
+            ix.create(conn, checkfirst=True)
+    forget_requests.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(
         2,
         "sync_refusals, attempts, inbox_seen, sync_passes, sync_failures, flagged_windows, retrain_requests; "
         "files.error_stage, monitor_status, monitor_json",
         _v2,
+    ),
+    Migration(3, "files.utc_offset_s, utc_offset_source, summary_json, pages_ms, daily_ms", _v3),
+    Migration(4, "raw_custody (raw exports delivered to sync.raw_store)", _v4),
+    Migration(
+        5,
+        "files.watch_manufacturer, watch_product, watch_serial, watch_firmware, watch_pseudonym, participant, "
+        "participant_source (index files_participant); forget_requests",
+        _v5,
     ),
 ]
 

@@ -60,7 +60,26 @@ files = Table(
     # v2: filled by the monitor
     Column("monitor_status", String(16)),
     Column("monitor_json", Text),
+    # v3: local time minus UTC (s) where the export states it, and which field said so (NULL: it does not)
+    Column("utc_offset_s", Integer),
+    Column("utc_offset_source", String(40)),
+    # v3: sync's pages (har_edge.sync.pages): the file's activity summary (JSON), when its table and timeline
+    # reached the server (or were given up), when the daily page that counts it did
+    Column("summary_json", Text),
+    Column("pages_ms", BigInteger),
+    Column("daily_ms", BigInteger),
+    # v5: the source watch (FIT file_id/device_info, a table's metadata) and the participant (docs/privacy.md);
+    # the raw serial stays on the device unless participants.share_serial
+    Column("watch_manufacturer", Text),
+    Column("watch_product", Text),
+    Column("watch_serial", Text),
+    Column("watch_firmware", Text),
+    Column("watch_pseudonym", String(32)),
+    Column("participant", Text),
+    # folder | mapping | pseudonym
+    Column("participant_source", String(16)),
 )
+Index("files_participant", files.c.participant)
 Index("files_sha_processed", files.c.sha256, unique=True, sqlite_where=text("status = 'processed'"))
 Index("files_undelivered", files.c.finished_ms, files.c.status)
 
@@ -185,4 +204,42 @@ retrain_requests = Table(
     Column("time_ms", BigInteger, nullable=False),
     Column("files_json", Text, nullable=False),  # [{file_id, name, sha256, status, reasons}]
     Column("delivered_ms", BigInteger),
+)
+
+#: v4: raw custody, one row per file in archive/ (har_edge.sync.custody): its checksum and its upload to
+#: ``sync.raw_store``; retention deletes a file only once its row is ``delivered`` to the configured store
+raw_custody = Table(
+    "raw_custody",
+    metadata,
+    # the file, relative to archive/ (posix); size and mtime say it is still the file that was hashed
+    Column("path", Text, primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("found_ms", BigInteger, nullable=False),
+    # pending | uploading (a multipart upload or a partial copy is under way) | delivered
+    Column("state", String(16), nullable=False),
+    Column("store", Text),  # the raw_store URL the upload went (or goes) to
+    Column("object_key", Text),  # the object's key (S3) or path (folder) inside the store
+    Column("upload_id", Text),  # S3 multipart upload id
+    Column("part_size", BigInteger),
+    # parts the store acknowledged: [[number, etag, sha256 (base64)], ...]
+    Column("parts_json", Text),
+    Column("bytes_done", BigInteger, nullable=False, default=0),
+    Column("delivered_ms", BigInteger),
+    Column("checksum", Text),  # what the store reported and was compared (etag / sha256) at delivery
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+)
+Index("raw_custody_state", raw_custody.c.state, raw_custody.c.store)
+Index("raw_custody_sha", raw_custody.c.sha256)
+#: v5: erasures asked for (`har-edge forget`) and not closed yet: the agent erases files of the participant that
+#: were in flight when it was asked (received_ms <= requested_ms), sync never pushes them; the row is deleted
+#: once nothing of the participant from before the request is left
+forget_requests = Table(
+    "forget_requests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("participant", Text, nullable=False),
+    Column("requested_ms", BigInteger, nullable=False),
 )

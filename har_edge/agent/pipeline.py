@@ -9,28 +9,34 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import queue
 import shutil
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from sqlalchemy import func, select
 
 from har_edge.agent import __version__
 from har_edge.agent.decode import open_export
 from har_edge.agent.decode.types import Recording
 from har_edge.agent.errors import HarEdgeError, InputError, InternalError, OutboxError, TooLarge, TooShort
+from har_edge.agent.identity import Identities
 from har_edge.agent.model import LoadedModel
 from har_edge.agent.monitor.accumulate import MonitorAccumulator
 from har_edge.agent.monitor.verdict import MonitorReport, judge
 from har_edge.agent.outbox import FileRecord, MetricPoint, Outbox, now_ms
+from har_edge.agent.outbox_schema import files
 from har_edge.agent.preprocess import StreamWindower, WindowSet, merge_quality
 from har_edge.agent.settings import AgentSettings, MonitorSettings
 from har_edge.agent.summary import iter_minute_points, summary_points
+from har_edge.agent.watch import Watch, watch_of
 from har_edge.common.hashing import export_sha256
 from har_edge.common.states import FileStatus
 
@@ -48,6 +54,8 @@ class Outcome:
     windows: int = 0
     seconds: float = 0.0
     error: HarEdgeError | None = None
+    #: who wore the watch (None: unknown), as stored in the file's row
+    participant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,11 +79,20 @@ class _Inferred:
     format: str
     #: the monitor's figures gathered during inference (None when monitoring is off)
     acc: MonitorAccumulator | None = None
+    #: (local time minus UTC in s, where the export says so), from the first recording that states it
+    utc_offset: tuple[int, str] | None = None
 
 
 #: ``(stage, progress)``: called when a stage is entered; progress counts stage entries, so it grows with
 #: every chunk decoded and batch inferred
 StageListener = Callable[[str, int], None]
+
+
+def latest_window_ms(outbox: Outbox) -> int | None:
+    """The latest window start of any processed file in the outbox (None when there is none)."""
+    with outbox.engine.connect() as conn:
+        found = conn.execute(select(func.max(files.c.last_window_ms))).scalar()
+    return int(found) if found is not None else None
 
 
 class Processor:
@@ -90,8 +107,14 @@ class Processor:
         *,
         monitor: MonitorSettings | None = None,
         share_flagged_windows: bool = False,
+        identities: Identities | None = None,
     ) -> None:
         self.settings = settings
+        #: assigns participants and watch pseudonyms (None: files carry the watch only)
+        self.identities = identities
+        #: the watch of the export being processed (known once it is decoded) and its participant folder
+        self._watch: Watch | None = None
+        self._folder: str | None = None
         self.monitor = monitor or MonitorSettings()
         self.share_flagged_windows = share_flagged_windows
         #: the monitor report of the last export processed
@@ -101,8 +124,9 @@ class Processor:
         self.on_stage = on_stage
         #: wall and CPU seconds per stage of the last export processed (for benchmarks and logs)
         self.last_stages: dict[str, dict[str, float]] = {}
-        #: the latest sample time of the files processed so far (a plausibility reference for clocks)
-        self.last_data_ms: int | None = None
+        #: the latest sample time of the files processed so far (a plausibility reference for clocks); it
+        #: starts from the outbox's latest window time, so a restart does not forget it
+        self.last_data_ms: int | None = latest_window_ms(outbox)
         self._clock = _StageClock()
 
     def identify(self, paths: list[Path], sha256: str | None = None) -> Identity:
@@ -122,8 +146,11 @@ class Processor:
         sha256: str | None = None,
         identity: Identity | None = None,
         verified: Iterable[Verified] = (),
+        folder: str | None = None,
     ) -> Outcome:
         """Process an export (one file or a table pair) and store the result.
+
+        ``folder``: the participant folder of the inbox the export came from (``inbox/<folder>/``).
 
         ``identity`` is the export's :meth:`identify` when the caller already has it; ``verified``
         the watcher's proofs of its FIT checks (see ``decode.check_complete``: decoding skips a second CRC pass).
@@ -136,6 +163,7 @@ class Processor:
         t_start = time.perf_counter()
         self.last_stages = {}
         self._clock = _StageClock(self.on_stage)
+        self._watch, self._folder = None, folder
         ident = identity or self.identify(paths, sha256)
         base = self._base(ident, name, received_ms)
         if ident.prior is not None:
@@ -157,9 +185,16 @@ class Processor:
             return self._record_failure(base, model, self._internal(name, exc, "store"))
 
     def record_failure(
-        self, paths: list[Path], model: LoadedModel, exc: HarEdgeError, *, name: str | None = None
+        self,
+        paths: list[Path],
+        model: LoadedModel,
+        exc: HarEdgeError,
+        *,
+        name: str | None = None,
+        folder: str | None = None,
     ) -> Outcome:
         """Store a failure decided outside the pipeline (a crash loop found at start)."""
+        self._watch, self._folder = None, folder
         return self._record_failure(self._base(self.identify(paths), name or paths[0].name, None), model, exc)
 
     # -- the parts of process ------------------------------------------------
@@ -174,6 +209,26 @@ class Processor:
             agent_version=__version__,
         )
 
+    def _who(self) -> dict[str, Any]:
+        """The identity columns of the export being processed: its watch and its participant."""
+        w = self._watch
+        out: dict[str, Any] = {}
+        if w is not None:
+            out.update(
+                watch_manufacturer=w.manufacturer,
+                watch_product=w.product,
+                watch_serial=w.serial,
+                watch_firmware=w.firmware,
+            )
+        if self.identities is not None:
+            try:
+                a = self.identities.assign(w, self._folder)
+            except HarEdgeError as exc:  # a secret gone missing: the file is kept, unattributed
+                log.error("no participant assigned to this export: %s", exc)
+            else:
+                out.update(participant=a.participant, participant_source=a.source, watch_pseudonym=a.watch_pseudonym)
+        return out
+
     def _check_size(self, name: str, size: int) -> None:
         if size > self.settings.max_file_mb * 1e6:
             raise TooLarge(
@@ -183,16 +238,24 @@ class Processor:
 
     def _record_duplicate(self, base: dict[str, Any], prior: Any) -> Outcome:
         name = base["name"]
+        # the same content: the same watch; the participant of the folder it came from, else the prior's
+        who: dict[str, Any] = {k: getattr(prior, k, None) for k in _WHO_COLUMNS}
+        if self._folder is not None and self.identities is not None:
+            self._watch = Watch(
+                who["watch_manufacturer"], who["watch_product"], who["watch_serial"], who["watch_firmware"]
+            )
+            who.update(self._who())
         fid = self.outbox.record_file(
             FileRecord(
                 **base,
+                **who,
                 status=FileStatus.DUPLICATE,
                 processed_ms=now_ms(),
                 error_message=f"same content as {prior.name}",
             )
         )
         log.info("%s: duplicate of %s (file %d), not processed again", name, prior.name, prior.id)
-        return Outcome(FileStatus.DUPLICATE, fid, name)
+        return Outcome(FileStatus.DUPLICATE, fid, name, participant=who.get("participant"))
 
     @staticmethod
     def _internal(name: str, exc: Exception, stage: str) -> InternalError:
@@ -207,9 +270,11 @@ class Processor:
 
     def _record_failure(self, base: dict[str, Any], model: LoadedModel, exc: HarEdgeError) -> Outcome:
         m = model.manifest
+        who = self._who()
         fid = self.outbox.record_file(
             FileRecord(
                 **base,
+                **who,
                 status=FileStatus.FAILED,
                 processed_ms=now_ms(),
                 error_kind=exc.kind,
@@ -222,7 +287,7 @@ class Processor:
         )
         if not isinstance(exc, InternalError):
             log.warning("%s: %s", base["name"], exc)
-        return Outcome(FileStatus.FAILED, fid, base["name"], error=exc)
+        return Outcome(FileStatus.FAILED, fid, base["name"], error=exc, participant=who.get("participant"))
 
     def _store(self, base: dict[str, Any], model: LoadedModel, r: _Inferred, t_start: float) -> Outcome:
         name, m = base["name"], model.manifest
@@ -246,8 +311,10 @@ class Processor:
         monitor, flagged = self._monitor_report(r.acc, model, r.timings)
         if monitor is not None:
             all_points = itertools.chain(all_points, monitor.metric_points(processed_ms))
+        who = self._who()
         rec = FileRecord(
             **base,
+            **who,
             status=FileStatus.PROCESSED,
             processed_ms=processed_ms,
             format=r.format,
@@ -259,6 +326,8 @@ class Processor:
             model_sha256=m.sha256,
             monitor_status=monitor.status if monitor is not None else None,
             monitor_json=monitor.to_json() if monitor is not None else None,
+            utc_offset_s=r.utc_offset[0] if r.utc_offset else None,
+            utc_offset_source=r.utc_offset[1] if r.utc_offset else None,
         )
         fid = self.outbox.record_file(
             rec, label_names=m.labels, start_ms=r.starts, probs=r.probs, points=all_points, flagged_npz=flagged
@@ -287,7 +356,9 @@ class Processor:
             t["inference"],
             store_s,
         )
-        return Outcome(FileStatus.PROCESSED, fid, name, windows=len(r.probs), seconds=total)
+        return Outcome(
+            FileStatus.PROCESSED, fid, name, windows=len(r.probs), seconds=total, participant=who.get("participant")
+        )
 
     def _monitor_report(
         self, acc: MonitorAccumulator | None, model: LoadedModel, timings: dict[str, float]
@@ -350,6 +421,7 @@ class Processor:
                     name=name,
                     verified=verified,
                 )
+            self._watch = watch_of(recordings)
             for rec in recordings:
                 sw = StreamWindower(
                     rate_hz=m.sample_rate_hz,
@@ -362,10 +434,12 @@ class Processor:
                     last_file_ms=self.last_data_ms,
                 )
                 # decoded, windowed and inferred a chunk (~3 min) at a time: memory stays flat whatever the
-                # file's length. (A decode thread running ahead of inference was measured: no faster here, as
-                # decoding holds the GIL between numpy calls, and a second malloc arena costs ~2 MB.)
+                # file's length; with agent.decode_ahead a thread decodes and windows the next chunks while the
+                # model runs (LiteRT's invoke and numpy's large operations release the GIL)
                 batcher = _Batcher(getattr(model.runner, "batch", 1))
-                for ws in itertools.chain(_window_sets(rec, sw, clock), [None]):
+                ahead = self.settings.decode_ahead
+                sets = _decoded_ahead(rec, sw, clock, ahead) if ahead > 0 else _window_sets(rec, sw, clock)
+                for ws in itertools.chain(sets, [None]):
                     # whole batches only: a chunk's last few windows wait for the next chunk's
                     for windows, starts in batcher.add(ws):
                         with clock.stage("inference"):
@@ -385,6 +459,11 @@ class Processor:
                     self.last_data_ms = latest  # the next file's plausibility reference (see StreamWindower)
                 merge_quality(quality, sw.quality())
             fmt = ",".join(sorted({r.format for r in recordings}))
+            utc_offset = next(
+                ((int(r.meta["utc_offset_s"]), str(r.meta["utc_offset_source"])) for r in recordings
+                 if r.meta.get("utc_offset_s") is not None),
+                None,
+            )  # fmt: skip
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         self.last_stages = clock.figures()
@@ -406,8 +485,19 @@ class Processor:
         timings: dict[str, float] = {
             k: clock.wall[k] for k in ("decode", "preprocess", "inference", "monitor") if k in clock.wall
         }
-        return _Inferred(starts, probs, per_window, timings, quality, fmt, acc)
+        return _Inferred(starts, probs, per_window, timings, quality, fmt, acc, utc_offset)
 
+
+#: the identity columns of a file row (what a duplicate copies from its prior)
+_WHO_COLUMNS = (
+    "watch_manufacturer",
+    "watch_product",
+    "watch_serial",
+    "watch_firmware",
+    "watch_pseudonym",
+    "participant",
+    "participant_source",
+)
 
 _malloc_trim: Any = None
 
@@ -486,8 +576,14 @@ class _StageClock:
     def figures(self) -> dict[str, dict[str, float]]:
         return {"wall_s": dict(self.wall), "cpu_s": dict(self.cpu)}
 
+    def absorb(self, other: _StageClock) -> None:
+        """Add another thread's stage seconds to these (its stages ran alongside, so walls overlap)."""
+        for mine, theirs in ((self.wall, other.wall), (self.cpu, other.cpu)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0.0) + v
 
-def _window_sets(rec: Recording, sw: StreamWindower, clock: _StageClock) -> Iterator[WindowSet]:
+
+def _window_sets(rec: Recording, sw: StreamWindower, clock: _StageClock) -> Generator[WindowSet, None, None]:
     """Decode a recording chunk by chunk and window it; yields non-empty WindowSets."""
     chunks = rec.chunks()
     try:
@@ -506,3 +602,62 @@ def _window_sets(rec: Recording, sw: StreamWindower, clock: _StageClock) -> Iter
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
+
+
+#: (stage entries made since the last item, a window set or None at the end, an exception raised or None)
+_Ahead = tuple[list[str], WindowSet | None, BaseException | None]
+
+
+def _decoded_ahead(rec: Recording, sw: StreamWindower, clock: _StageClock, depth: int) -> Iterator[WindowSet]:
+    """:func:`_window_sets` run by a decode thread at most ``depth`` window sets ahead of the caller.
+
+    What the caller sees is what it would see without the thread: the same window sets in the same order, the
+    decode thread's exception raised at the same point, and the stage entries (the listener: crash-loop
+    progress) replayed in this thread in the same order before each set. The thread's own clock measures its
+    stages; its seconds are added to ``clock`` at the end (they overlapped inference, so walls add up to more
+    than the file's). Memory: ``depth`` sets in the queue, one being made, one being inferred.
+    """
+    pending: list[str] = []
+    own = _StageClock(lambda name, _n: pending.append(name))
+    q: queue.Queue[_Ahead] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: _Ahead) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        sets = _window_sets(rec, sw, own)
+        try:
+            for ws in sets:
+                entries = pending[:]
+                pending.clear()
+                if not put((entries, ws, None)):
+                    return
+            put((pending[:], None, None))
+        except BaseException as exc:  # handed to the caller, raised there
+            put((pending[:], None, exc))
+        finally:
+            sets.close()
+
+    worker = threading.Thread(target=work, name="har-edge-decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            entries, ws, exc = q.get()
+            for name in entries:
+                clock.enter(name)
+            if exc is not None:
+                raise exc
+            if ws is None:
+                return
+            yield ws
+    finally:
+        stop.set()  # the caller stopped early (an error in inference): the thread ends after its chunk
+        worker.join()
+        clock.absorb(own)

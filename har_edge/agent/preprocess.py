@@ -190,7 +190,12 @@ class _ClockGuard:
     After an abnormal step the samples are held: if, within ``hold`` samples, one
     comes back near the last accepted time, the held run was a corrupted stretch
     and is dropped; otherwise the jump is believed and a ``("jump", kind)`` event
-    precedes the held samples. Times after ``horizon_ms`` are dropped as
+    precedes the held samples. A forward step that is normal but longer than
+    ``tol_ms`` (a gap) is held too, as a *leap*: if the stream comes back within
+    ``tol_ms`` of the last accepted time, the leap was a spike (a wrong time a few
+    seconds or hours ahead) and only it is dropped; otherwise the held samples are
+    plain data after a gap (no jump event), also when the run stops for another
+    reason. Times after ``horizon_ms`` are dropped as
     implausible. State carries across calls, so the split does not depend on how
     the stream is chunked. Work is linear in the samples.
     """
@@ -205,6 +210,7 @@ class _ClockGuard:
         self._held_x: list[np.ndarray] = []
         self._held_n = 0
         self._held_last = 0
+        self._held_leap = False  # the held run began with a normal forward step longer than tol (a gap?)
         self._in_future = False
         self._starting = True  # the first ``hold`` samples are gathered to find the starting clock
         self._start_t: list[np.ndarray] = []
@@ -301,7 +307,7 @@ class _ClockGuard:
                     self.accepted += j - i
                     self.last = int(t[j - 1])
                 if j < n:
-                    self._hold(t[j : j + 1], x[j : j + 1])
+                    self._hold_first(t[j : j + 1], x[j : j + 1])
                     i = j + 1
                 else:
                     i = n
@@ -315,18 +321,21 @@ class _ClockGuard:
                 if self._held_n >= self.hold:
                     events.extend(self._believe())
                 continue
+            if self._held_leap and not back:  # data after a gap, then some other step: keep it
+                events.extend(self._believe())
+                continue  # t[i] is scanned again from the new last time
             # the run stopped: it came back (stray run) or jumped again (garbage); drop what was held
             self.jumps += 1
             self.stray += self._held_n
             self._clear()
             if not back:
-                self._hold(t[i : i + 1], x[i : i + 1])
+                self._hold_first(t[i : i + 1], x[i : i + 1])
                 i += 1
         return events
 
     def _first_abnormal(self, t: np.ndarray, i: int, prev: int) -> int:
         """Index of the first sample from i whose step from its predecessor is abnormal (len(t) if none)."""
-        n, lo, hi = len(t), -self.tol, self.max_jump
+        n, lo, hi = len(t), -self.tol, self.tol  # a longer forward step is a leap: held (see the class)
         for j in range(i, min(n, i + 8)):  # a few in Python first: cheap when jumps are dense
             v = int(t[j])
             if not lo <= v - prev <= hi:
@@ -336,7 +345,8 @@ class _ClockGuard:
         size = 64
         while i < n:
             s = t[i : i + size]
-            ab = ~self._normal(np.diff(s, prepend=prev))
+            d = np.diff(s, prepend=prev)
+            ab = (d < lo) | (d > hi)
             if ab.any():
                 return i + int(np.argmax(ab))
             prev = int(s[-1])
@@ -349,10 +359,11 @@ class _ClockGuard:
         time, (offset, False) at another jump, (m, False) if it goes on."""
         assert self.last is not None
         last, prev, lo, hi = self.last, self._held_last, -self.tol, self.max_jump
+        back_hi = self.tol if self._held_leap else hi  # after a leap, "back" means back on the old timeline
         j = 0
         while j < min(m, 8):
             v = int(t[i + j])
-            if lo <= v - last <= hi:
+            if lo <= v - last <= back_hi:
                 return j, True
             if not lo <= v - prev <= hi:
                 return j, False
@@ -361,7 +372,7 @@ class _ClockGuard:
         size = 64
         while j < m:
             s = t[i + j : i + min(m, j + size)]
-            back = self._normal(s - last)
+            back = (s - last >= lo) & (s - last <= back_hi)
             stop = back | ~self._normal(np.diff(s, prepend=prev))
             if stop.any():
                 k = int(np.argmax(stop))
@@ -378,16 +389,25 @@ class _ClockGuard:
             self._held_n += len(t)
             self._held_last = int(t[-1])
 
+    def _hold_first(self, t: np.ndarray, x: np.ndarray) -> None:
+        """Start holding at an abnormal step or a leap (``t`` is its one sample)."""
+        d = int(t[0]) - self.last if self.last is not None else 0
+        self._held_leap = self.tol < d <= self.max_jump
+        self._hold(t, x)
+
     def _clear(self) -> None:
         self._held_t, self._held_x, self._held_n = [], [], 0
 
     def _believe(self) -> list[_Event]:
         t, x = np.concatenate(self._held_t), np.concatenate(self._held_x)
         kind = "backward" if self.last is not None and int(t[0]) < self.last - self.tol else "forward"
+        leap, self._held_leap = self._held_leap, False
         self._clear()
-        self.jumps += 1
         self.accepted += len(t)
         self.last = int(t[-1])
+        if leap:  # a gap, not a clock jump: the gap itself splits the recording later
+            return [("data", t, x)]
+        self.jumps += 1
         return [("jump", kind, None), ("data", t, x)]
 
 

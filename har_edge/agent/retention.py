@@ -2,8 +2,9 @@
 
 - ``archive/``: a processed export is deleted once it is older than ``agent.archive_max_age_days``
   or, oldest first, while ``archive/`` is over ``agent.archive_max_mb`` — but only once the server
-  acknowledged its results (:func:`har_edge.agent.acknowledged.results_acknowledged`); an export
-  whose results are not delivered yet is kept whatever the budget says.
+  acknowledged its results (:func:`har_edge.agent.acknowledged.results_acknowledged`) and, when raw
+  custody is configured (``sync.raw_store``), every file of it is in the store with a verified checksum
+  (:func:`har_edge.agent.acknowledged.custody_delivered`); any other export is kept whatever the budget says.
 - ``quarantine/``: a file (and its ``.reason.json``) is deleted by ``agent.quarantine_max_age_days``
   and ``agent.quarantine_max_mb`` the same way, once its reason JSON exists and the outbox holds its
   ``failed`` row.
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from har_edge.agent.acknowledged import failure_recorded, results_acknowledged
+from har_edge.agent.acknowledged import custody_delivered, failure_recorded, results_acknowledged
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import Settings
 
@@ -136,7 +137,10 @@ class Retention:
 
         units: list[Unit] = []
         root = self.settings.archive_dir
-        for day in sorted(p for p in _listdir(root) if p.is_dir()):
+        days = sorted(p for p in _listdir(root) if p.is_dir())
+        # a day's own files, and those of its participant folders (archive/<date>/<participant>/)
+        folders = [f for day in days for f in (day, *sorted(q for q in _listdir(day) if q.is_dir()))]
+        for day in folders:
             pairs: dict[str, list[Path]] = {}
             for p in sorted(_listdir(day)):
                 if not p.is_file():
@@ -156,7 +160,9 @@ class Retention:
 
     def quarantine_units(self) -> list[Unit]:
         units = []
-        for p in sorted(_listdir(self.settings.quarantine)):
+        root = self.settings.quarantine
+        found = [*_listdir(root), *(q for d in _listdir(root) if d.is_dir() for q in _listdir(d))]
+        for p in sorted(found):
             if not p.is_file() or p.name.endswith(REASON_SUFFIX) or p.name.endswith(REASON_SUFFIX + ".tmp"):
                 continue
             reason = p.with_name(p.name + REASON_SUFFIX)
@@ -176,13 +182,22 @@ class Retention:
         sha = self._hashes.get(key)
         if sha is None:
             sha = _sha256(unit.paths)
-        if results_acknowledged(self.outbox, sha):
+        acknowledged = results_acknowledged(self.outbox, sha) or (
+            # two single exports that happen to look like a pair
+            len(unit.paths) == 2 and any(results_acknowledged(self.outbox, _sha256([p])) for p in unit.paths)
+        )
+        if acknowledged and self._in_custody(unit):
             self._hashes.pop(key, None)
             return True
-        if len(unit.paths) == 2 and any(results_acknowledged(self.outbox, _sha256([p])) for p in unit.paths):
-            return True  # two single exports that happen to look like a pair
         self._hashes[key] = sha
         return False
+
+    def _in_custody(self, unit: Unit) -> bool:
+        """True when raw custody is off, or every file of the unit is in ``sync.raw_store``, verified."""
+        store = self.settings.sync.raw_store
+        if store is None:
+            return True
+        return all(custody_delivered(self.outbox, self.settings.archive_dir, p, store) for p in unit.paths)
 
     def _quarantine_deletable(self, unit: Unit) -> bool:
         if len(unit.paths) < 2:
@@ -212,10 +227,11 @@ class Retention:
             "quarantine", self.quarantine_units(), a.quarantine_max_age_days, a.quarantine_max_mb, 0, now,
             self._quarantine_deletable, rep,
         )  # fmt: skip
-        for d in _listdir(self.settings.archive_dir):
+        days = [d for d in _listdir(self.settings.archive_dir) if d.is_dir()]
+        for d in [*(s for day in days for s in _listdir(day)), *_listdir(self.settings.quarantine), *days]:
             if d.is_dir():
                 with contextlib.suppress(OSError):
-                    d.rmdir()  # an emptied day folder (a non-empty one stays)
+                    d.rmdir()  # an emptied participant or day folder (a non-empty one stays)
         for part in ("archive", "quarantine"):
             if rep.deleted[part]:
                 log.info(
@@ -227,7 +243,7 @@ class Retention:
             if rep.kept[part]:
                 log.info(
                     "retention: kept %d file(s) in %s/ over their budget: %s", rep.kept[part], part,
-                    "results not delivered yet" if part == "archive" else "no recorded reason",
+                    _archive_wait(self.settings) if part == "archive" else "no recorded reason",
                 )  # fmt: skip
         self._last_prune = now
         return rep
@@ -286,6 +302,12 @@ class Retention:
             log.info("free space back over agent.min_free_mb: ingestion resumed")
         self._paused = low
         return low
+
+
+def _archive_wait(settings: Settings) -> str:
+    if settings.sync.raw_store is None:
+        return "results not delivered yet"
+    return "results not delivered, or the raw export not verified in sync.raw_store, yet"
 
 
 def _listdir(d: Path) -> list[Path]:

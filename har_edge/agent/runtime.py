@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from har_edge.agent.cpus import resolve_threads
 from har_edge.agent.errors import ModelValidationError, RuntimeUnavailable
 from har_edge.agent.nativelog import filtered_stderr
 
@@ -73,12 +74,14 @@ class TFLiteRunner:
     is resized once), and outputs are dequantized to float32 probabilities.
     """
 
-    def __init__(self, model_path: Path, *, threads: int = 1, batch: int = 64) -> None:
+    def __init__(self, model_path: Path, *, threads: int | str = 1, batch: int = 64) -> None:
         Interpreter, self.runtime = _import_interpreter()
         self.path = Path(model_path)
         self.batch = max(1, int(batch))
+        #: interpreter threads (``auto``: the cores this process may use, see :mod:`har_edge.agent.cpus`)
+        self.threads = resolve_threads(threads)
         try:
-            self._interp = Interpreter(model_path=str(self.path), num_threads=max(1, int(threads)))
+            self._interp = Interpreter(model_path=str(self.path), num_threads=self.threads)
         except (ValueError, RuntimeError) as exc:
             raise ModelValidationError(f"{self.path} does not load in {self.runtime}: {exc}") from None
         inp = self._interp.get_input_details()
@@ -134,6 +137,7 @@ class TFLiteRunner:
             "input_dtype": self.input_dtype.name,
             "output_dtype": self.output_dtype.name,
             "output_size": self.output_size,
+            "threads": self.threads,
         }
 
     def _quantize(self, x: NDArray[np.float32]) -> NDArray[Any]:

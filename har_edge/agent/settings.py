@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from har_edge.agent.errors import ConfigError
 
@@ -34,7 +34,18 @@ class AgentSettings(_Section):
     model_dir: Path | None = Field(
         None, description="use this model folder instead of models/current or the bundled one"
     )
-    threads: int = Field(1, ge=1, le=64, description="TFLite interpreter threads")
+    threads: int | Literal["auto"] = Field(
+        "auto",
+        description="TFLite interpreter threads; auto: the cores this process may use (CPU affinity, capped by a "
+        "cgroup CPU quota)",
+    )
+    decode_ahead: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="chunks (~3 min of data each) a decode thread prepares while the model runs on the last ones; "
+        "0 decodes in turn with inference",
+    )
     batch: int = Field(64, ge=1, le=4096, description="windows per inference call")
     max_gap_s: float = Field(1.0, gt=0, description="a longer gap between samples splits the recording")
     low_confidence: float = Field(0.6, ge=0, le=1, description="windows under this confidence count as low-confidence")
@@ -68,6 +79,19 @@ class AgentSettings(_Section):
         512.0, ge=0, description="ingestion pauses while the data dir's file system has less free space than this"
     )
     retention_interval_s: float = Field(60.0, gt=0, description="how often archive/ and quarantine/ are pruned")
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise ValueError("must be auto or a whole number of threads from 1 to 64") from None
+        if isinstance(v, bool) or (isinstance(v, float) and v != n) or not 1 <= n <= 64:
+            raise ValueError("must be auto or a whole number of threads from 1 to 64")
+        return n
 
 
 class MonitorSettings(_Section):
@@ -183,10 +207,50 @@ class SyncSettings(_Section):
     )
     allow_prerelease: bool = Field(False, description="consider versions like 2.0.0-rc1 when looking for the newest")
     command_timeout_s: float = Field(120.0, gt=0, description="bound on each git/dvc call")
+    trusted_keys: tuple[str, ...] = Field(
+        (),
+        description="ed25519 public keys releases must be signed with: files (.pub or PEM; relative to the data "
+        "folder) or inline (base64 or PEM); several at once for a rotation (comma-separated in "
+        "HAR_EDGE_SYNC__TRUSTED_KEYS); empty: releases are not checked (a warning per release)",
+    )
+    revoked_keys: tuple[str, ...] = Field(
+        (),
+        description="key ids (16 hex digits) whose signatures are refused, even when the key is still trusted; "
+        "kept here on the device, never in the registry",
+    )
+    pages: bool = Field(
+        True,
+        description="draw and upload each file run's timeline and activity table and the daily runs "
+        "(a matplotlib child process); off: runs get their description and span only",
+    )
     share_flagged_windows: bool = Field(
         False,
         description="upload the windows of alerting files with a retraining request (.npz); off: raw data stays here",
     )
+    # -- raw custody (har_edge.sync.custody): archived raw exports -> the study's store -----------------
+    raw_store: str | None = Field(
+        None,
+        description="copy every archived raw export here, checksummed and resumable, before retention may delete "
+        "it: s3://bucket[/prefix] (also a DVC remote's s3 URL) or an absolute folder / file:// URL (a DVC local "
+        "remote); unset: no custody",
+    )
+    raw_store_endpoint_url: str | None = Field(
+        None, description="S3 endpoint of raw_store (MinIO, SeaweedFS, ...); default AWS_ENDPOINT_URL, else AWS"
+    )
+    raw_store_region: str | None = Field(None, description="S3 region of raw_store; default AWS_REGION, else us-east-1")
+    raw_store_access_key_id: str | None = Field(
+        None, repr=False, description="S3 access key of raw_store; default AWS_ACCESS_KEY_ID / the AWS config"
+    )
+    raw_store_secret_access_key: str | None = Field(
+        None, repr=False, description="S3 secret key of raw_store; default AWS_SECRET_ACCESS_KEY / the AWS config"
+    )
+    raw_store_part_mb: float = Field(
+        8.0, ge=5, le=512, description="S3 multipart part size (held in memory); an export up to it goes in one request"
+    )
+    raw_store_pass_s: float = Field(
+        120.0, gt=0, description="a custody pass starts no new part or file after this long (the rest waits)"
+    )
+    raw_store_interval_s: float = Field(60.0, gt=0, description="how often a custody pass runs")
     # -- health gate ------------------------------------------------------------
     health_files: int = Field(3, ge=1, description="files a new model must process before it is trusted")
     health_max_failed_share: float = Field(
@@ -224,10 +288,51 @@ class SyncSettings(_Section):
             raise ValueError("carries credentials: give the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead")
         return v.strip()
 
-    @field_validator("health_ignored_error_kinds", mode="before")
+    @field_validator("raw_store")
+    @classmethod
+    def _store_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if v.startswith("s3://"):
+            if not v[5:].split("/", 1)[0]:
+                raise ValueError("an s3:// store needs a bucket: s3://bucket[/prefix]")
+            return v.rstrip("/")
+        path = v[7:] if v.startswith("file://") else v
+        if "://" in path or not path.startswith("/"):
+            raise ValueError("give s3://bucket[/prefix], an absolute folder or a file:// URL")
+        return v
+
+    @field_validator("health_ignored_error_kinds", "trusted_keys", "revoked_keys", mode="before")
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         return tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else v
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _keys(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from har_edge.agent.signing import is_inline_key, parse_public_key
+
+        for n, entry in enumerate(v):
+            if is_inline_key(entry):
+                try:
+                    parse_public_key(entry, source=f"inline key #{n + 1}")
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from None
+        return tuple(e.strip() for e in v)
+
+    @field_validator("revoked_keys")
+    @classmethod
+    def _key_ids(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        from har_edge.agent.signing import KEY_ID_PATTERN
+
+        out = tuple(k.strip().lower() for k in v)
+        bad = [k for k in out if not re.fullmatch(KEY_ID_PATTERN, k)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: a key id is 16 hex digits (`har-train keygen` prints it)")
+        return out
 
 
 class HttpSettings(_Section):
@@ -255,9 +360,36 @@ class FleetSettings(_Section):
     recent_files: int = Field(10, ge=1, le=1000, description="monitor verdicts are counted over this many newest files")
 
 
+class ParticipantSettings(_Section):
+    """Who wore the watch: a study mapping, participant folders in the inbox, keyed pseudonyms (docs/privacy.md)."""
+
+    mapping: Path | None = Field(
+        None,
+        description="the study's serial -> participant table: CSV (columns serial,participant) or TOML "
+        '([serials] "3391234567" = "P01"); relative to data_dir',
+    )
+    folders: bool = Field(True, description="inbox/<participant>/<file> assigns that participant (one level)")
+    secret_file: Path | None = Field(
+        None,
+        description="file holding the study's pseudonym secret; relative to data_dir; default "
+        "<data_dir>/pseudonym.secret, generated (mode 0600) when neither it nor `secret` is given",
+    )
+    secret: SecretStr | None = Field(
+        None, repr=False, description="the pseudonym secret itself (HAR_EDGE_PARTICIPANTS__SECRET); wins over the file"
+    )
+    share_serial: bool = Field(
+        False, description="also send the raw watch serial to MLflow (tag har.watch_serial); off: only its pseudonym"
+    )
+
+
 class Settings(_Section):
     data_dir: Path = Field(Path("var"), description="holds inbox, archive, quarantine, outbox, models, logs")
     device_id: str = Field("", description="default: the host name")
+    timezone: str = Field(
+        "UTC",
+        description="IANA time zone of the device's wearer (e.g. Europe/Berlin): local times on the MLflow pages "
+        "of exports that state no UTC offset themselves",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = False
     # -- log file (har_edge.agent.logs): `agent run` and `sync run` also log to a rotated file -------------
@@ -273,6 +405,26 @@ class Settings(_Section):
     http: HttpSettings = HttpSettings()
     monitor: MonitorSettings = MonitorSettings()
     fleet: FleetSettings = FleetSettings()
+    participants: ParticipantSettings = ParticipantSettings()
+
+    @model_validator(mode="after")
+    def _custody_needs_archive(self) -> Settings:
+        if self.sync.raw_store is not None and not self.agent.archive:
+            raise ValueError(
+                "sync.raw_store needs agent.archive = true: raw custody uploads the exports kept in archive/"
+            )
+        return self
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}: use an IANA name such as Europe/Berlin or UTC") from None
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -364,7 +516,7 @@ def load_settings(config: Path | None = None, env: Mapping[str, str] | None = No
         where = f" (from {config} and HAR_EDGE_* variables)" if config else " (from HAR_EDGE_* variables)"
         lines = []
         for e in exc.errors():
-            key = ".".join(str(p) for p in e["loc"])
+            key = ".".join(str(p) for p in e["loc"]) or "settings"
             msg = "unknown setting" if e["type"] == "extra_forbidden" else e["msg"]
             lines.append(f"  {key}: {msg}")
         raise ConfigError("invalid settings" + where + ":\n" + "\n".join(lines)) from None

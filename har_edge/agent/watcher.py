@@ -9,7 +9,13 @@ truncated export ends in quarantine with its reason instead of waiting forever; 
 it was first seen so is kept in the outbox (``inbox_seen``), so a restart does not
 reset that timer.
 Study tables travel in pairs (``…accelerometer…`` + ``…gyroscope…`` with one
-prefix) and are claimed together.
+prefix, in one folder) and are claimed together.
+
+One level of subfolders is watched too: ``inbox/<participant>/<file>`` (the folder-per-participant
+layout, :mod:`har_edge.agent.identity`). Such a file keeps its folder through ``work/<participant>/``,
+``archive/<date>/<participant>/`` and ``quarantine/<participant>/`` (and ``replay`` puts it back there),
+so erasing that participant (:mod:`har_edge.agent.forget`) removes folders; files dropped into the inbox
+itself stay flat, and erasure finds them by name and sha256.
 
 Claiming is an atomic rename into ``work/``; after processing the file moves to
 ``archive/<date>/`` (or is deleted) or to ``quarantine/`` with ``<name>.reason.json``.
@@ -19,6 +25,7 @@ durable with an fsync of the directories involved.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -33,6 +40,7 @@ from typing import TYPE_CHECKING, Protocol
 from har_edge.agent import __version__
 from har_edge.agent.decode import check_complete, pair_key
 from har_edge.agent.errors import HarEdgeError
+from har_edge.agent.identity import valid_participant_id
 from har_edge.agent.modelstore import fsync_dir
 
 if TYPE_CHECKING:
@@ -106,6 +114,38 @@ def _unique(dest: Path) -> Path:
     raise FileExistsError(dest)
 
 
+def _subfolders(root: Path) -> list[Path]:
+    """The participant folders directly under ``root`` (hidden ones and names no participant can have: skipped)."""
+    try:
+        return [d for d in root.iterdir() if d.is_dir() and not d.is_symlink() and valid_participant_id(d.name)]
+    except FileNotFoundError:
+        return []
+
+
+def files_in(root: Path) -> list[Path]:
+    """Files directly in ``root`` and in its participant folders (one level), none of them ignored."""
+    out: list[Path] = []
+    for d in [root, *_subfolders(root)]:
+        try:
+            out.extend(p for p in d.iterdir() if p.is_file() and not ignored(p))
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def _pair_groups(paths: list[Path]) -> tuple[list[Path], dict[tuple[Path, str], list[Path]]]:
+    """(singles, {(folder, prefix): table members}) of files, tables paired within their folder."""
+    singles: list[Path] = []
+    pairs: dict[tuple[Path, str], list[Path]] = {}
+    for p in paths:
+        key = pair_key(p) if p.suffix.lower() in (".csv", ".xlsx") else None
+        if key is None:
+            singles.append(p)
+        else:
+            pairs.setdefault((p.parent, key[0].lower()), []).append(p)
+    return singles, pairs
+
+
 class DropFolder:
     def __init__(
         self, data_dir: Path, *, settle_s: float = 2.0, archive: bool = True, seen: SeenStore | None = None
@@ -127,6 +167,25 @@ class DropFolder:
         self.seen_store = seen
         self._stored_seen: set[str] = seen.seen_names() if seen is not None else set()
 
+    # -- participant folders ---------------------------------------------------
+
+    def participant_folder(self, path: Path) -> str | None:
+        """The participant folder a file in inbox/, work/, archive/<date>/ or quarantine/ is in (None: none)."""
+        parent = path.parent
+        if parent.parent in (self.inbox, self.work, self.quarantine) or parent.parent.parent == self.archive:
+            return parent.name
+        return None
+
+    def _rel(self, path: Path, root: Path) -> Path:
+        """``name`` or ``<participant>/name`` of a file under ``root``."""
+        return Path(path.parent.name, path.name) if path.parent.parent == root else Path(path.name)
+
+    def _key(self, path: Path) -> str:
+        """A file's name in ``inbox_seen``: ``name``, or ``<participant>/name`` in a participant folder."""
+        if path.parent.parent in (self.inbox, self.work):
+            return f"{path.parent.name}/{path.name}"
+        return path.name
+
     # -- readiness -----------------------------------------------------------
 
     def _stable_for(self, path: Path, now: float) -> float | None:
@@ -145,15 +204,12 @@ class DropFolder:
     def ready(self, now: float | None = None) -> list[list[Path]]:
         """Groups of inbox files ready to be claimed, oldest first."""
         now = time.monotonic() if now is None else now
-        try:
-            entries = [p for p in self.inbox.iterdir() if p.is_file() and not ignored(p)]
-        except FileNotFoundError:
-            return []
+        entries = files_in(self.inbox)
         for gone in set(self._seen) - set(entries):
             self._seen.pop(gone, None)
         for gone in set(self._verified) - set(entries):
             self._verified.pop(gone, None)
-        self._prune_stored({p.name for p in entries})
+        self._prune_stored({self._key(p) for p in entries})
         settled: dict[Path, float] = {}
         for p in entries:
             age = self._stable_for(p, now)
@@ -167,14 +223,14 @@ class DropFolder:
             elif complete is not True:
                 self._verified[p] = complete
             settled[p] = age
-        groups: list[list[Path]] = []
-        pairs: dict[str, dict[str, Path]] = {}
-        for p in settled:
-            key = pair_key(p) if p.suffix.lower() in (".csv", ".xlsx") else None
-            if key is None:
-                groups.append([p])
-            else:
-                pairs.setdefault(key[0].lower(), {})[key[1]] = p
+        singles, tables = _pair_groups(list(settled))
+        groups: list[list[Path]] = [[p] for p in singles]
+        pairs: dict[tuple[Path, str], dict[str, Path]] = {}
+        for where, members_ in tables.items():
+            for p in members_:
+                key = pair_key(p)
+                assert key is not None
+                pairs.setdefault(where, {})[key[1]] = p
         for members in pairs.values():
             if len(members) == 2:
                 groups.append([members["accelerometer"], members["gyroscope"]])
@@ -191,18 +247,15 @@ class DropFolder:
         if self.seen_store is None:
             return age
         if seen.incomplete_since_ms is None:
-            seen.incomplete_since_ms = self.seen_store.first_seen_ms(path.name, seen.size, seen.mtime_ns)
-            self._stored_seen.add(path.name)
+            seen.incomplete_since_ms = self.seen_store.first_seen_ms(self._key(path), seen.size, seen.mtime_ns)
+            self._stored_seen.add(self._key(path))
         return max(age, (time.time() * 1000 - seen.incomplete_since_ms) / 1000)
 
     def _prune_stored(self, inbox_names: set[str]) -> None:
         """Forget stored first-seen times of files no longer in the inbox nor in work/."""
         if self.seen_store is None or not (self._stored_seen - inbox_names):
             return
-        try:
-            in_work = {p.name for p in self.work.iterdir()}
-        except FileNotFoundError:
-            in_work = set()
+        in_work = {self._key(p) for p in files_in(self.work)}
         gone = self._stored_seen - inbox_names - in_work
         if gone:
             self.seen_store.forget_seen(gone)
@@ -231,29 +284,34 @@ class DropFolder:
         """Move a group into work/ by atomic rename; None if another process took it."""
         claimed: list[Path] = []
         for p in group:
-            dest = _unique(self.work / p.name)
+            rel = self._rel(p, self.inbox)
+            dest = _unique(self.work / rel)
+            if dest.parent != self.work and not dest.parent.is_dir():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fsync_dir(self.work)
             try:
                 os.rename(p, dest)
             except FileNotFoundError:
-                for c in claimed:  # put the partner back
-                    os.rename(c, self.inbox / c.name)
+                for c, src in zip(claimed, group, strict=False):  # put the partner back
+                    os.rename(c, src)
                 return None
             self._seen.pop(p, None)
             self._verified.pop(p, None)
             claimed.append(dest)
-        fsync_dir(self.work)
-        fsync_dir(self.inbox)
+        for d in {c.parent for c in claimed} | {p.parent for p in group}:
+            fsync_dir(d)
         return claimed
 
     def unclaim(self, group: list[Path]) -> list[Path]:
         """Put files from work/ back into the inbox (found incomplete at recovery: they wait there)."""
         out = []
         for p in group:
-            dest = _unique(self.inbox / p.name)
+            dest = _unique(self.inbox / self._rel(p, self.work))
+            dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(p, dest)
             out.append(dest)
-        fsync_dir(self.inbox)
-        fsync_dir(self.work)
+        for d in {q.parent for q in out} | {p.parent for p in group}:
+            fsync_dir(d)
         return out
 
     def clean_leftovers(self) -> int:
@@ -261,7 +319,7 @@ class DropFolder:
         sync push is running (its lock is free). Returns how many were removed."""
         victims = list((self.work / ".scratch").glob("export-*"))
         sync_tmp = self.data_dir / SYNC_TMP
-        if sync_tmp.is_dir() and not _held(self.data_dir / SYNC_PUSH_LOCK):
+        if sync_tmp.is_dir() and not held_elsewhere(self.data_dir / SYNC_PUSH_LOCK):
             victims += list(sync_tmp.glob("tmp*"))
         for v in victims:
             if v.is_dir() and not v.is_symlink():
@@ -274,27 +332,23 @@ class DropFolder:
 
     def leftovers(self) -> list[list[Path]]:
         """Groups left in work/ by an interrupted run, to be processed again."""
-        files = sorted(p for p in self.work.iterdir() if p.is_file() and not ignored(p))
-        groups: dict[str, list[Path]] = {}
-        singles: list[list[Path]] = []
-        for p in files:
-            key = pair_key(p) if p.suffix.lower() in (".csv", ".xlsx") else None
-            if key is None:
-                singles.append([p])
-            else:
-                groups.setdefault(key[0].lower(), []).append(p)
+        found, groups = _pair_groups(sorted(files_in(self.work)))
+        singles: list[list[Path]] = [[p] for p in found]
         for members in groups.values():
             members.sort(key=lambda q: 0 if "accelerometer" in q.name.lower() else 1)
             singles.append(members)
         return singles
 
     def done(self, group: list[Path]) -> None:
+        """Archive (or delete) a processed group: ``archive/<date>/[<participant>/]<name>``."""
         day = time.strftime("%Y-%m-%d", time.gmtime())
         for p in group:
             if self.keep_archive:
-                dest_dir = self.archive / day
+                folder = self.participant_folder(p)
+                dest_dir = self.archive / day / folder if folder else self.archive / day
                 if not dest_dir.is_dir():
                     dest_dir.mkdir(parents=True, exist_ok=True)
+                    fsync_dir(dest_dir.parent)
                     fsync_dir(self.archive)
                 _move(p, _unique(dest_dir / p.name))
             else:
@@ -302,10 +356,16 @@ class DropFolder:
                 fsync_dir(p.parent)
 
     def to_quarantine(self, group: list[Path], error: HarEdgeError | Exception) -> list[Path]:
+        """Quarantine a group with reasons: ``quarantine/[<participant>/]<name>`` and ``<name>.reason.json``."""
         out = []
         kind = getattr(error, "kind", type(error).__name__)
         for p in group:
-            dest = _unique(self.quarantine / p.name)
+            folder = self.participant_folder(p)
+            qdir = self.quarantine / folder if folder else self.quarantine
+            if not qdir.is_dir():
+                qdir.mkdir(parents=True, exist_ok=True)
+                fsync_dir(self.quarantine)
+            dest = _unique(qdir / p.name)
             reason = {
                 "file": p.name,
                 "kind": kind,
@@ -313,6 +373,8 @@ class DropFolder:
                 "agent_version": __version__,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "group": [q.name for q in group],
+                # where replay puts it back: the inbox itself ("") or a participant folder
+                "inbox_folder": self.participant_folder(p) or "",
             }
             for extra in ("stage", "traceback"):
                 if getattr(error, extra, None):
@@ -322,25 +384,31 @@ class DropFolder:
             tmp.write_text(json.dumps(reason, indent=2) + "\n", encoding="utf-8")
             _move(p, dest)
             os.replace(tmp, dest.with_name(dest.name + ".reason.json"))
-            fsync_dir(self.quarantine)
+            fsync_dir(qdir)
             out.append(dest)
         return out
 
     def replay(self, names: list[str] | None = None) -> list[Path]:
         """Move quarantined files (all, or those named) back into the inbox."""
         moved = []
-        for p in sorted(self.quarantine.iterdir()):
-            if not p.is_file() or ignored(p) or (names and p.name not in names):
+        for p in sorted(files_in(self.quarantine)):
+            if names and p.name not in names:
                 continue
-            dest = _unique(self.inbox / p.name)
+            reason_file = Path(str(p) + ".reason.json")
+            folder = ""
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                folder = str(json.loads(reason_file.read_text(encoding="utf-8")).get("inbox_folder") or "")
+            back = self.inbox / folder if folder and valid_participant_id(folder) else self.inbox
+            back.mkdir(parents=True, exist_ok=True)
+            dest = _unique(back / p.name)
             os.rename(p, dest)
-            Path(str(p) + ".reason.json").unlink(missing_ok=True)
+            reason_file.unlink(missing_ok=True)
             moved.append(dest)
         return moved
 
 
-def _held(lock: Path) -> bool:
-    """True when another process holds this flock (sync's push lock)."""
+def held_elsewhere(lock: Path) -> bool:
+    """True when another process (or another open file of this one) holds this flock (sync's push lock)."""
     try:
         fd = os.open(lock, os.O_RDONLY)
     except FileNotFoundError:

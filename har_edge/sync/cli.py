@@ -36,7 +36,8 @@ def cmd_sync_run(settings: Settings, args: argparse.Namespace) -> int:
         reg = daemon.models.registry.display if daemon.models.registry else "none (sync.registry)"
         print(
             f"settings OK; push to {daemon.pusher.target.display} (experiment {settings.sync.experiment}); "
-            f"models from {reg}"
+            f"models from {reg}; raw custody to "
+            + (daemon.custody.store.display if daemon.custody else "none (sync.raw_store)")
         )
         return Exit.OK
     daemon.run(stop_event())
@@ -44,7 +45,7 @@ def cmd_sync_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_sync_once(settings: Settings, args: argparse.Namespace) -> int:
-    """One push and one pull; print what was delivered and fetched."""
+    """One push, one pull and (with sync.raw_store) one custody pass; print what was delivered and fetched."""
     from har_edge.sync.daemon import SyncDaemon
     from har_edge.sync.passes import record
 
@@ -80,6 +81,17 @@ def cmd_sync_once(settings: Settings, args: argparse.Namespace) -> int:
     elif pull.error is not None:
         print(f"models: {pull.error}")
         code = Exit.UNREACHABLE if isinstance(pull.error, RegistryError) else (code or Exit.FAILED)
+    if daemon.custody is not None:  # raw custody (sync.raw_store): one pass
+        custody = record(daemon.outbox, "custody", daemon.custody_job(now))
+        if custody.report is not None:
+            print(f"raw custody to {daemon.custody.store.display}: {custody.report.summary()}")
+            for item in custody.report.failed[:20]:
+                print(f"  not delivered: {item}")
+        if custody.error is not None:
+            if custody.report is None:
+                print(f"raw custody: {custody.error}")
+            unreachable = isinstance(custody.error, (ServerUnreachable, ServerAccessDenied))
+            code = code or (Exit.UNREACHABLE if unreachable else Exit.FAILED)
     return code
 
 
@@ -146,13 +158,20 @@ def cmd_models_verify(settings: Settings, args: argparse.Namespace) -> int:
     mm = _manager(settings)
     if args.release:
         return _verify_release(mm, args.release)
+    from har_edge.sync.trust import BUNDLED, TRUSTED
+
     failed = 0
+    signatures = dict(mm.signature_states(args.version))
     for folder, version, problem in mm.verify_installed(args.version):
+        verdict = signatures[folder]
         if problem:
             failed += 1
             print(f"{folder}: FAILED: {problem}")
         else:
             print(f"{folder}: OK ({version}: sha256, shapes, labels and golden windows check out)")
+        bad = mm.trust.enforced and verdict.state not in (TRUSTED, BUNDLED)
+        failed += bool(bad and not problem)
+        print(f"{folder}: signature {verdict.describe()}" + (" (sync.trusted_keys is set: FAILED)" if bad else ""))
     return Exit.FAILED if failed else Exit.OK
 
 
@@ -173,6 +192,7 @@ def _verify_release(mm: ModelManager, version: str) -> int:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         folder = mm.registry.fetch(rel, staging / "model")
+        print(f"{rel.tag}: signature {mm.trust.examine(folder, (rel.name, rel.version)).describe()}")
         mm.verify(folder, rel)
         mm.validate(folder)
     except RegistryError as exc:

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import Settings
-from har_edge.sync.errors import LockBusy, RegistryError, ServerAccessDenied, ServerUnreachable
+from har_edge.sync.custody import Custody, CustodyReport
+from har_edge.sync.errors import CustodyMismatch, LockBusy, RegistryError, ServerAccessDenied, ServerUnreachable
 from har_edge.sync.models import ModelManager, PullReport
 from har_edge.sync.passes import record
 from har_edge.sync.push import Pusher, PushReport, pending_summary
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: the report type of a job: PushReport for push, PullReport for pull and the health gate
-R = TypeVar("R", PushReport, PullReport)
+#: the report type of a job: PushReport for push, PullReport for pull and the health gate, CustodyReport for custody
+R = TypeVar("R", PushReport, PullReport, CustodyReport)
 
 
 @dataclass
@@ -72,6 +73,9 @@ class SyncDaemon:
         self.models = ModelManager(settings, self.outbox)
         self.push_backoff = Backoff(s.backoff_initial_s, s.backoff_max_s, rng=rng)
         self.pull_backoff = Backoff(s.backoff_initial_s, s.backoff_max_s, rng=rng)
+        #: raw custody (sync.raw_store): None when no store is configured
+        self.custody = Custody(settings, self.outbox) if s.raw_store else None
+        self.custody_backoff = Backoff(s.backoff_initial_s, s.backoff_max_s, rng=rng)
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -126,13 +130,37 @@ class SyncDaemon:
             return JobResult(True, error=exc)
         return JobResult(True, report=report)
 
+    def custody_job(self, now: float) -> JobResult[CustodyReport]:
+        """One custody pass; a file whose upload did not verify is a failure of the pass (retried next time)."""
+        if self.custody is None or not self.custody_backoff.ready(now):
+            return JobResult(False)
+        try:
+            report = self.custody.run(self.stop)
+        except (ServerUnreachable, ServerAccessDenied) as exc:
+            delay = self.custody_backoff.failed(now)
+            level = logging.WARNING if isinstance(exc, ServerUnreachable) else logging.ERROR
+            log.log(level, "raw custody: %s; next attempt in %.0f s", exc, delay)
+            return JobResult(True, error=exc, retry_in_s=delay)
+        except LockBusy as exc:
+            log.info("raw custody skipped: %s", exc)
+            return JobResult(False, error=exc)
+        except Exception as exc:
+            delay = self.custody_backoff.failed(now)
+            log.exception("raw custody failed unexpectedly; next attempt in %.0f s", delay)
+            return JobResult(True, error=exc, retry_in_s=delay)
+        self.custody_backoff.succeeded()
+        if report.failed:  # counted under the first failure's kind (custody_mismatch, sync, ...)
+            err = report.first_error or CustodyMismatch(report.failed[0])
+            return JobResult(True, report=report, error=err)
+        return JobResult(True, report=report)
+
     # -- schedule ----------------------------------------------------------------------------
 
     def scheduler(self) -> BackgroundScheduler:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         s = self.settings.sync
-        sched = BackgroundScheduler(executors={"default": {"type": "threadpool", "max_workers": 3}})
+        sched = BackgroundScheduler(executors={"default": {"type": "threadpool", "max_workers": 4}})
         # one pass of each at a time; runs missed while one was busy collapse into one
         once = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         start = datetime.now(UTC)  # the first push and pull right away, then on the interval
@@ -165,6 +193,17 @@ class SyncDaemon:
             jitter=min(s.jitter_s, s.health_interval_s / 2),
             **once,
         )
+        if self.custody is not None:
+            sched.add_job(
+                lambda: record(self.outbox, "custody", self.custody_job(time.time())),
+                "interval",
+                id="custody",
+                name="raw custody",
+                seconds=s.raw_store_interval_s,
+                jitter=s.jitter_s,
+                next_run_time=start,
+                **once,
+            )
         return sched
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -180,6 +219,12 @@ class SyncDaemon:
             self.settings.sync.pull_interval_s,
             self.models.registry.display if self.models.registry else "no registry",
         )
+        if self.custody is not None:
+            log.info(
+                "raw custody: archived exports to %s every %.0f s",
+                self.custody.store.display,
+                self.settings.sync.raw_store_interval_s,
+            )
         try:
             self.stop.wait()
         finally:

@@ -12,10 +12,12 @@ disappears silently.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
 from sqlalchemy import Row, and_, delete, func, insert, select, update
 
 from har_edge.agent.outbox import (
@@ -61,7 +63,8 @@ class Delivery:
         with self.outbox.engine.connect() as conn:
             return conn.execute(q).all()
 
-    def pending_points(self, file_id: int | None, limit: int) -> list[PendingPoint]:
+    def pending_points(self, file_id: int | None, limit: int, after_id: int | None = None) -> list[PendingPoint]:
+        """Undelivered points, oldest first; ``after_id``: only those after it (the next chunk while one is sent)."""
         cond = metrics.c.file_id.is_(None) if file_id is None else metrics.c.file_id == file_id
         q = (
             select(metrics.c.id, metrics.c.key, metrics.c.value, metrics.c.timestamp_ms, metrics.c.step)
@@ -69,12 +72,27 @@ class Delivery:
             .order_by(metrics.c.id)
             .limit(limit)
         )
+        if after_id is not None:
+            q = q.where(metrics.c.id > after_id)
         with self.outbox.engine.connect() as conn:
             return [PendingPoint(*r) for r in conn.execute(q).all()]
 
     def pending_deployments(self) -> Sequence[Row[*tuple[Any, ...]]]:
         with self.outbox.engine.connect() as conn:
             return conn.execute(select(deployments).where(PENDING_DEPLOYMENT).order_by(deployments.c.id)).all()
+
+    def iter_windows(self, file_id: int, rows: int = 4096) -> Iterator[tuple[NDArray[np.int64], NDArray[np.float32]]]:
+        """A file's (start_ms, probabilities) in runs of ``rows`` windows, read as they are consumed."""
+        q = select(windows.c.start_ms, windows.c.probs).where(windows.c.file_id == file_id).order_by(windows.c.idx)
+        with self.outbox.engine.connect() as conn:
+            result = conn.execute(q)
+            while True:
+                part = result.fetchmany(rows)
+                if not part:
+                    return
+                starts = np.fromiter((r[0] for r in part), dtype=np.int64, count=len(part))
+                probs = np.frombuffer(b"".join(r[1] for r in part), dtype="<f4").reshape(len(part), -1)
+                yield starts, probs.astype(np.float32)
 
     def file_labels(self, file_id: int) -> list[str]:
         with self.outbox.engine.connect() as conn:

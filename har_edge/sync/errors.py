@@ -12,6 +12,7 @@ from har_edge.agent.errors import ConfigError, HarEdgeError, ModelError
 
 __all__ = [
     "ConfigError",
+    "CustodyMismatch",
     "LockBusy",
     "ModelRefused",
     "RegistryError",
@@ -67,3 +68,10 @@ class LockBusy(SyncError):
     """Another sync process holds the lock of this data folder."""
 
     kind = "busy"
+
+
+class CustodyMismatch(SyncError):
+    """The raw store's checksum of an upload differs from the file's (or the file changed while it was read):
+    that upload is discarded and sent again on a later pass."""
+
+    kind = "custody_mismatch"

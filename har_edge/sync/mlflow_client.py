@@ -111,6 +111,9 @@ def make_client(settings: Settings, target: Target | None = None) -> MlflowClien
     configure_environment(settings)
     if not target.is_server:
         Path(settings.data_dir).resolve().joinpath(EMBEDDED_DIR).mkdir(parents=True, exist_ok=True)
+    from har_edge.sync.mlflow_import import import_mlflow
+
+    import_mlflow()  # without pandas/pyarrow/scipy: -70 MB resident
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=target.uri)

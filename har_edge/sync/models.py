@@ -27,9 +27,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from har_edge.agent.errors import ChecksumMismatch, ModelError
+from har_edge.agent.errors import ChecksumMismatch, ModelError, SignatureError
 from har_edge.agent.manifest import Manifest, read_manifest, verify_files
-from har_edge.agent.model import load_model
+from har_edge.agent.model import BUNDLED_MODEL_DIR, load_model
 from har_edge.agent.modelstore import CURRENT, PREVIOUS, folder_of, fsync_dir, read_pointer, set_pointer
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import Settings
@@ -40,6 +40,7 @@ from har_edge.sync.health import judge
 from har_edge.sync.locks import file_lock
 from har_edge.sync.registry import Registry, Release
 from har_edge.sync.state import Installed, ModelState, Probation, Refusal
+from har_edge.sync.trust import BUNDLED, TrustStore, Verdict, check_manifest, check_not_downgrade
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class ModelManager:
         if registry is None and self.sync.registry:
             registry = Registry.from_settings(settings)
         self.registry = registry
+        self.trust = TrustStore.from_settings(settings)  # sync.trusted_keys / revoked_keys (ConfigError)
 
     # -- reading state ------------------------------------------------------------------
 
@@ -116,6 +118,8 @@ class ModelManager:
 
     def is_refused(self, release: Release, state: ModelState) -> Refusal | None:
         r = state.refused.get(release.version)
+        if r is not None and r.trust and r.trust != self.trust.fingerprint:
+            return None  # refused for its signature under other keys: judged again under these
         if r is not None and (not r.commit or r.commit == release.commit):
             return r
         return None
@@ -199,8 +203,11 @@ class ModelManager:
     # -- install --------------------------------------------------------------------------------
 
     def verify(self, folder: Path, release: Release | None) -> Manifest:
-        """Manifest, identity and sha256 checks (cheap, before anything is loaded)."""
+        """Signature, manifest, identity and sha256 checks (cheap, before anything is loaded)."""
+        what = f"{release.tag} (commit {release.commit[:10]})" if release else None  # None: no warning
+        verdict = self.trust.check(folder, (release.name, release.version) if release else None, what)
         m = read_manifest(folder)
+        check_manifest(verdict, m)
         if m.name != self.sync.model_name:
             raise ModelRefused(
                 f"{folder} holds model {m.name!r}, not {self.sync.model_name!r} (sync.model_name): "
@@ -231,6 +238,9 @@ class ModelManager:
             m: Manifest | None = None
             try:
                 m = self.verify(folder, release)
+                pinned = outcome == DeploymentOutcome.PINNED or self.pin(state) == release.version
+                if not pinned and self.pointers()[0]:  # a pin may go back; a pull never does
+                    check_not_downgrade(m, self.manifest_of(self.pointers()[0]))
                 old = state.refused.get(release.version)
                 if old is not None and old.sha256 == m.sha256:
                     raise ModelRefused(f"same bytes as the refused {release.version} ({old.reason})")
@@ -242,7 +252,8 @@ class ModelManager:
                         f" (DVC does not verify remote objects: check the DVC remote, then run "
                         f"`har-edge models pin {release.version}` to try again)"
                     )
-                self._refuse(release, m.sha256 if m else "", f"{release.tag}: {reason}", now, report, state)
+                trust = self.trust.fingerprint if isinstance(exc, SignatureError) else ""
+                self._refuse(release, m.sha256 if m else "", f"{release.tag}: {reason}", now, report, state, trust)
                 return
             log.info("%s verified and validated (fetched in %.1f s)", release.tag, t_fetch)
             self._activate(folder, m, release, now, report, outcome=outcome, reason=reason)
@@ -250,12 +261,24 @@ class ModelManager:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _refuse(
-        self, release: Release, sha256: str, reason: str, now: float, report: PullReport, state: ModelState
+        self,
+        release: Release,
+        sha256: str,
+        reason: str,
+        now: float,
+        report: PullReport,
+        state: ModelState,
+        trust: str = "",
     ) -> None:
         cur = self.manifest_of(self.pointers()[0])
         log.error("refusing %s: %s (keeping %s)", release.tag, reason, cur.version if cur else "the bundled model")
         state.refused[release.version] = Refusal(
-            version=release.version, commit=release.commit, sha256=sha256, reason=reason, time_ms=int(now * 1000)
+            version=release.version,
+            commit=release.commit,
+            sha256=sha256,
+            reason=reason,
+            time_ms=int(now * 1000),
+            trust=trust,
         )
         state.save(self.models_dir)
         self.outbox.record_deployment(
@@ -489,25 +512,44 @@ class ModelManager:
         for entry in self.models_dir.glob(STAGING_PREFIX + "*"):
             shutil.rmtree(entry, ignore_errors=True)
 
-    def verify_installed(self, version: str | None = None) -> list[tuple[str, str, str | None]]:
-        """(folder, version, problem or None) for current and previous (or the folder holding ``version``)."""
+    def installed_folders(self, version: str | None = None) -> list[tuple[str, Path, bool]]:
+        """(label, folder, explicit) of what ``models verify`` checks: agent.model_dir, else current and previous."""
         explicit = self.settings.agent.model_dir
         if explicit is not None and version is None:  # what the agent runs: agent.model_dir wins over models/
-            label = f"agent.model_dir {explicit}"
-            try:
-                return [(label, self.validate(Path(explicit)).version, None)]
-            except ModelError as exc:
-                return [(label, "?", str(exc))]
+            return [(f"agent.model_dir {explicit}", Path(explicit), True)]
         cur, prev = self.pointers()
         names: list[str | None] = [p for p in (cur, prev) if p]
         if version is not None:
             names = [n for n in names if (m := self.manifest_of(n)) is not None and m.version == version]
             if not names:
                 raise SyncError(f"{version} is not installed here (current: {cur or 'bundled'}, previous: {prev})")
+        return [(name or "bundled", self.folder_of(name), False) for name in names or [None]]
+
+    def signature_states(self, version: str | None = None) -> list[tuple[str, Verdict]]:
+        """(label, signature verdict) of the folders :meth:`verify_installed` checks."""
+        out = []
+        for label, folder, _ in self.installed_folders(version):
+            if folder == BUNDLED_MODEL_DIR:
+                out.append((label, Verdict(BUNDLED, None, "part of the har-edge install, not a release")))
+            else:
+                try:
+                    m = read_manifest(folder)
+                except ModelError:
+                    m = None
+                out.append((label, self.trust.examine(folder, (m.name, m.version) if m else None)))
+        return out
+
+    def verify_installed(self, version: str | None = None) -> list[tuple[str, str, str | None]]:
+        """(folder, version, problem or None) for current and previous (or the folder holding ``version``)."""
         out: list[tuple[str, str, str | None]] = []
-        for name in names or [None]:
-            folder = self.folder_of(name)
-            label = name or "bundled"
+        for label, folder, explicit in self.installed_folders(version):
+            if explicit:
+                try:
+                    out.append((label, self.validate(folder).version, None))
+                except ModelError as exc:
+                    out.append((label, "?", str(exc)))
+                continue
+            name = None if folder == BUNDLED_MODEL_DIR else folder.name
             try:
                 m = self.verify(folder, None) if name else read_manifest(folder)
                 self.validate(folder)

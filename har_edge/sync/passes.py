@@ -15,13 +15,14 @@ from har_edge.agent.outbox import Outbox
 from har_edge.agent.syncpasses import record_pass
 
 if TYPE_CHECKING:
+    from har_edge.sync.custody import CustodyReport
     from har_edge.sync.daemon import JobResult
     from har_edge.sync.models import PullReport
     from har_edge.sync.push import PushReport
 
 log = logging.getLogger(__name__)
 
-R = TypeVar("R", "PushReport", "PullReport")
+R = TypeVar("R", "PushReport", "PullReport", "CustodyReport")
 
 
 def record(outbox: Outbox, task: str, result: JobResult[R]) -> JobResult[R]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +26,46 @@ def _csv_field(text: str) -> str:
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\r\n') else text
 
 
+def _header(label_names: Sequence[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(
+        ["start_time", "start_ms", "label", "confidence", *(f"p_{x}" for x in label_names)]
+    )
+    return buf.getvalue()
+
+
+def _rows(names: Sequence[str], start_ms: np.ndarray, probs: np.ndarray) -> str:
+    """The CSV lines of a run of windows (vectorised)."""
+    numbers = io.StringIO()
+    np.savetxt(numbers, np.column_stack([probs.max(axis=1), probs]), fmt="%.6f", delimiter=",")
+    labels = probs.argmax(axis=1)
+    iso = iso_ms(start_ms)
+    return "".join(
+        f"{iso[i]},{int(start_ms[i])},{names[labels[i]]},{tail}\n"
+        for i, tail in enumerate(numbers.getvalue().splitlines())
+    )
+
+
 def write_predictions_csv(path: Path, label_names: list[str], start_ms: np.ndarray, probs: np.ndarray) -> int:
     """Write the CSV (vectorised: a day of windows in well under a second); return the number of rows."""
     if probs.ndim != 2 or probs.shape[1] != len(label_names):
         raise ValueError(f"{len(label_names)} labels but probabilities of shape {probs.shape}")
-    n = len(probs)
+    return write_predictions_csv_parts(path, label_names, [(np.asarray(start_ms), probs)])
+
+
+def write_predictions_csv_parts(
+    path: Path, label_names: Sequence[str], parts: Iterable[tuple[np.ndarray, np.ndarray]]
+) -> int:
+    """The same CSV from runs of (start_ms, probs), written as they come: memory follows one run, not the file."""
     names = [_csv_field(x) for x in label_names]
+    n = 0
     with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f, lineterminator="\n").writerow(
-            ["start_time", "start_ms", "label", "confidence", *(f"p_{x}" for x in label_names)]
-        )
-        if n == 0:
-            return 0
-        numbers = io.StringIO()
-        np.savetxt(numbers, np.column_stack([probs.max(axis=1), probs]), fmt="%.6f", delimiter=",")
-        labels = probs.argmax(axis=1)
-        iso = iso_ms(start_ms)
-        for i, tail in enumerate(numbers.getvalue().splitlines()):
-            f.write(f"{iso[i]},{int(start_ms[i])},{names[labels[i]]},{tail}\n")
+        f.write(_header(label_names))
+        for starts, probs in parts:
+            if len(probs) == 0:
+                continue
+            if probs.ndim != 2 or probs.shape[1] != len(names):
+                raise ValueError(f"{len(names)} labels but probabilities of shape {probs.shape}")
+            f.write(_rows(names, starts, probs))
+            n += len(probs)
     return n

@@ -28,11 +28,14 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from har_edge.agent import __version__
+from har_edge.agent.acknowledged import custody_backlog
+from har_edge.agent.forget import withheld
 from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
 from har_edge.agent.settings import Settings
 from har_edge.sync import runs
@@ -40,7 +43,9 @@ from har_edge.sync.delivery import Delivery, PendingPoint
 from har_edge.sync.errors import ServerAccessDenied, ServerRejected, SyncError
 from har_edge.sync.locks import file_lock
 from har_edge.sync.mlflow_client import Target, ensure_experiment, make_client, resolve_target
-from har_edge.sync.predictions import ARTIFACT_NAME, write_predictions_csv
+from har_edge.sync.pagepush import Pages
+from har_edge.sync.participant_tags import file_run_tags
+from har_edge.sync.predictions import ARTIFACT_NAME, write_predictions_csv_parts
 from har_edge.sync.retry import translate
 from har_edge.sync.state import KnownModel, active_manifest, known_models
 
@@ -73,13 +78,16 @@ class PushReport:
     device_points: int = 0
     artifacts: int = 0
     deployments: int = 0
+    pages: int = 0  # file runs whose table and timeline were delivered (har_edge.sync.pagepush)
     refused: list[str] = field(default_factory=list)
     backlog: dict[str, int | None] = field(default_factory=dict)
     stopped: bool = False
 
     @property
     def delivered_anything(self) -> bool:
-        return bool(self.points or self.device_points or self.artifacts or self.deployments or self.files_finished)
+        return bool(
+            self.points or self.device_points or self.artifacts or self.deployments or self.files_finished or self.pages
+        )
 
     def summary(self) -> str:
         parts = [
@@ -88,6 +96,7 @@ class PushReport:
             f"{self.artifacts} prediction CSV(s)",
             f"{self.device_points} device points",
             f"{self.deployments} deployment(s)",
+            f"{self.pages} file page(s)",
         ]
         if self.refused:
             parts.append(f"{len(self.refused)} refused by the server")
@@ -155,6 +164,8 @@ class Pusher:
         self._device_run: str | None = None
         self._last_heartbeat_ms: int | None = None
         self._known: dict[str, KnownModel] | None = None
+        self.pages = Pages(self)  # timelines, tables, descriptions and daily runs
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -214,14 +225,20 @@ class Pusher:
             self.maybe_heartbeat(now)
             backlog = self.delivery.backlog()
             if backlog["points"] or backlog["files"] or backlog["deployments"]:
-                self._push_device(report, stop)
-                self._push_deployments(report, stop)
-                self._push_retrain_requests(report, stop)
-                for f in self.delivery.pending_files(limit=max_files):
-                    if stop is not None and stop.is_set():
-                        report.stopped = True
-                        break
-                    self._push_file(f, report, stop)
+                try:
+                    self._push_device(report, stop)
+                    self._push_deployments(report, stop)
+                    self._push_retrain_requests(report, stop)
+                    for f in self.delivery.pending_files(limit=max_files):
+                        if stop is not None and stop.is_set():
+                            report.stopped = True
+                            break
+                        if withheld(self.outbox, f.id):  # its participant is being forgotten: never sent
+                            continue
+                        self._push_file(f, report, stop)
+                finally:
+                    self.close()
+            self.pages.push(report, stop)
             self._reclaim(now)
             report.backlog = self.delivery.backlog()
         if report.delivered_anything:
@@ -252,6 +269,9 @@ class Pusher:
             "oldest_undelivered_age_s": max(0.0, (now_ms_ - b["oldest_ms"]) / 1000) if b["oldest_ms"] else 0.0,
             "disk_free_mb": shutil.disk_usage(self.settings.data_dir).free / 1e6,
         }
+        if self.settings.sync.raw_store:  # raw custody: archived files not yet verified in the store
+            cb = custody_backlog(self.outbox, self.settings.archive_dir, self.settings.sync.raw_store)
+            values |= {"custody_backlog_files": cb.files, "custody_backlog_mb": cb.bytes / 1e6}
         self.outbox.add_metrics([MetricPoint(k, float(v), now_ms_, 0) for k, v in values.items()], file_id=None)
         self._last_heartbeat_ms = now_ms_
         return True
@@ -409,7 +429,9 @@ class Pusher:
             runs.MODEL_SHA: f.model_sha256 or "",
             runs.AGENT_VERSION: f.agent_version,
             runs.MONITOR: f.monitor_status or "",
-            runs.DESCRIPTION: _monitor_description(f),
+            runs.DESCRIPTION: self.pages.description(f),
+            **self.pages.tags(f),
+            **file_run_tags(f, share_serial=self.settings.participants.share_serial),
         }
         return {k: v for k, v in tags.items() if v}
 
@@ -439,7 +461,7 @@ class Pusher:
                 self._file_identity(f),
                 tags=self._file_tags(f),
                 run_name=f.name,
-                start_time=f.received_ms,
+                start_time=self.pages.start_ms(f),  # the recording's span, not when it was processed
             )
             self.delivery.set_run_id(f.id, run_id)  # before anything else: no retry may create a second one
             if created:
@@ -450,12 +472,7 @@ class Pusher:
         try:
             if not (created and self._params_with_first_points(f, run_id, report)):
                 self._push_params(f, run_id, report)
-            while not self._stopped(stop, report):
-                pts = self.delivery.pending_points(f.id, self.sync.batch_size)
-                if not pts:
-                    break
-                ok, bad = self._send_points(run_id, pts, f"metric points of {f.name}")
-                self._mark(ok, bad, f.id, report)
+            self._stream_points(run_id, f, report, stop)
             if self._stopped(stop, report):
                 return
             if f.artifact_delivered_ms is None:
@@ -468,7 +485,7 @@ class Pusher:
                     self.client.set_terminated,
                     run_id,
                     "FINISHED",
-                    end_time=f.processed_ms,
+                    end_time=self.pages.end_ms(f),
                 )
             except ServerRejected as exc:
                 self._refuse("finish", f.id, f"run {run_id}", exc, report)
@@ -482,6 +499,41 @@ class Pusher:
             log.error("%s", msg)
             self.delivery.refuse_file(f.id, msg)
             report.refused.append(f"file {f.name}")
+
+    def _stream_points(self, run_id: str, f: _FileRow, report: PushReport, stop: threading.Event | None) -> None:
+        """A file's pending points in ``log_batch`` chunks, pipelined: while one chunk's request is in flight
+        (in the sender thread), the previous chunk is marked and the next one read from the outbox.
+
+        A chunk is marked only once the server acknowledged it; an error in a request is raised here after
+        the chunks before it were marked, as without the pipeline.
+        """
+        what = f"metric points of {f.name}"
+        acked: tuple[list[PendingPoint], list[tuple[PendingPoint, str]]] | None = None
+        pts = self.delivery.pending_points(f.id, self.sync.batch_size)
+        try:
+            while pts and not self._stopped(stop, report):
+                request = self._sender().submit(self._send_points, run_id, pts, what)
+                if acked is not None:
+                    self._mark(*acked, f.id, report)
+                    acked = None
+                nxt = self.delivery.pending_points(f.id, self.sync.batch_size, after_id=pts[-1].id)
+                acked = request.result()
+                pts = nxt
+        finally:
+            if acked is not None:
+                self._mark(*acked, f.id, report)
+
+    def _sender(self) -> ThreadPoolExecutor:
+        """The one thread that sends ``log_batch`` requests while this one reads and marks the outbox."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="har-edge-sync-send")
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the sender thread (a pass starts it again when needed)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _params_with_first_points(self, f: _FileRow, run_id: str, report: PushReport) -> bool:
         """On a run just created (it has no params to conflict with) params ride with the first points.
@@ -520,12 +572,13 @@ class Pusher:
 
     def _push_artifact(self, f: _FileRow, run_id: str, report: PushReport) -> None:
         if f.windows:
-            names, starts, probs = self.outbox.file_windows(f.id)
+            names = self.delivery.file_labels(f.id)
             tmp_root = Path(self.settings.data_dir) / ".sync-tmp"
             tmp_root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
                 path = Path(tmp) / ARTIFACT_NAME
-                write_predictions_csv(path, names, starts, probs)
+                # streamed from the outbox a few thousand rows at a time: no whole-file arrays or lists
+                write_predictions_csv_parts(path, names, self.delivery.iter_windows(f.id))
                 try:
                     self._call(f"uploading the predictions of {f.name}", self.client.log_artifact, run_id, str(path))
                     report.artifacts += 1
@@ -608,20 +661,6 @@ class Pusher:
             log.info(
                 "reclaimed %d window rows and %d device points delivered over %g days ago", n_windows, n_points, days
             )
-
-
-def _monitor_description(f: _FileRow) -> str:
-    """The run description of a file: its monitor verdict and reasons."""
-    if not f.monitor_status:
-        return ""
-    import json
-
-    try:
-        reasons = list(json.loads(f.monitor_json or "{}").get("reasons", []))
-    except ValueError:
-        reasons = []
-    text = f"monitor: {f.monitor_status}" + "".join(f"\n- {r}" for r in reasons)
-    return text[:MAX_TAG_VALUE]
 
 
 def pending_summary(delivery: Delivery) -> str:

@@ -38,6 +38,8 @@ class Refusal(_Rec):
     sha256: str = ""
     reason: str
     time_ms: int
+    #: a refusal for its signature: the trusted/revoked keys it was judged under (other keys: judged again)
+    trust: str = ""
 
 
 class Probation(_Rec):

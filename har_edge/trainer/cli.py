@@ -7,8 +7,9 @@
     evaluate            -> build/trainer/eval/ (int8 conversion, metrics, report, confusion.png)
     export [--out DIR]  gate, then build/trainer/model/ (model.tflite, manifest.json, golden.npz), verified
     all                 the four stages in a row (what `dvc repro` runs)
-    release [--registry REPO] [--remote URL] FOLDER
-                        dvc add + push, commit, tag <name>@v<version>, MLflow registry
+    release [--registry REPO] [--remote URL] [--signing-key FILE] FOLDER
+                        sign, dvc add + push, commit, tag <name>@v<version>, MLflow registry
+    keygen --out FILE   an ed25519 key pair for signing releases (FILE and FILE.pub)
     bundle FOLDER DEST  verify a model folder and copy it to DEST (har_edge/agent/default_model)
     verify FOLDER       load a model folder as the edge does (sha256, shapes, golden windows)
     check-config        validate params.yaml (exit 0) or name each problem (exit 2)
@@ -119,17 +120,34 @@ def cmd_all(s: Settings, a: argparse.Namespace) -> int:
 
 
 def cmd_release(s: Settings, a: argparse.Namespace) -> int:
+    from har_edge.trainer.keys import load_signing_key
     from har_edge.trainer.release import release
 
+    registry = a.registry or s.release.registry
+    key = load_signing_key(a.signing_key or s.release.signing_key, os.environ, registry=registry)
     r = release(
         s,
         Path(a.folder),
-        registry=a.registry or s.release.registry,
+        registry=registry,
         remote=a.remote or s.release.remote,
         push_git=not a.no_git_push,
         accept_unmeasured=[x.strip() for x in a.accept_unmeasured.split(",") if x.strip()],
+        signing_key=key,
     )
     print(json.dumps(r.as_dict(), indent=2))
+    return Exit.OK
+
+
+def cmd_keygen(s: Settings, a: argparse.Namespace) -> int:
+    from har_edge.trainer.keys import keygen
+
+    pair = keygen(Path(a.out))
+    print(
+        f"key id {pair.key_id}\n"
+        f"private key: {pair.private_path} (mode 0600: keep it off the registry, back it up, never commit it)\n"
+        f"public key:  {pair.public_path}\n"
+        f'devices: sync.trusted_keys = ["{pair.public}"] (or the .pub file\'s path)'
+    )
     return Exit.OK
 
 
@@ -253,11 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote", default="", help="DVC remote URL (absolute path or URL)")
     p.add_argument("--no-git-push", action="store_true", help="do not push to the registry's git remote")
     p.add_argument(
+        "--signing-key",
+        default="",
+        metavar="FILE",
+        help="ed25519 private key to sign the release with (default release.signing_key, else $HAR_TRAIN_SIGNING_KEY)",
+    )
+    p.add_argument(
         "--accept-unmeasured",
         default="",
         metavar="NAMES",
         help="release although these gate figures were not measured, e.g. accuracy,macro_f1 (recorded)",
     )
+    p = add_command(sub, "keygen", cmd_keygen, "make an ed25519 key pair for signing releases")
+    p.add_argument("--out", required=True, help="private key file to write (FILE.pub gets the public key)")
     p = add_command(
         sub, "bundle", cmd_bundle, "verify a model folder and copy it (e.g. to har_edge/agent/default_model)"
     )

@@ -3,7 +3,7 @@
 The model registry is a git repository with DVC initialised in it:
 
     models/<name>.dvc        DVC's pointer to the folder (committed)
-    models/<name>/           model.tflite, manifest.json, golden.npz (DVC-tracked, git-ignored)
+    models/<name>/           model.tflite, manifest.json, golden.npz, manifest.sig (DVC-tracked, git-ignored)
     .dvc/config              the default remote holding the files (committed, so `dvc get` finds it)
 
 Tag scheme: ``<name>@v<version>`` (e.g. ``har-cnn@v1.0.0``), an annotated tag on
@@ -19,7 +19,9 @@ push (a no-op when the remote has the files), the git push and the MLflow
 registration (found by its ``sha256`` tag) are only made sure of. A model whose
 manifest says it failed the gate, or whose figures are below the thresholds, is
 refused, and so is a folder that does not load and reproduce its golden windows.
-Every git/dvc call is bounded by ``release.timeout_s``.
+Every git/dvc call is bounded by ``release.timeout_s``. With a signing key
+(:mod:`har_edge.trainer.keys`) the registry copy gets a ``manifest.sig`` over all
+its files and the tag message records ``signed_by=<key id>``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from har_edge.agent.manifest import (
@@ -49,7 +52,11 @@ from har_edge.trainer.errors import GateFailed, ReleaseError, ToolFailed
 from har_edge.trainer.export import verify_folder
 from har_edge.trainer.gate import check_gate
 from har_edge.trainer.importer.figures import ACCEPT_NAMES
+from har_edge.trainer.keys import sign_release
 from har_edge.trainer.settings import Settings
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,8 @@ class ReleaseResult:
     git_pushed: bool
     mlflow_version: str | None
     mlflow_created: bool
+    #: the signing key's id (``manifest.sig``), None for an unsigned release
+    key_id: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -207,6 +216,13 @@ def _tag_sha256(t: Tools, tag: str) -> str | None:
     return m.group(1) if m else ""
 
 
+def _tag_field(t: Tools, tag: str, field: str) -> str | None:
+    """A ``field=value`` line of an existing tag's message (None without it)."""
+    msg = t.git("tag", "-l", "--format=%(contents)", tag).stdout
+    m = re.search(rf"^{re.escape(field)}=(\S+)$", msg, re.MULTILINE)
+    return m.group(1) if m else None
+
+
 def _copy_model(folder: Path, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
@@ -229,6 +245,7 @@ def release(
     remote: str = "",
     push_git: bool = True,
     accept_unmeasured: list[str] | None = None,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> ReleaseResult:
     folder = Path(folder)
     if not registry:
@@ -261,6 +278,7 @@ def release(
     created = recorded is None
     if created:
         _copy_model(folder, repo / rel)
+        key_id = sign_release(repo / rel, manifest, signing_key)  # manifest.sig, tracked with the model
         t.dvc("add", "-q", str(rel))
         t.dvc("push", "-q", f"{rel}.dvc")
         t.git("add", f"{rel}.dvc", str(rel.parent / ".gitignore"))
@@ -269,6 +287,8 @@ def release(
         message = f"{name} {version}\n\nsha256={manifest.sha256}\ndata_hash={manifest.data_hash}\n"
         if manifest.accepted_unmeasured:
             message += f"accepted_unmeasured={','.join(manifest.accepted_unmeasured)}\n"
+        if key_id:
+            message += f"signed_by={key_id}\n"
         t.git("tag", "-a", tag, "-m", message)
         log.info("released %s as tag %s in %s (files pushed to %s)", name, tag, repo, remote_url)
     else:
@@ -277,6 +297,9 @@ def release(
         if same and (repo / rel).is_dir():
             t.dvc("push", "-q", f"{rel}.dvc")
         log.info("%s is already released as %s in %s: nothing to change", name, tag, repo)
+        key_id = _tag_field(t, tag, "signed_by")
+        if signing_key is not None and key_id is None:
+            log.warning("%s was released unsigned; versions are never moved: bump the version to sign it", tag)
     commit = t.git("rev-list", "-n", "1", tag).stdout.strip()
     git_pushed = False
     origin = _git_remote(t)
@@ -300,6 +323,7 @@ def release(
         git_pushed,
         mlflow_version,
         mlflow_created,
+        key_id,
     )
 
 

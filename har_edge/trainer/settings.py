@@ -117,6 +117,11 @@ class ReleaseSettings(_Section):
     registry: str = Field("", description="git working repository holding models/<name>.dvc (path)")
     remote: str = Field("", description="DVC remote URL (absolute) the model files are pushed to")
     timeout_s: float = Field(600.0, gt=0, description="bound on each git/dvc call")
+    signing_key: str = Field(
+        "",
+        description="file of the ed25519 private key releases are signed with (`har-train keygen`); "
+        "empty: $HAR_TRAIN_SIGNING_KEY, else the release is unsigned",
+    )
 
 
 class Settings(_Section):

@@ -969,7 +969,7 @@ def _row_layout_messages(cells: Sequence[object]) -> tuple[str | None, dict[str,
     if len(cells) < 3 or str(cells[0]).strip() != "Data":
         return None, {}
     msg = str(cells[2]).strip()
-    if msg not in _BY_MESSAGE:
+    if msg not in _BY_MESSAGE and msg not in _WATCH_MESSAGES:
         return msg, {}
     fields: dict[str, tuple[object, str]] = {}
     for i in range(3, len(cells) - 1, 3):
@@ -981,11 +981,32 @@ def _row_layout_messages(cells: Sequence[object]) -> tuple[str | None, dict[str,
 
 _Message = tuple[str, str, tuple[object, ...]]  # (where, sensor, (ts, ms, off, x, y, z))
 
+#: FitCSVTool messages naming the watch, and the fields of them kept in ``meta["device"]`` / ``meta["devices"]``
+_WATCH_MESSAGES = ("file_id", "device_info")
+_WATCH_FIELDS = {"manufacturer": "manufacturer", "product": "product", "garmin_product": "product_name",
+                 "serial_number": "serial_number", "software_version": "software_version"}  # fmt: skip
 
-def _fitcsv_messages(path: Path, row_layout: bool, cols: dict[str, _Cols], others: set[str]) -> Iterator[_Message]:
+
+def _watch_meta(msg: str, fields: dict[str, tuple[object, str]], meta: dict[str, Any]) -> None:
+    """Keep the watch's manufacturer, product, serial and firmware of a file_id / device_info row."""
+    found = {
+        k: str(fields[f][0]).strip() for f, k in _WATCH_FIELDS.items() if f in fields and str(fields[f][0]).strip()
+    }
+    if not found:
+        return
+    if msg == "file_id":
+        meta.setdefault("device", found)
+    elif len(meta.setdefault("devices", [])) < 8:
+        meta["devices"].append(found)
+
+
+def _fitcsv_messages(
+    path: Path, row_layout: bool, cols: dict[str, _Cols], others: set[str], meta: dict[str, Any] | None = None
+) -> Iterator[_Message]:
     """The accelerometer and gyroscope message rows of a FitCSVTool CSV, fields checked.
 
-    Names of other messages (-b layout) are added to ``others`` (at most 50).
+    Names of other messages (-b layout) are added to ``others`` (at most 50); the watch's
+    file_id and device_info fields to ``meta`` when given.
     """
     with _open_table(path) as t:
         for n, cells in t.rows:
@@ -993,6 +1014,8 @@ def _fitcsv_messages(path: Path, row_layout: bool, cols: dict[str, _Cols], other
             if row_layout:
                 msg, fields = _row_layout_messages(cells)
                 sensor = _BY_MESSAGE.get(msg or "")
+                if msg in _WATCH_MESSAGES and meta is not None:
+                    _watch_meta(msg, fields, meta)
                 if sensor is None:
                     if msg and len(others) < 50:
                         others.add(msg)
@@ -1023,13 +1046,15 @@ def _cell(cells: Sequence[object], i: int | None) -> object:
     return cells[i] if i is not None and i < len(cells) else None
 
 
-def _scan_fitcsv(path: Path, row_layout: bool, cols: dict[str, _Cols]) -> tuple[set[str], set[str]]:
+def _scan_fitcsv(
+    path: Path, row_layout: bool, cols: dict[str, _Cols], meta: dict[str, Any] | None = None
+) -> tuple[set[str], set[str]]:
     """Which sensors have rows (the first accelerometer row is parsed, so a bad file fails now),
-    and the names of other messages seen."""
+    and the names of other messages seen (the watch's messages before them go to ``meta``)."""
     present: set[str] = set()
     others: set[str] = set()
     probe = _Builder(path, ACCEL, _Clock(path, {}))
-    for where, sensor, values in _fitcsv_messages(path, row_layout, cols, others):
+    for where, sensor, values in _fitcsv_messages(path, row_layout, cols, others, meta):
         if sensor == ACCEL and ACCEL not in present:
             probe.add(where, *values[:6])
             probe.take()
@@ -1085,7 +1110,8 @@ def decode_fitcsv(path: Path, name: str) -> Recording:
         return decode_study_tables(path, None, name)
     row_layout = _is_row_layout(header)
     cols = {} if row_layout else {s: _find_cols(path, header, s) for s in SENSORS}
-    present, others = _scan_fitcsv(path, row_layout, cols)
+    watch: dict[str, Any] = {}
+    present, others = _scan_fitcsv(path, row_layout, cols, watch)
     if ACCEL not in present:
         hsa = sorted(m for m in others if m.startswith("hsa_"))
         hint = (
@@ -1096,7 +1122,7 @@ def decode_fitcsv(path: Path, name: str) -> Recording:
         seen = f" (messages: {', '.join(sorted(others)[:12])})" if others else ""
         raise NoImuData(f"{path.name}: no accelerometer_data rows{seen}{hint}")
     has_gyro = GYRO in present
-    meta: dict[str, Any] = {"layout": "fitcsv_rows" if row_layout else "fitcsv_data", "file": str(path)}
+    meta: dict[str, Any] = {"layout": "fitcsv_rows" if row_layout else "fitcsv_data", "file": str(path), **watch}
     log.info("%s: FitCSVTool %s layout%s", path.name, meta["layout"], "" if has_gyro else " (no gyroscope)")
     return Recording(
         name=name,

@@ -23,7 +23,7 @@ from har_edge.agent.decode.fit.chunks import guarded, iter_chunks
 from har_edge.agent.decode.fit.container import FastPathUnsupported, FileIdentity, Verified
 from har_edge.agent.decode.fit.meta import recording_meta
 from har_edge.agent.decode.fit.plan import plan
-from har_edge.agent.decode.fit.profile import MESG_DEVICE_INFO, MESG_FILE_ID
+from har_edge.agent.decode.fit.profile import MESG_ACTIVITY, MESG_DEVICE_INFO, MESG_DEVICE_SETTINGS, MESG_FILE_ID
 from har_edge.agent.decode.fit.sdk import decode_sdk
 from har_edge.agent.decode.types import Chunk, Recording
 from har_edge.agent.errors import CorruptFile, InputError
@@ -119,6 +119,8 @@ def _decode_fast(path: Path, name: str, verified: Verified | None) -> Recording:
         imu.gyro.source if imu.gyro else None,
         imu.correlation_ms,
         imu.notes,
+        device_settings=[v for _, v in index.small.get(MESG_DEVICE_SETTINGS, [])],
+        activities=[v for _, v in index.small.get(MESG_ACTIVITY, [])],
     )
     meta["skipped_messages"] = imu.accel.skipped_records + (imu.gyro.skipped_records if imu.gyro else 0)
     if index.compressed_records:

@@ -18,12 +18,20 @@ SDK_VERSION = "21.218.0"
 
 ACCEL, GYRO = "accel", "gyro"
 MESG_FILE_ID, MESG_DEVICE_INFO = 0, 23
+MESG_DEVICE_SETTINGS, MESG_ACTIVITY = 2, 34  # where a file says its local time (time_offset, local_timestamp)
 MESG_TIMESTAMP_CORRELATION, MESG_GYRO, MESG_ACCEL, MESG_CALIBRATION = 162, 164, 165, 167
 MESG_HSA_ACCEL, MESG_HSA_GYRO = 302, 376
 #: IMU messages and the sensor each one carries
 IMU_MESGS = {MESG_ACCEL: ACCEL, MESG_HSA_ACCEL: ACCEL, MESG_GYRO: GYRO, MESG_HSA_GYRO: GYRO}
 #: non-IMU messages decoded record by record (there are only a few of them)
-SMALL_MESGS = (MESG_FILE_ID, MESG_DEVICE_INFO, MESG_TIMESTAMP_CORRELATION, MESG_CALIBRATION)
+SMALL_MESGS = (
+    MESG_FILE_ID,
+    MESG_DEVICE_INFO,
+    MESG_TIMESTAMP_CORRELATION,
+    MESG_CALIBRATION,
+    MESG_DEVICE_SETTINGS,
+    MESG_ACTIVITY,
+)
 #: the field number of ``timestamp`` in every message
 FIT_FIELD_TIMESTAMP = 253
 

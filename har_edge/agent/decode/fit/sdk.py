@@ -23,8 +23,10 @@ from har_edge.agent.decode.fit.profile import (
     ACCEL,
     GYRO,
     IMU_MESGS,
+    MESG_ACTIVITY,
     MESG_CALIBRATION,
     MESG_DEVICE_INFO,
+    MESG_DEVICE_SETTINGS,
     MESG_FILE_ID,
     MESG_TIMESTAMP_CORRELATION,
     SMALL_MESGS,
@@ -234,6 +236,8 @@ def decode_sdk(path: Path, name: str, verified: Verified | None = None) -> Recor
         gyro_source,
         corr,
         notes,
+        device_settings=[_named_to_nums(m, MESG_DEVICE_SETTINGS) for _, m in collector.small[MESG_DEVICE_SETTINGS]],
+        activities=[_named_to_nums(m, MESG_ACTIVITY) for _, m in collector.small[MESG_ACTIVITY]],
     )
     accel_seqs, accel_samples = per_kind[ACCEL]
     gyro_seqs, gyro_samples = per_kind.get(GYRO, ([], []))
