@@ -147,8 +147,8 @@ class Registry:
             args += ["--remote-config", f"url={self.remote_url}"]
         env = self.env
         if self.endpoint_url:
-            # botocore's own variable, not `--remote-config endpointurl=`: inside another DVC project dvc get
-            # merges --remote-config into that project's cache remote and refuses the key
+            # botocore's own variable, not `--remote-config endpointurl=`: dvc get merges --remote-config into
+            # whichever remote it settles on (measured: another project's cache, which refuses the key)
             env = {**self.env, "AWS_ENDPOINT_URL_S3": self.endpoint_url}
         self.site_cache.mkdir(parents=True, exist_ok=True)
         try:
