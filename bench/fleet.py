@@ -317,7 +317,7 @@ def check_push(
     counts = target.metric_counts([f["run_id"] for f in all_files if f["run_id"]])
     points_differ = sum(1 for f in all_files if f["run_id"] and counts.get(f["run_id"], 0) != f["points"])
     csvs = target.artifact_count()
-    log_hits = Counter()
+    log_hits: Counter[str] = Counter()
     for path in target.server_logs:
         try:
             text = path.read_text(errors="replace")
