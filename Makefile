@@ -7,7 +7,7 @@ DATA_DIR ?= var
 PIP_FLAGS ?= --disable-pip-version-check -q
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help run sync ui lint test test-fast test-legacy-runtime test-podman fuzz train release bench chaos central image image-mlflow demo clean
+.PHONY: help run sync ui lint test test-fast test-legacy-runtime test-podman fuzz train release bench bench-fleet chaos central image image-mlflow demo clean
 
 help:
 	@echo "make run     start the agent and the sync daemon on embedded defaults, data in ./$(DATA_DIR)"
@@ -17,6 +17,7 @@ help:
 	@echo "make test    install everything the tests need and run all of them"
 	@echo "make train   retrain the default model from UCI HAPT (dvc repro)"
 	@echo "make bench   run the benchmarks and print the table"
+	@echo "make bench-fleet  50 simulated devices against the central stack (FLEET_N=10: a few minutes)"
 	@echo "make fuzz    long structure-aware fuzzing of FIT/CSV/xlsx/zip (hours; FUZZ_SCALE, FUZZ_RUNS)"
 	@echo "make chaos   the long fault-injection run: 200+ kill -9, server outages, slow copies (~15 min)"
 	@echo "make image   build the edge container image with podman (docker/build.sh edge)"
@@ -112,6 +113,13 @@ fuzz: $(BIN)/.dev
 # `make bench BENCH_ARGS=--write-docs` publishes the figures (refused while the machine is busy unless BENCH_FORCE=1)
 bench: $(BIN)/.dev
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# FLEET_N devices push to the central stack at once, then pull a release from S3; the same push against
+# MLflow on SQLite (docs/benchmarks.md "Fleet"). Outboxes filled once under build/fleet-fixture/.
+# A few minutes with FLEET_N=10; FLEET_FILES, FLEET_MINUTES, FLEET_WORKERS, FLEET_AUTH_CACHE_TTL
+FLEET_N ?= 50
+bench-fleet: $(BIN)/.dev
+	FLEET_N=$(FLEET_N) $(BIN)/python -m bench.fleet $(FLEET_ARGS)
 
 # the long fault-injection run (tests/test_faults.py is the short one); CHAOS_ARGS="--seed 7 --pause-s 2"
 chaos: $(BIN)/.dev

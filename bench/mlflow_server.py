@@ -25,8 +25,9 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, workers: int = 1) -> None:
         self.root = Path(root)
+        self.workers = workers
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -42,7 +43,7 @@ class MlflowServer:
             str(mlflow), "server",
             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
             "--artifacts-destination", str(self.root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
         ]  # fmt: skip
         # job execution starts worker processes nobody here uses (tests/conftest.py: 62 s -> 26 s to /health)
         env = dict(os.environ, MLFLOW_ENABLE_ARTIFACTS_PROXY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")

@@ -208,13 +208,7 @@ def check_registry(settings: Settings, *, fetch: bool = True) -> Result:
         from har_edge.sync.registry import Registry
     except ImportError as exc:
         return Result("registry", WARN, f"the sync packages are not installed ({exc})", "pip install 'har-edge[edge]'")
-    reg = Registry(
-        s.registry,
-        s.model_name,
-        data_dir=settings.data_dir,
-        timeout_s=s.command_timeout_s,
-        remote_url=s.registry_remote_url,
-    )
+    reg = Registry.from_settings(settings)
     try:
         releases = reg.releases()
     except RegistryError as exc:

@@ -190,6 +190,12 @@ class SyncSettings(_Section):
     registry_remote_url: str | None = Field(
         None, description="DVC storage URL to use instead of the registry's default remote (dvc get --remote-config)"
     )
+    dvc_remote_endpoint: str | None = Field(
+        None,
+        description="endpoint of an S3-compatible store (http[s]://host:port) holding an s3:// DVC remote, "
+        "given to dvc get as AWS_ENDPOINT_URL_S3 (an endpointurl in the registry's committed DVC config wins); "
+        "keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS credentials file, never this URL",
+    )
     model_name: str = Field(
         "har-cnn",
         min_length=1,
@@ -267,6 +273,20 @@ class SyncSettings(_Section):
         description="file failures that cannot be the model's fault and do not count against it "
         "(comma-separated in HAR_EDGE_SYNC__HEALTH_IGNORED_ERROR_KINDS)",
     )
+
+    @field_validator("dvc_remote_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("an http:// or https:// URL (the S3 endpoint, e.g. http://10.0.0.5:8333)")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("carries credentials: give the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead")
+        return v.strip()
 
     @field_validator("raw_store")
     @classmethod

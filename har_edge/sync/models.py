@@ -82,13 +82,7 @@ class ModelManager:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = outbox or Outbox(settings.outbox_path)
         if registry is None and self.sync.registry:
-            registry = Registry(
-                self.sync.registry,
-                self.sync.model_name,
-                data_dir=settings.data_dir,
-                timeout_s=self.sync.command_timeout_s,
-                remote_url=self.sync.registry_remote_url,
-            )
+            registry = Registry.from_settings(settings)
         self.registry = registry
         self.trust = TrustStore.from_settings(settings)  # sync.trusted_keys / revoked_keys (ConfigError)
 

@@ -15,11 +15,15 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from har_edge.common.proc import CommandTimeout, dvc_command, redact, run, tool_env
 from har_edge.common.releases import model_path, tag_name, tag_prefix
 from har_edge.common.versions import VersionKey, parse_version
 from har_edge.sync.errors import RegistryError, RegistryUnreachable
+
+if TYPE_CHECKING:
+    from har_edge.agent.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +65,39 @@ def parse_ls_remote(text: str, name: str) -> list[Release]:
 
 
 class Registry:
-    def __init__(self, url: str, name: str, *, data_dir: Path, timeout_s: float, remote_url: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        *,
+        data_dir: Path,
+        timeout_s: float,
+        remote_url: str | None = None,
+        endpoint_url: str | None = None,
+    ) -> None:
         self.url = url
         self.name = name
         self.timeout_s = timeout_s
         self.remote_url = remote_url
+        #: an S3-compatible store's endpoint (the keys stay in the AWS variables of the environment)
+        self.endpoint_url = endpoint_url
         self.env = tool_env(Path(data_dir) / ".dvc-site-cache")
         self.site_cache = Path(self.env["DVC_SITE_CACHE_DIR"])
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Registry:
+        """The registry ``sync.registry`` names, with the DVC remote overrides of the sync settings."""
+        s = settings.sync
+        if not s.registry:
+            raise RegistryError("no registry configured (sync.registry)")
+        return cls(
+            s.registry,
+            s.model_name,
+            data_dir=settings.data_dir,
+            timeout_s=s.command_timeout_s,
+            remote_url=s.registry_remote_url,
+            endpoint_url=s.dvc_remote_endpoint,
+        )
 
     @property
     def display(self) -> str:
@@ -107,12 +137,22 @@ class Registry:
         """Download ``models/<name>`` at the release's tag into ``dest`` (which must not exist)."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        args = [*dvc_command(), "get", self.url, model_path(self.name), "--rev", release.tag, "-o", str(dest)]
+        source = self.url
+        if "://" not in source and Path(source).exists():
+            # a local path as a file:// URL: given a bare path inside another DVC project, dvc get takes that
+            # project's cache (and config) for the registry's remote and fails
+            source = Path(source).resolve().as_uri()
+        args = [*dvc_command(), "get", source, model_path(self.name), "--rev", release.tag, "-o", str(dest)]
         if self.remote_url:
             args += ["--remote-config", f"url={self.remote_url}"]
+        env = self.env
+        if self.endpoint_url:
+            # botocore's own variable, not `--remote-config endpointurl=`: dvc get merges --remote-config into
+            # whichever remote it settles on (measured: another project's cache, which refuses the key)
+            env = {**self.env, "AWS_ENDPOINT_URL_S3": self.endpoint_url}
         self.site_cache.mkdir(parents=True, exist_ok=True)
         try:
-            res = run(args, timeout_s=self.timeout_s, env=self.env, cwd=dest.parent)
+            res = run(args, timeout_s=self.timeout_s, env=env, cwd=dest.parent)
         except CommandTimeout as exc:
             raise RegistryUnreachable(
                 f"fetching {release.tag} from {self.display}: {exc}: the DVC remote may be unreachable "
