@@ -101,10 +101,9 @@ def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bo
     S = "3 sync"
     root = SCRATCH / "sync"
     shutil.rmtree(root, ignore_errors=True)
-    settings = load_settings(
-        env={}, data_dir=root, device_id="bench-device",
-        sync={"tracking_uri": server.url, "request_timeout_s": 60, "experiment": "bench"},
-    )  # fmt: skip
+    sync = {"tracking_uri": server.url, "request_timeout_s": 60, "experiment": "bench"}
+    # the points' delivery is measured without the MLflow pages (their plots and tables are timed apart below)
+    settings = load_settings(env={}, data_dir=root, device_id="bench-device", sync={**sync, "pages": False})
     outbox = Outbox(settings.outbox_path)
     files, queued = fill_outbox(outbox, points)
     pusher = Pusher(settings, outbox)
@@ -149,6 +148,17 @@ def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bo
     if push.files_finished != files or push.points < queued:
         report.notes.append(f"sync: {push.summary()} (expected {files} files, {queued} points)")
 
+    # the same files' pages (timeline, activity table, description, daily runs), as a pass with pages on draws them
+    from har_edge.sync.push import PushReport
+
+    paged = Pusher(load_settings(env={}, data_dir=root, device_id="bench-device", sync=sync), outbox)
+    t0 = time.perf_counter()
+    paged.pages.push(PushReport())
+    pages_s = time.perf_counter() - t0
+    child = paged.pages.last_render
+    child_mb = f"{child.peak_rss_kb / 1024:.0f} MB" if child is not None and child.peak_rss_kb else "n/a"
+    paged.close()
+
     # baselines on the same server, now
     exp = pusher.experiment_id()
     run_id = client.create_run(exp, tags={"bench": "log_metric"}).info.run_id
@@ -175,6 +185,9 @@ def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bo
                     f"in them), {in_artifacts['s']:.1f} s uploading CSVs, "
                     f"{push_s - in_batches['s'] - in_artifacts['s']:.1f} s "
                     "in everything else (outbox reads and marks, runs, params)")  # fmt: skip
+    report.add(S, f"MLflow pages of those {files} files (sync.pages, a plot child process)", f"{pages_s:.1f} s",
+               note=f"timelines, activity tables, descriptions and the daily runs, after the push above; the plot "
+                    f"child's peak RSS {child_mb}, apart from sync's")  # fmt: skip
     report.add(S, "one log_metric call per point", f"{fmt(single_rate)} points/s",
                ratio=f"push {push_rate / single_rate:.0f}x",
                note=f"{n_single} calls; {fmt(queued / single_rate / 60)} min "
@@ -184,7 +197,8 @@ def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bo
                     "after, in runs of their own, no sync logic")  # fmt: skip
     report.raw["sync"] = {
         "files": files, "queued": queued, "delivered": delivered, "push_s": push_s, "report": push.summary(),
-        "metric_batches": in_batches, "artifacts": in_artifacts, "single": {"n": n_single, "s": single_s},
+        "metric_batches": in_batches, "pages_s": pages_s, "artifacts": in_artifacts,
+        "single": {"n": n_single, "s": single_s},
         "raw": {"before": [n_before, s_before], "after": [n_after, s_after]},
         "server_start_s": server.started_s,
     }  # fmt: skip

@@ -382,16 +382,19 @@ class Outbox:
             names = [
                 r.label for r in conn.execute(select(labels).where(labels.c.file_id == file_id).order_by(labels.c.idx))
             ]
-            rows = conn.execute(
+            result = conn.execution_options(stream_results=True).execute(
                 select(windows.c.start_ms, windows.c.probs).where(windows.c.file_id == file_id).order_by(windows.c.idx)
-            ).all()
-        starts = np.array([r.start_ms for r in rows], dtype=np.int64)
-        probs = (
-            np.frombuffer(b"".join(r.probs for r in rows), dtype="<f4").reshape(len(rows), -1)
-            if rows
-            else np.empty((0, len(names)), np.float32)
-        )
-        return names, starts, probs
+            )
+            # a day is 43,200 rows: read a few thousand at a time into arrays, never a list of all the rows
+            start_parts: list[np.ndarray] = []
+            prob_parts: list[np.ndarray] = []
+            for part in result.partitions(4096):
+                start_parts.append(np.fromiter((r[0] for r in part), dtype=np.int64, count=len(part)))
+                prob_parts.append(np.frombuffer(b"".join(r[1] for r in part), dtype="<f4"))
+        if not start_parts:
+            return names, np.empty(0, np.int64), np.empty((0, len(names)), np.float32)
+        starts = np.concatenate(start_parts)
+        return names, starts, np.concatenate(prob_parts).reshape(len(starts), -1)
 
     def file_metrics(self, file_id: int | None) -> list[MetricPoint]:
         cond = metrics.c.file_id.is_(None) if file_id is None else metrics.c.file_id == file_id

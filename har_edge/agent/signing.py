@@ -28,11 +28,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+if TYPE_CHECKING:  # cryptography (7 MB resident) is imported only where keys are read or signatures checked
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from har_edge.agent.errors import ConfigError, SignatureError
 from har_edge.common.hashing import sha256_file
@@ -81,6 +80,8 @@ def key_id(public: Ed25519PublicKey) -> str:
 
 
 def raw_public(public: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -90,10 +91,14 @@ def public_text(public: Ed25519PublicKey) -> str:
 
 
 def public_pem(public: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def private_pem(private: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -107,6 +112,9 @@ def is_inline_key(text: str) -> bool:
 
 def parse_public_key(text: str | bytes, *, source: str = "public key") -> Ed25519PublicKey:
     """An ed25519 public key from PEM (SubjectPublicKeyInfo) or base64 of its 32 raw bytes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     data = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
     data = data.strip()
     try:
@@ -133,6 +141,9 @@ def parse_private_key(data: str | bytes, *, source: str) -> Ed25519PrivateKey:
 
     Errors name ``source`` (a file or a variable), never any of the key's bytes.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     raw = data.encode("ascii", "replace") if isinstance(data, str) else bytes(data)
     raw = raw.strip()
     try:
@@ -245,6 +256,8 @@ def _shape_problem(doc: Any) -> str:
 
 def check_signature(sig: Signature, public: Ed25519PublicKey) -> None:
     """SignatureError unless ``sig`` is ``public``'s signature over its payload."""
+    from cryptography.exceptions import InvalidSignature
+
     try:
         public.verify(sig.signature, canonical(sig.payload))
     except InvalidSignature:
