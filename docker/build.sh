@@ -33,6 +33,8 @@
 # WITH_GIT=0 / BYTECODE=0 (edge image build arguments, see Dockerfile.edge),
 # ARCH (same as --arch).
 set -euo pipefail
+# the whole script is one block, read before it runs: editing this file during a build cannot derail it
+{
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${CACHE:-$ROOT/.cache/podman}
@@ -278,3 +280,5 @@ t1=$(date +%s.%N)
 size=$(podman image inspect --format '{{.Size}}' "$tag")
 awk -v tag="$tag" -v size="$size" -v t0="$t0" -v t1="$t1" \
   'BEGIN { printf "image %s size %.0f bytes (%.0f MB) build %.1f s\n", tag, size, size / 1e6, t1 - t0 }'
+exit 0
+}

@@ -65,7 +65,7 @@ def podman() -> Podman:
     res = _build("edge", "--arch", "arm64", "--tag", IMAGE_ARM64)
     p = Podman(dict(os.environ, CONTAINERS_CONF=str(CACHE / "containers.conf")), IMAGE_ARM64, res.stdout.strip())
     yield p
-    for n in p.names:
+    for n in reversed(p.names):
         p("rm", "-f", "-t", "0", n, check=False)
 
 

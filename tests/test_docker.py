@@ -91,7 +91,7 @@ def podman() -> Podman:
     print(res.stdout.strip())
     p = Podman(dict(os.environ, CONTAINERS_CONF=str(CACHE / "containers.conf")), IMAGE, res.stdout.strip())
     yield p
-    for n in p.names:
+    for n in reversed(p.names):  # a container joined to another's network goes first
         p("rm", "-f", "-t", "0", n, check=False)
 
 
@@ -505,7 +505,8 @@ def test_prometheus_container_scrapes_the_agent_container(podman: Podman, promet
         f"monitoring: first scrape {first_scrape_s:.1f} s after Prometheus started, the processed file counted "
         f"{processed_s:.1f} s after the drop; test {time.monotonic() - t_start:.1f} s"
     )
-    podman("rm", "-f", "-t", "0", prom, agent)
+    podman("rm", "-f", "-t", "0", prom)  # first: it uses the agent's network namespace
+    podman("rm", "-f", "-t", "0", agent)
 
 
 # -- the trainer image (optional: TensorFlow is large) -------------------------------------------------------
