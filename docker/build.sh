@@ -269,6 +269,9 @@ extra=(--platform "linux/$arch")
 # the Dockerfiles take their wheels from .cache/podman/wheels/$WHEELS/ of the build context
 [ "$target" = edge ] && extra+=(--build-arg "WHEELS=$wheel_dir")
 [ -n "${WITH_GIT:-}" ] && extra+=(--build-arg "WITH_GIT=$WITH_GIT")
+# Under qemu-user 7.2 (bookworm) `har-edge health` (LiteRT running the golden windows) dies with
+# SIGSEGV in the BYTECODE=1 warm-up step: a foreign build leaves the warm-up out unless asked for it
+[ "$foreign" = 1 ] && BYTECODE=${BYTECODE:-0}
 [ -n "${BYTECODE:-}" ] && extra+=(--build-arg "BYTECODE=$BYTECODE")
 [ "$target" = mlflow ] && extra+=(--build-arg "MLFLOW_VERSION=$mlflow_version")
 say "podman build $tag (BASE=$base)"
