@@ -64,6 +64,20 @@ def podman() -> Podman:
     _build("edge", "--tag", IMAGE)
     res = _build("edge", "--arch", "arm64", "--tag", IMAGE_ARM64)
     p = Podman(dict(os.environ, CONTAINERS_CONF=str(CACHE / "containers.conf")), IMAGE_ARM64, res.stdout.strip())
+    # LiteRT's interpreter under this qemu first: when qemu cannot run it, say so at once instead of waiting
+    # for an export that the agent never processes
+    load = (
+        "from ai_edge_litert.interpreter import Interpreter; from har_edge.agent.model import BUNDLED_MODEL_DIR; "
+        "Interpreter(model_path=str(BUNDLED_MODEL_DIR / 'model.tflite')).allocate_tensors(); print('loaded')"
+    )
+    probe = ("run", "--rm", "--network", "none", "-e", f"QEMU_CPU={QEMU_CPU}", IMAGE_ARM64, "python3", "-c", load)
+    res = p(*probe, check=False, timeout=600)
+    if "loaded" not in res.stdout:
+        qemu = subprocess.run(["qemu-aarch64-static", "--version"], capture_output=True, text=True).stdout
+        pytest.fail(
+            f"LiteRT's Interpreter does not load in the arm64 image under {qemu.splitlines()[0] if qemu else 'qemu'}"
+            f" (exit {res.returncode}): {(res.stdout + res.stderr).strip()[-800:]}"
+        )
     yield p
     for n in reversed(p.names):
         p("rm", "-f", "-t", "0", n, check=False)
