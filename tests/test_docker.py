@@ -91,7 +91,7 @@ def podman() -> Podman:
     print(res.stdout.strip())
     p = Podman(dict(os.environ, CONTAINERS_CONF=str(CACHE / "containers.conf")), IMAGE, res.stdout.strip())
     yield p
-    for n in p.names:
+    for n in reversed(p.names):  # a container joined to another's network goes first
         p("rm", "-f", "-t", "0", n, check=False)
 
 
@@ -384,6 +384,129 @@ def test_sync_once_pulls_verifies_and_activates_a_release_inside_the_image(podma
     assert read_pointer(data / "models") == version, res.stdout + res.stderr[-3000:]
     health = podman("run", "--rm", *args, podman.image, "har-edge", "health", check=False)
     assert health.returncode == 0 and version in health.stdout, health.stdout + health.stderr[-2000:]
+
+
+# -- the monitoring profile: Prometheus (Debian's package) scraping the agent container -----------------------
+
+PROMETHEUS_IMAGE = "localhost/har-prometheus:test"
+
+
+@pytest.fixture(scope="module")
+def prometheus_image(podman: Podman) -> str:
+    """docker/Dockerfile.prometheus on the same debootstrap base, built by docker/build.sh."""
+    res = subprocess.run(
+        [str(BUILD), "prometheus", "--tag", PROMETHEUS_IMAGE], capture_output=True, text=True, timeout=1200
+    )
+    assert res.returncode == 0, f"docker/build.sh prometheus failed:\n{res.stderr[-5000:]}"
+    print(res.stdout.strip())
+    return PROMETHEUS_IMAGE
+
+
+def _prom_query(podman: Podman, container: str, query: str) -> list[dict]:
+    """Prometheus's /api/v1/query, asked from inside `container` (the agent's network namespace)."""
+    fetch = (
+        "import sys, urllib.parse, urllib.request; "
+        "q = urllib.parse.urlencode({'query': sys.argv[1]}); "
+        "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:9090/api/v1/query?' + q, timeout=5).read().decode())"
+    )
+    res = podman("exec", container, "python3", "-c", fetch, query, check=False)
+    if res.returncode != 0:
+        return []
+    body = json.loads(res.stdout)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _wait_for_value(podman: Podman, container: str, query: str, want, timeout: float = 75) -> float:
+    t0, last = time.monotonic(), None
+    while time.monotonic() - t0 < timeout:
+        last = _prom_query(podman, container, query)
+        if last and want(float(last[0]["value"][1])):
+            return time.monotonic() - t0
+        time.sleep(1)
+    raise AssertionError(f"Prometheus: {query} never reached the expected value in {timeout} s; last answer {last}")
+
+
+def test_prometheus_image_configuration(podman: Podman, prometheus_image: str):
+    (cfg,) = json.loads(podman("image", "inspect", prometheus_image).stdout)
+    assert cfg["Config"]["User"] == "prometheus"
+    assert cfg["Healthcheck"]["Test"][:3] == ["CMD", "promtool", "query"]
+    assert "/prometheus" in cfg["Config"]["Volumes"]
+    version = podman("run", "--rm", "--network", "none", prometheus_image, "prometheus", "--version").stdout
+    assert "prometheus, version 2.42" in version, version
+    # measured 238 MB (base 128); 450 MB with moment-timezone's raw tz data, which the build removes
+    assert cfg["Size"] < 300e6, f"the Prometheus image grew to {cfg['Size'] / 1e6:.0f} MB"
+
+
+def test_prometheus_container_scrapes_the_agent_container(podman: Podman, prometheus_image: str, tmp_path):
+    """The compose monitoring profile's two containers, with the shipped docker/monitoring/prometheus.yml.
+
+    Prometheus joins the agent's network namespace (`--network container:`), itself without a network
+    (`--network=none`), and finds the scrape target `agent:9464` through a mounted /etc/hosts naming the
+    loopback `agent`: on podman's CNI backend here there is no DNS between containers (compose gives that
+    name through its network). Prometheus's query API is asked from inside the agent container.
+    """
+    from fitgen import write_imu_fit
+
+    from har_edge.common.hashing import export_sha256
+
+    t_start = time.monotonic()
+    data = data_volume(tmp_path / "data")
+    agent = podman.name("mon-agent")
+    env = {"HAR_EDGE_HTTP__ADDRESS": "0.0.0.0:9464", "HAR_EDGE_AGENT__SETTLE_S": "0.5"}
+    podman("run", "-d", "--name", agent, *podman.run_args(data, env=env), podman.image)
+    podman.wait_for_log(agent, "watching /data/inbox")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost agent\n")
+    hosts.chmod(0o644)
+    prom = podman.name("prometheus")
+    podman(
+        "run", "-d", "--name", prom, "--network", f"container:{agent}", "--read-only",
+        "-v", f"{hosts}:/etc/hosts:ro", prometheus_image,
+    )  # fmt: skip
+    first_scrape_s = _wait_for_value(podman, agent, 'up{job="har-edge", instance="agent:9464"}', lambda v: v == 1)
+    assert _prom_query(podman, agent, 'har_edge_files_total{status="processed"}')[0]["value"][1] == "0"
+
+    export = tmp_path / "walk.fit"
+    write_imu_fit(export, rate_hz=50, seconds=60, start=datetime(2025, 3, 24, 7, 52, 19, tzinfo=UTC))
+    staged = data / "walk.fit.part"
+    shutil.copyfile(export, staged)
+    if os.geteuid() == 0:
+        os.chown(staged, UID, UID)
+    os.rename(staged, data / "inbox" / "walk.fit")
+    # the file is counted by the next scrape (every 15 s, docker/monitoring/prometheus.yml)
+    processed_s = _wait_for_value(podman, agent, 'har_edge_files_total{status="processed"}', lambda v: v == 1)
+    with outbox_copy(data, tmp_path / "ob") as ob:
+        rec = ob.processed_file(export_sha256([export]))
+        assert rec is not None and rec.windows > 0
+    _wait_for_value(podman, agent, "har_edge_windows_total", lambda v: v == rec.windows)
+    info = _prom_query(podman, agent, "har_edge_model_info")
+    assert info and info[0]["metric"]["version"], info
+
+    # the image's HEALTHCHECK, and the agent's readiness check of docker/compose.yaml (/readyz)
+    health = podman("healthcheck", "run", prom, check=False, timeout=60)
+    assert health.returncode == 0, health.stdout + health.stderr
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    check = compose["services"]["agent"]["healthcheck"]["test"]
+    assert check[0] == "CMD" and "/readyz" in check[-1], check
+    ready = podman("exec", agent, *check[1:], check=False)
+    assert ready.returncode == 0, ready.stdout + ready.stderr
+    assert compose["services"]["prometheus"]["profiles"] == ["monitoring"]
+    # the classic UI still has the moment-timezone file it loads (the build drops only the raw tz data)
+    probe = (
+        "import urllib.request as u; "
+        "[u.urlopen('http://127.0.0.1:9090' + p, timeout=5) for p in "
+        "('/graph', '/classic/static/moment-timezone/moment-timezone-with-data.min.js')]"
+    )
+    assert podman("exec", agent, "python3", "-c", probe, check=False).returncode == 0
+    print(
+        f"monitoring: first scrape {first_scrape_s:.1f} s after Prometheus started, the processed file counted "
+        f"{processed_s:.1f} s after the drop; test {time.monotonic() - t_start:.1f} s"
+    )
+    podman("rm", "-f", "-t", "0", prom)  # first: it uses the agent's network namespace
+    podman("rm", "-f", "-t", "0", agent)
 
 
 # -- the trainer image (optional: TensorFlow is large) -------------------------------------------------------
