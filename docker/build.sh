@@ -124,6 +124,43 @@ if [ "$foreign" = 1 ] && [ ! -e "/proc/sys/fs/binfmt_misc/qemu-$qemu" ]; then
   say "binfmt_misc: qemu-$qemu enabled"
 fi
 
+# LiteRT's Interpreter segfaults or hangs under bookworm's qemu-user 7.2 (every QEMU_CPU tried);
+# qemu-user 10 runs it. Its Debian package (trixie's) ships static binaries: as root, when the
+# registered interpreter is older than 8, this fetches that one package from the Debian mirror,
+# checks its sha256, keeps its qemu-$qemu under $CACHE/qemu/ and registers it (flags FP) in place
+# of the old one. Nothing is installed into the system and no apt source is added.
+QEMU_DEB=qemu-user_10.0.13+ds-0+deb13u1_amd64.deb
+QEMU_DEB_SHA256=ca6ede739327a20ae5a3498230c8a3a9a072c586e131bc6bcc1201eb1725e336
+if [ "$foreign" = 1 ]; then
+  interp=$(sed -n 's/^interpreter //p' "/proc/sys/fs/binfmt_misc/qemu-$qemu")
+  qver=$(QEMU_VERSION_PROBE=1 "$interp" --version 2>/dev/null | sed -n 's/.*version \([0-9][0-9]*\)\..*/\1/p' | head -1)
+  if [ "${qver:-0}" -lt 8 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+      say "binfmt_misc runs qemu-$qemu ${qver:-older than 8}, under which LiteRT crashes: as root this script" \
+        "registers qemu-user 10 from Debian trixie (package $QEMU_DEB)"
+      exit 3
+    fi
+    qdir="$CACHE/qemu"
+    mkdir -p "$qdir"
+    if [ ! -x "$qdir/qemu-$qemu" ]; then
+      mirror_q=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\([^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)}
+      url="${mirror_q:-http://deb.debian.org/debian}/pool/main/q/qemu/${QEMU_DEB/_10/_1%3a10}"
+      say "fetching $url"
+      curl -fsSL -o "$qdir/$QEMU_DEB" "$url" || { say "could not fetch $url"; exit 3; }
+      echo "$QEMU_DEB_SHA256  $qdir/$QEMU_DEB" | sha256sum -c --quiet - \
+        || { say "$QEMU_DEB: sha256 mismatch, refused"; rm -f "$qdir/$QEMU_DEB"; exit 3; }
+      rm -rf "$qdir/x" && mkdir "$qdir/x" && dpkg-deb -x "$qdir/$QEMU_DEB" "$qdir/x"
+      install -m 755 "$qdir/x/usr/bin/qemu-$qemu" "$qdir/qemu-$qemu" && rm -rf "$qdir/x" "$qdir/$QEMU_DEB"
+    fi
+    entry=$(cat "/proc/sys/fs/binfmt_misc/qemu-$qemu")
+    magic=$(sed -n 's/^magic //p' <<<"$entry" | sed 's/../\\x&/g')
+    mask=$(sed -n 's/^mask //p' <<<"$entry" | sed 's/../\\x&/g')
+    echo -1 >"/proc/sys/fs/binfmt_misc/qemu-$qemu"
+    printf ':qemu-%s:M::%s:%s:%s:FP\n' "$qemu" "$magic" "$mask" "$qdir/qemu-$qemu" >/proc/sys/fs/binfmt_misc/register
+    say "binfmt_misc: qemu-$qemu is now $("$qdir/qemu-$qemu" --version | head -1)"
+  fi
+fi
+
 # -- 2. podman settings ---------------------------------------------------------------
 mkdir -p "$CACHE"
 export CONTAINERS_CONF="$CACHE/containers.conf"
