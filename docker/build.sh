@@ -133,7 +133,7 @@ QEMU_DEB=qemu-user_10.0.13+ds-0+deb13u1_amd64.deb
 QEMU_DEB_SHA256=ca6ede739327a20ae5a3498230c8a3a9a072c586e131bc6bcc1201eb1725e336
 if [ "$foreign" = 1 ]; then
   interp=$(sed -n 's/^interpreter //p' "/proc/sys/fs/binfmt_misc/qemu-$qemu")
-  qver=$(QEMU_VERSION_PROBE=1 "$interp" --version 2>/dev/null | sed -n 's/.*version \([0-9][0-9]*\)\..*/\1/p' | head -1)
+  qver=$({ "$interp" --version 2>/dev/null || true; } | sed -n 's/.*version \([0-9][0-9]*\)\..*/\1/p' | head -1)
   if [ "${qver:-0}" -lt 8 ]; then
     if [ "$(id -u)" -ne 0 ]; then
       say "binfmt_misc runs qemu-$qemu ${qver:-older than 8}, under which LiteRT crashes: as root this script" \
@@ -144,7 +144,7 @@ if [ "$foreign" = 1 ]; then
     mkdir -p "$qdir"
     if [ ! -x "$qdir/qemu-$qemu" ]; then
       mirror_q=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\([^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)}
-      url="${mirror_q:-http://deb.debian.org/debian}/pool/main/q/qemu/${QEMU_DEB/_10/_1%3a10}"
+      url="${mirror_q:-http://deb.debian.org/debian}/pool/main/q/qemu/$QEMU_DEB"
       say "fetching $url"
       curl -fsSL -o "$qdir/$QEMU_DEB" "$url" || { say "could not fetch $url"; exit 3; }
       echo "$QEMU_DEB_SHA256  $qdir/$QEMU_DEB" | sha256sum -c --quiet - \
