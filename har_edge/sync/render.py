@@ -179,6 +179,9 @@ def main(argv: list[str]) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
+    # titles carry file names: a name with two "$" in it must print as it is, not be parsed as TeX math
+    # (which would also need the math fonts the edge image leaves out)
+    matplotlib.rcParams["text.parse_math"] = False
     done: list[str] = []
     failed: dict[str, str] = {}
     for job in jobs:
