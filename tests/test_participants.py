@@ -585,7 +585,26 @@ def test_erasure_holds_while_the_agent_and_sync_daemons_run(mlflow_server, tmp_p
 
         # the agent is held (SIGSTOP) with long.fit in work/ until forget has asked: it is in flight for sure
         assert wait(lambda: (data / "work" / "P01" / "long.fit").exists() and in_flight() == 1, 60)
-        procs[0].send_signal(signal.SIGSTOP)
+
+        def stop_outside_a_write() -> None:
+            """SIGSTOP the agent, but not inside one of its (short) outbox commits: a process frozen while it
+            holds the write lock would block every writer, which no real agent does for long."""
+            for _ in range(100):
+                procs[0].send_signal(signal.SIGSTOP)
+                con = sqlite3.connect(data / "outbox.sqlite", timeout=0.2)
+                try:
+                    con.execute("BEGIN IMMEDIATE")
+                    con.rollback()
+                    return
+                except sqlite3.OperationalError:
+                    procs[0].send_signal(signal.SIGCONT)
+                    time.sleep(0.05)
+                finally:
+                    con.close()
+            raise AssertionError("the agent held the outbox's write lock at every one of 100 tries")
+
+        stop_outside_a_write()
+        assert in_flight() == 1 and (data / "work" / "P01" / "long.fit").exists()
         fg = subprocess.Popen(
             [sys.executable, "-m", "har_edge.cli", "forget", "P01", "--json", "--wait", "120"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -378,14 +378,14 @@ class Pages:
         # a participant's daily run carries the tag `har-edge forget` deletes runs by
         tags = {runs.DEVICE: daily.value} if daily.key == "device" else summary_tags(daily.value)
         run_id, created = self.pusher._run(
-            f"finding the daily run of {daily.key} {daily.value}",
+            f"finding the daily run of {_label(daily)}",
             identity,
             tags=tags,
             run_name=f"daily {daily.key} {daily.value}",
             start_time=daily.start_ms,
         )
         if created:
-            log.info("created the daily run %s of %s %s", run_id, daily.key, daily.value)
+            log.info("created the daily run %s of %s", run_id, _label(daily))
         return run_id
 
     def _deliver_daily(self, daily: Daily, png: str, tmp: Path, result: RenderResult, report: PushReport) -> bool:
@@ -397,7 +397,7 @@ class Pages:
         table.write_text(daily.table(), encoding="utf-8")
         try:
             run_id = self._daily_run(daily)
-            self._upload(run_id, table, f"uploading the daily table of {daily.key} {daily.value}")
+            self._upload(run_id, table, f"uploading the daily table of {_label(daily)}")
             self._set_tags(
                 run_id,
                 {
@@ -407,21 +407,27 @@ class Pages:
                     "har.daily.files": str(daily.files),
                     "har.local_time_source": ", ".join(sorted(daily.sources)),
                 },
-                f"setting the daily description of {daily.key} {daily.value}",
+                f"setting the daily description of {_label(daily)}",
             )
             if drawn:
                 plot = folder / DAILY_PLOT_ARTIFACT
                 (tmp / png).rename(plot)
-                self._upload(run_id, plot, f"uploading the daily plot of {daily.key} {daily.value}")
+                self._upload(run_id, plot, f"uploading the daily plot of {_label(daily)}")
             p = self.pusher
             p._call(
-                f"finishing the daily run of {daily.key} {daily.value}",
+                f"finishing the daily run of {_label(daily)}",
                 p.client.set_terminated,
                 run_id,
                 "FINISHED",
                 end_time=daily.end_ms,
             )
         except ServerRejected as exc:
-            self.pusher._refuse("daily", None, f"daily run of {daily.key} {daily.value}", exc, report)
+            self.pusher._refuse("daily", None, f"daily run of {_label(daily)}", exc, report)
             return True
         return drawn
+
+
+def _label(daily: Daily) -> str:
+    """How logs and errors name a daily run: the device by its id, a participant never by theirs (an erased
+    participant must not stay behind in a log; the run id says which run it was)."""
+    return f"{daily.key} {daily.value}" if daily.key == "device" else f"a {daily.key}"
