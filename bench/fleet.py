@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, SCRATCH, fitgen
+from har_edge.central.stack import tree_cpu
 
 log = logging.getLogger(__name__)
 
@@ -131,27 +132,6 @@ def outbox_points(data_dir: Path) -> tuple[int, int]:
 
 
 # -- CPU of a server's process tree --------------------------------------------------------------------
-
-
-def tree_cpu(pid: int | None) -> float:
-    """CPU seconds (user + system) of ``pid``, its live descendants and the children they reaped."""
-    import psutil
-
-    if not pid:
-        return 0.0
-    try:
-        top = psutil.Process(pid)
-        procs = [top, *top.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
 
 
 # -- one push phase ----------------------------------------------------------------------------------

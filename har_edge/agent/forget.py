@@ -24,14 +24,11 @@ Every step is idempotent: forgetting twice, or a participant that never was, rem
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +55,7 @@ from har_edge.agent.retention import REASON_SUFFIX
 from har_edge.agent.settings import Settings
 from har_edge.agent.watcher import SYNC_PUSH_LOCK, held_elsewhere
 from har_edge.common.hashing import export_sha256
+from har_edge.common.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -134,30 +132,16 @@ class ForgetReport:
 # -- locking ---------------------------------------------------------------------------------------
 
 
-@contextmanager
-def push_lock(data_dir: Path, timeout_s: float) -> Iterator[None]:
+def push_lock(data_dir: Path, timeout_s: float) -> contextlib.AbstractContextManager[None]:
     """Hold sync's push lock (the one ``har-edge sync`` takes for a push pass): no push runs meanwhile."""
-    path = Path(data_dir) / SYNC_PUSH_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ForgetError(
-                        f"{path} is held by a sync push for over {timeout_s:.0f} s: try again, or stop "
-                        "`har-edge sync run` while forgetting"
-                    ) from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+
+    def busy(path: Path, waited_s: float) -> Exception:
+        return ForgetError(
+            f"{path} is held by a sync push for over {waited_s:.0f} s: try again, or stop "
+            "`har-edge sync run` while forgetting"
+        )
+
+    return file_lock(Path(data_dir) / SYNC_PUSH_LOCK, timeout_s, busy)
 
 
 # -- requests ---------------------------------------------------------------------------------------

@@ -54,10 +54,12 @@ class StackOptions:
     bucket: str = DEFAULT_BUCKET
 
 
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of a process, its live descendants, and the children it already reaped."""
+def tree_cpu(pid: int | None) -> float:
+    """CPU seconds of a process, its live descendants, and the children it already reaped (0: no process)."""
     import psutil
 
+    if not pid:
+        return 0.0
     try:
         top = psutil.Process(pid)
         procs = [top, *top.children(recursive=True)]
@@ -228,7 +230,7 @@ class CentralStack:
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds used so far by each service's process tree (reaped children included)."""
-        return {name: (_tree_cpu(pid) if pid else 0.0) for name, pid in self.pids().items()}
+        return {name: (tree_cpu(pid) if pid else 0.0) for name, pid in self.pids().items()}
 
     def write_state(self) -> Path:
         """``stack.json``: URLs, ports, pids and where the secrets are (none of their values)."""
