@@ -203,6 +203,20 @@ def _pk(result: CursorResult[Any]) -> int:
     return int(key[0])
 
 
+def last_file_summary(row: Any) -> dict[str, Any] | None:
+    """What ``status`` shows of the newest file (a ``files`` row; None: there is none)."""
+    if row is None:
+        return None
+    return {
+        "name": row.name,
+        "status": row.status,
+        "windows": row.windows,
+        "processed_ms": row.processed_ms,
+        "model_version": row.model_version,
+        "error": row.error_message,
+    }
+
+
 class Outbox:
     """The outbox of one device. Safe to open from the agent and the sync daemon at once."""
 
@@ -440,16 +454,7 @@ class Outbox:
             "metric_points_pending": backlog.points,
             "deployments_pending": backlog.deployments,
             "oldest_pending_ms": backlog.oldest_ms,
-            "last_file": None
-            if last is None
-            else {
-                "name": last.name,
-                "status": last.status,
-                "windows": last.windows,
-                "processed_ms": last.processed_ms,
-                "model_version": last.model_version,
-                "error": last.error_message,
-            },
+            "last_file": last_file_summary(last),
         }
 
     def recent_files(self, n: int = 10, participant: str | None = None) -> list[dict[str, Any]]:

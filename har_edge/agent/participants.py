@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import case, func, select
 
-from har_edge.agent.outbox import PENDING_FILE, PENDING_POINT, Outbox, files, metrics
+from har_edge.agent.outbox import PENDING_FILE, PENDING_POINT, Outbox, files, last_file_summary, metrics
 from har_edge.common.states import FileStatus
 
 
@@ -85,15 +85,6 @@ def participant_status(outbox: Outbox, participant: str, recent: int) -> dict[st
         "files_pending_delivery": int(n_files),
         "windows_pending_delivery": int(n_windows or 0),
         "metric_points_pending": int(n_points or 0),
-        "last_file": None
-        if last is None
-        else {
-            "name": last.name,
-            "status": last.status,
-            "windows": last.windows,
-            "processed_ms": last.processed_ms,
-            "model_version": last.model_version,
-            "error": last.error_message,
-        },
+        "last_file": last_file_summary(last),
         "recent_files": outbox.recent_files(recent, participant=participant),
     }
