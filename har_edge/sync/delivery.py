@@ -12,7 +12,7 @@ disappears silently.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,18 +81,31 @@ class Delivery:
         with self.outbox.engine.connect() as conn:
             return conn.execute(select(deployments).where(PENDING_DEPLOYMENT).order_by(deployments.c.id)).all()
 
-    def iter_windows(self, file_id: int, rows: int = 4096) -> Iterator[tuple[NDArray[np.int64], NDArray[np.float32]]]:
-        """A file's (start_ms, probabilities) in runs of ``rows`` windows, read as they are consumed."""
-        q = select(windows.c.start_ms, windows.c.probs).where(windows.c.file_id == file_id).order_by(windows.c.idx)
-        with self.outbox.engine.connect() as conn:
-            result = conn.execute(q)
-            while True:
-                part = result.fetchmany(rows)
-                if not part:
-                    return
-                starts = np.fromiter((r[0] for r in part), dtype=np.int64, count=len(part))
-                probs = np.frombuffer(b"".join(r[1] for r in part), dtype="<f4").reshape(len(part), -1)
-                yield starts, probs.astype(np.float32)
+    def iter_windows(
+        self, file_id: int, rows: int = 4096
+    ) -> Generator[tuple[NDArray[np.int64], NDArray[np.float32]], None, None]:
+        """A file's (start_ms, probabilities) in runs of ``rows`` windows, read as they are consumed.
+
+        Each run is its own short read (the outbox begins every transaction IMMEDIATE): between two runs the
+        outbox is free for writers, the agent's and this pass's marks, however slowly the runs are consumed."""
+        after = -1
+        while True:
+            q = (
+                select(windows.c.idx, windows.c.start_ms, windows.c.probs)
+                .where(windows.c.file_id == file_id, windows.c.idx > after)
+                .order_by(windows.c.idx)
+                .limit(rows)
+            )
+            with self.outbox.engine.connect() as conn:
+                part = conn.execute(q).all()
+            if not part:
+                return
+            after = part[-1][0]
+            starts = np.fromiter((r[1] for r in part), dtype=np.int64, count=len(part))
+            probs = np.frombuffer(b"".join(r[2] for r in part), dtype="<f4").reshape(len(part), -1)
+            yield starts, probs.astype(np.float32)
+            if len(part) < rows:
+                return
 
     def file_labels(self, file_id: int) -> list[str]:
         with self.outbox.engine.connect() as conn:

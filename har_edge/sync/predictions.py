@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Generator, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +58,19 @@ def write_predictions_csv_parts(
     path: Path, label_names: Sequence[str], parts: Iterable[tuple[np.ndarray, np.ndarray]]
 ) -> int:
     """The same CSV from runs of (start_ms, probs), written as they come: memory follows one run, not the file."""
+    return deque(iter_write_predictions_csv(path, label_names, parts), maxlen=1)[0]
+
+
+def iter_write_predictions_csv(
+    path: Path, label_names: Sequence[str], parts: Iterable[tuple[np.ndarray, np.ndarray]]
+) -> Generator[int, None, None]:
+    """:func:`write_predictions_csv_parts` one run at a time: yields the rows written so far after each run
+    (and once after the header), so a caller can do other work in between; the file is complete when it ends."""
     names = [_csv_field(x) for x in label_names]
     n = 0
     with open(path, "w", newline="", encoding="utf-8") as f:
         f.write(_header(label_names))
+        yield n
         for starts, probs in parts:
             if len(probs) == 0:
                 continue
@@ -68,4 +78,4 @@ def write_predictions_csv_parts(
                 raise ValueError(f"{len(names)} labels but probabilities of shape {probs.shape}")
             f.write(_rows(names, starts, probs))
             n += len(probs)
-    return n
+            yield n

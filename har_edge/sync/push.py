@@ -28,24 +28,23 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from har_edge.agent import __version__
 from har_edge.agent.acknowledged import custody_backlog
-from har_edge.agent.forget import withheld
 from har_edge.agent.outbox import MetricPoint, Outbox, now_ms
 from har_edge.agent.settings import Settings
 from har_edge.sync import runs
 from har_edge.sync.delivery import Delivery, PendingPoint
 from har_edge.sync.errors import ServerAccessDenied, ServerRejected, SyncError
+from har_edge.sync.filepipe import FilePipeline
+from har_edge.sync.filepipe import RunGone as _RunGone
 from har_edge.sync.locks import file_lock
 from har_edge.sync.mlflow_client import Target, ensure_experiment, make_client, resolve_target
 from har_edge.sync.pagepush import Pages
 from har_edge.sync.participant_tags import file_run_tags
-from har_edge.sync.predictions import ARTIFACT_NAME, write_predictions_csv_parts
 from har_edge.sync.retry import translate
 from har_edge.sync.state import KnownModel, active_manifest, known_models
 
@@ -67,7 +66,6 @@ HEARTBEAT_KEYS = (
     "disk_free_mb",
 )  # the active model is the device run's tag har.active_model_version ("name version"), never a number
 MAX_TAG_VALUE = 5000
-MAX_BATCH_ITEMS = 1000  # MLflow's cap on metrics + params + tags in one log_batch
 
 
 @dataclass
@@ -101,10 +99,6 @@ class PushReport:
         if self.refused:
             parts.append(f"{len(self.refused)} refused by the server")
         return ", ".join(parts)
-
-
-class _RunGone(Exception):
-    """The run of a file no longer accepts data (deleted on the server)."""
 
 
 class _FileRow(Protocol):
@@ -165,7 +159,6 @@ class Pusher:
         self._last_heartbeat_ms: int | None = None
         self._known: dict[str, KnownModel] | None = None
         self.pages = Pages(self)  # timelines, tables, descriptions and daily runs
-        self._pool: ThreadPoolExecutor | None = None
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -225,19 +218,11 @@ class Pusher:
             self.maybe_heartbeat(now)
             backlog = self.delivery.backlog()
             if backlog["points"] or backlog["files"] or backlog["deployments"]:
-                try:
-                    self._push_device(report, stop)
-                    self._push_deployments(report, stop)
-                    self._push_retrain_requests(report, stop)
-                    for f in self.delivery.pending_files(limit=max_files):
-                        if stop is not None and stop.is_set():
-                            report.stopped = True
-                            break
-                        if withheld(self.outbox, f.id):  # its participant is being forgotten: never sent
-                            continue
-                        self._push_file(f, report, stop)
-                finally:
-                    self.close()
+                self._push_device(report, stop)
+                self._push_deployments(report, stop)
+                self._push_retrain_requests(report, stop)
+                if not self._stopped(stop, report):  # the files, pipelined: har_edge.sync.filepipe
+                    FilePipeline(self, report, stop).push(self.delivery.pending_files(limit=max_files))
             self.pages.push(report, stop)
             self._reclaim(now)
             report.backlog = self.delivery.backlog()
@@ -453,140 +438,8 @@ class Pusher:
             )
         return {k: v for k, v in params.items() if v}
 
-    def _push_file(self, f: _FileRow, report: PushReport, stop: threading.Event | None) -> None:
-        run_id, created = f.run_id, False
-        if run_id is None:
-            run_id, created = self._run(
-                f"finding or creating the run of {f.name}",
-                self._file_identity(f),
-                tags=self._file_tags(f),
-                run_name=f.name,
-                start_time=self.pages.start_ms(f),  # the recording's span, not when it was processed
-            )
-            self.delivery.set_run_id(f.id, run_id)  # before anything else: no retry may create a second one
-            if created:
-                report.runs_created += 1
-                log.debug("created run %s for %s", run_id, f.name)
-            else:  # made by an interrupted pass (or by hand): make sure of its descriptive tags
-                self._send_tags(run_id, self._file_tags(f), f"the tags of {f.name}", f.id)
-        try:
-            if not (created and self._params_with_first_points(f, run_id, report)):
-                self._push_params(f, run_id, report)
-            self._stream_points(run_id, f, report, stop)
-            if self._stopped(stop, report):
-                return
-            if f.artifact_delivered_ms is None:
-                self._push_artifact(f, run_id, report)
-            if self.delivery.pending_points(f.id, 1):
-                return
-            try:
-                self._call(
-                    f"finishing the run of {f.name}",
-                    self.client.set_terminated,
-                    run_id,
-                    "FINISHED",
-                    end_time=self.pages.end_ms(f),
-                )
-            except ServerRejected as exc:
-                self._refuse("finish", f.id, f"run {run_id}", exc, report)
-            self.delivery.mark_finished(f.id)
-            report.files_finished += 1
-        except _RunGone as exc:
-            msg = (
-                f"the run {run_id} of {f.name} no longer accepts data ({exc}); it was probably deleted on the "
-                "server: the file's remaining results are given up (listed in sync_refusals)"
-            )
-            log.error("%s", msg)
-            self.delivery.refuse_file(f.id, msg)
-            report.refused.append(f"file {f.name}")
-
-    def _stream_points(self, run_id: str, f: _FileRow, report: PushReport, stop: threading.Event | None) -> None:
-        """A file's pending points in ``log_batch`` chunks, pipelined: while one chunk's request is in flight
-        (in the sender thread), the previous chunk is marked and the next one read from the outbox.
-
-        A chunk is marked only once the server acknowledged it; an error in a request is raised here after
-        the chunks before it were marked, as without the pipeline.
-        """
-        what = f"metric points of {f.name}"
-        acked: tuple[list[PendingPoint], list[tuple[PendingPoint, str]]] | None = None
-        pts = self.delivery.pending_points(f.id, self.sync.batch_size)
-        try:
-            while pts and not self._stopped(stop, report):
-                request = self._sender().submit(self._send_points, run_id, pts, what)
-                if acked is not None:
-                    self._mark(*acked, f.id, report)
-                    acked = None
-                nxt = self.delivery.pending_points(f.id, self.sync.batch_size, after_id=pts[-1].id)
-                acked = request.result()
-                pts = nxt
-        finally:
-            if acked is not None:
-                self._mark(*acked, f.id, report)
-
-    def _sender(self) -> ThreadPoolExecutor:
-        """The one thread that sends ``log_batch`` requests while this one reads and marks the outbox."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="har-edge-sync-send")
-        return self._pool
-
     def close(self) -> None:
-        """Stop the sender thread (a pass starts it again when needed)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def _params_with_first_points(self, f: _FileRow, run_id: str, report: PushReport) -> bool:
-        """On a run just created (it has no params to conflict with) params ride with the first points.
-
-        Saves a request per file. False when that batch was refused: then params and points go apart.
-        """
-        from mlflow.entities import Metric, Param
-
-        params = [Param(k, v) for k, v in self._file_params(f).items()]
-        pts = self.delivery.pending_points(f.id, min(self.sync.batch_size, MAX_BATCH_ITEMS - len(params)))
-        try:
-            self._call(
-                f"logging the params and {len(pts)} metric points of {f.name}",
-                self.client.log_batch,
-                run_id,
-                metrics=[Metric(p.key, p.value, p.timestamp_ms, p.step) for p in pts],
-                params=params,
-            )
-        except ServerRejected:
-            return False
-        self._mark(pts, [], f.id, report)
-        return True
-
-    def _push_params(self, f: _FileRow, run_id: str, report: PushReport) -> None:
-        if self.delivery.refused("params", f.id):
-            return
-        from mlflow.entities import Param
-
-        params = [Param(k, v) for k, v in self._file_params(f).items()]
-        try:
-            self._call(f"logging the params of {f.name}", self.client.log_batch, run_id, params=params)
-        except ServerRejected as exc:
-            if self._run_gone(run_id):
-                raise _RunGone(str(exc)) from exc
-            self._refuse("params", f.id, f"params of {f.name}", exc, report)
-
-    def _push_artifact(self, f: _FileRow, run_id: str, report: PushReport) -> None:
-        if f.windows:
-            names = self.delivery.file_labels(f.id)
-            tmp_root = Path(self.settings.data_dir) / ".sync-tmp"
-            tmp_root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
-                path = Path(tmp) / ARTIFACT_NAME
-                # streamed from the outbox a few thousand rows at a time: no whole-file arrays or lists
-                write_predictions_csv_parts(path, names, self.delivery.iter_windows(f.id))
-                try:
-                    self._call(f"uploading the predictions of {f.name}", self.client.log_artifact, run_id, str(path))
-                    report.artifacts += 1
-                except ServerRejected as exc:
-                    if self._run_gone(run_id):
-                        raise _RunGone(str(exc)) from exc
-                    self._refuse("artifact", f.id, f"predictions of {f.name}", exc, report)
-        self.delivery.mark_artifact(f.id)
+        """Nothing to release: a pass's sending threads end with it (:mod:`har_edge.sync.filepipe`)."""
 
     # -- points --------------------------------------------------------------------------
 
