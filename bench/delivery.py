@@ -4,7 +4,8 @@ The outbox is filled the way the agent fills it: files of 24 h of windows
 (43,200 windows, ~10,100 points each: per-file summary and per-minute series).
 One ``Pusher.push`` pass (the sync daemon's) delivers them: per file a run
 found or created by tags, params, the points in ``log_batch`` requests of
-``har_edge.sync.batch_size``, the per-window CSV artifact, FINISHED. Against the same
+``har_edge.sync.batch_size``, the per-window CSV artifact, FINISHED (the
+per-file requests in a lane of their own beside the points, ``har_edge.sync.filepipe``). Against the same
 server in the same run: one ``log_metric`` call per point (a few hundred,
 extrapolated) and raw ``log_batch`` of 1000 points (the ceiling).
 """
@@ -182,9 +183,9 @@ def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bo
                note=f"{push_s:.1f} s for runs, params, points, {push.artifacts} per-window CSVs "
                     f"({fmt(files * 43_200)} rows) and FINISHED: {in_batches['s']:.1f} s in {in_batches['calls']} "
                     f"metric log_batch calls ({fmt(in_batches['points'] / max(in_batches['s'], 1e-9))} points/s while "
-                    f"in them), {in_artifacts['s']:.1f} s uploading CSVs, "
-                    f"{push_s - in_batches['s'] - in_artifacts['s']:.1f} s "
-                    "in everything else (outbox reads and marks, runs, params)")  # fmt: skip
+                    f"in them; the points lane idle {max(push_s - in_batches['s'], 0.0):.1f} s), "
+                    f"{in_artifacts['s']:.1f} s uploading CSVs beside them (har_edge.sync.filepipe: runs, CSVs and "
+                    "FINISHED overlap the points)")  # fmt: skip
     report.add(S, f"MLflow pages of those {files} files (sync.pages, a plot child process)", f"{pages_s:.1f} s",
                note=f"timelines, activity tables, descriptions and the daily runs, after the push above; the plot "
                     f"child's peak RSS {child_mb}, apart from sync's")  # fmt: skip

@@ -19,7 +19,7 @@ from har_edge.sync.push import Pusher
 
 
 def _settings(data_dir, uri: str | None, batch: int = 25):
-    sync = {"batch_size": batch, "request_timeout_s": 30}
+    sync = {"batch_size": batch, "request_timeout_s": 30, "pages": False}  # the files only: no pages after them
     if uri is not None:
         sync |= {"tracking_uri": uri, "experiment": f"test-{uuid.uuid4().hex[:8]}"}
     return load_settings(env={}, data_dir=data_dir, device_id=f"dev-{uuid.uuid4().hex[:6]}", sync=sync)
