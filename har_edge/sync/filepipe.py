@@ -241,44 +241,44 @@ class FilePipeline:
         what = f"metric points of {f.name}"
         batch = p.sync.batch_size
         params = p._file_params(f)
-        mode: Literal["with", "apart", "skip"] = "with" if job.created else "apart"
-        if mode == "apart" and p.delivery.refused("params", f.id):
-            mode = "skip"
         fallback: Literal["apart", "skip"] = "skip" if p.delivery.refused("params", f.id) else "apart"
+        mode: Literal["with", "apart", "skip"] = "with" if job.created else fallback
         limit = min(batch, MAX_BATCH_ITEMS - len(params)) if mode == "with" else batch
         pts = p.delivery.pending_points(f.id, limit)
         inflight: deque[asyncio.Future[_Acked | _First]] = deque()
         first = mode != "skip"  # params go even when no point is left (a pass cut after the points)
-        while True:
-            while (pts or first) and len(inflight) < POINTS_AHEAD and not job.gone and not self._halted():
-                chunk = pts
-                send: Callable[[], _Acked | _First]
-                if first:
-                    send = functools.partial(self._send_first, job, chunk, params, mode, fallback, what)
-                    first = False
-                else:
-                    send = functools.partial(p._send_points, job.run_id, chunk, what)
-                inflight.append(self.lanes.call("points", send))
-                pts = p.delivery.pending_points(f.id, batch, after_id=chunk[-1].id) if chunk else []
-            if not inflight:
-                return
-            try:
-                answer = await inflight.popleft()
-            except RunGone as exc:
-                self._give_up(job, exc)
-                continue
-            except BaseException:
-                for rest in inflight:  # skipped (the lane failed) or answered: nothing more to mark
-                    with contextlib.suppress(BaseException):
-                        await rest
-                raise
-            if job.gone:
-                continue
-            if isinstance(answer, _First):
-                if answer.params_refused is not None:
-                    p._refuse("params", f.id, f"params of {f.name}", answer.params_refused, self.report)
-                answer = (answer.ok, answer.bad)
-            p._mark(*answer, f.id, self.report)
+        try:
+            while True:
+                while (pts or first) and len(inflight) < POINTS_AHEAD and not job.gone and not self._halted():
+                    chunk = pts
+                    send: Callable[[], _Acked | _First]
+                    if first:
+                        send = functools.partial(self._send_first, job, chunk, params, mode, fallback, what)
+                        first = False
+                    else:
+                        send = functools.partial(p._send_points, job.run_id, chunk, what)
+                    inflight.append(self.lanes.call("points", send))
+                    pts = p.delivery.pending_points(f.id, batch, after_id=chunk[-1].id) if chunk else []
+                if not inflight:
+                    return
+                try:
+                    answer = await inflight.popleft()
+                except RunGone as exc:
+                    self._give_up(job, exc)
+                    continue
+                if job.gone:
+                    continue
+                if isinstance(answer, _First):
+                    if answer.params_refused is not None:
+                        p._refuse("params", f.id, f"params of {f.name}", answer.params_refused, self.report)
+                    answer = (answer.ok, answer.bad)
+                p._mark(*answer, f.id, self.report)
+        except BaseException as exc:
+            self.lanes.fail(exc)  # nothing more is sent; what is in flight is answered before the pass ends
+            for rest in inflight:  # skipped, or answered and left unmarked: sent again next pass, stored once
+                with contextlib.suppress(BaseException):
+                    await rest
+            raise
 
     def _send_first(
         self,
