@@ -17,6 +17,7 @@ from sync_helpers import (
     restore_mlflow_env,  # noqa: F401 - autouse fixture
     sqlite_ids,
 )
+from trainer_helpers import git, registry_repo
 
 from har_edge.agent.modelstore import read_pointer
 from har_edge.agent.settings import load_settings
@@ -44,27 +45,12 @@ def _no_aws_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def _git(cwd: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.name=trainer", "-c", "user.email=trainer@example.org", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-
-
 @pytest.fixture
 def registry(tmp_path):
     """The trainer's registry working repo (its origin a bare repo the devices read) and trainer settings."""
     from har_edge.trainer.settings import load_settings as trainer_settings
 
-    origin = tmp_path / "origin.git"
-    _git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
-    repo = tmp_path / "registry"
-    _git(tmp_path, "init", "-q", "-b", "main", str(repo))
-    _git(repo, "remote", "add", "origin", str(origin))
-    _git(repo, "commit", "-q", "--allow-empty", "-m", "model registry")
+    repo, origin = registry_repo(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(
         f"data:\n  cache_dir: {tmp_path / 'cache'}\nmlflow:\n  tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\n"
@@ -139,7 +125,7 @@ def test_a_release_to_s3_is_pulled_verified_and_activated(s3, registry, tmp_path
         subprocess.run([*dvc, opt, value], cwd=repo, check=True, capture_output=True)
     r1, _ = _release(ts, tmp_path, repo, V1, remote)
     assert r1.created
-    assert s3.secret_key not in _git(repo, "show", "HEAD:.dvc/config")
+    assert s3.secret_key not in git(repo, "show", "HEAD:.dvc/config")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
     mm = _device(tmp_path, origin, s3.endpoint, "dev-s3-b", inside_dvc_project=True)

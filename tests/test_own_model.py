@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sync_helpers import restore_mlflow_env  # noqa: F401 - fixture
-from trainer_helpers import git, write_study_pair
+from trainer_helpers import git, registry_repo, write_study_pair
 
 from har_edge.agent.channels import ACCEL_MS2_PER_G, ChannelMap
 from har_edge.agent.errors import ChecksumMismatch, ManifestError
@@ -294,12 +294,7 @@ def test_release_sync_and_the_agent_run_the_imported_model(imported, study, tmp_
     from har_edge.agent.settings import load_settings
     from har_edge.sync.models import ModelManager
 
-    origin = tmp_path / "origin.git"
-    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
-    repo = tmp_path / "registry"
-    git(tmp_path, "init", "-q", "-b", "main", str(repo))
-    git(repo, "remote", "add", "origin", str(origin))
-    git(repo, "commit", "-q", "--allow-empty", "-m", "model registry")
+    repo, origin = registry_repo(tmp_path)
     args = [
         "--set", f"mlflow.tracking_uri={study.tracking_uri}",
         "--set", f"data.cache_dir={study.root / 'cache'}",
