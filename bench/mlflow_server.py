@@ -74,8 +74,10 @@ class MlflowServer:
         self._ready.set()
 
     def wait(self) -> None:
+        """Wait for ``/health``; a server that never answered is stopped, so no orphan outlives the caller."""
         self._ready.wait()
         if self._error:
+            self.stop()
             raise RuntimeError(self._error)
 
     def start(self) -> None:
