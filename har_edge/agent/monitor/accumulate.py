@@ -146,8 +146,8 @@ class MonitorAccumulator:
         a = self._n_sub
         if scaled.dtype == np.float32 and scaled.flags.c_contiguous:
             size = scaled[0].nbytes
-            src = memoryview(scaled).cast("B")
-            dst = memoryview(buf).cast("B")
+            src = scaled.data.cast("B")
+            dst = buf.data.cast("B")
             at = a * size
             for j in range(first, n, DRIFT_STRIDE):
                 dst[at : at + size] = src[j * size : (j + 1) * size]
