@@ -99,7 +99,8 @@ class MonitorAccumulator:
         self.keep = keep_windows
         self.kept: np.ndarray | None = None
         self.kept_idx: np.ndarray | None = None
-        self._rng = np.random.default_rng(seed)
+        self._seed = seed
+        self._rng: np.random.Generator | None = None  # made at the first reservoir draw (it costs ~40 us)
 
     def end_recording(self) -> None:
         """The next window starts another recording: no flip is counted across."""
@@ -137,8 +138,8 @@ class MonitorAccumulator:
         m = len(range(first, n, DRIFT_STRIDE))
         buf = self._sub_buf
         if buf is None or buf.shape[1:] != rest or self._n_sub + m > len(buf):
-            # grown as needed (a short file's stays small: a new buffer's pages cost a fault each on first write)
-            cap = max(self._n_sub + m, min(2 * len(buf) if buf is not None else 0, FLUSH_WINDOWS // DRIFT_STRIDE + m))
+            # a flush's worth at once: np.empty maps pages lazily, so a short file touches only what it fills
+            cap = max(self._n_sub + m, FLUSH_WINDOWS // DRIFT_STRIDE + m)
             grown = np.empty((cap, *rest), np.float32)
             if buf is not None and self._n_sub:
                 grown[: self._n_sub] = buf[: self._n_sub]
@@ -198,6 +199,8 @@ class MonitorAccumulator:
                 self.kept[seen] = scaled[j]
                 self.kept_idx[seen] = seen  # type: ignore[index]
             else:
+                if self._rng is None:
+                    self._rng = np.random.default_rng(self._seed)
                 r = int(self._rng.integers(0, seen + 1))
                 if r < self.keep:
                     self.kept[r] = scaled[j]  # type: ignore[index]
