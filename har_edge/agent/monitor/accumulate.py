@@ -8,6 +8,7 @@ sample of scaled windows (``keep_windows`` of them, reservoir sampling).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ from har_edge.agent.monitor.features import (
     feature_names,
     window_features,
 )
-from har_edge.agent.monitor.reference import Reference
+from har_edge.agent.monitor.reference import Histogram, Reference
 
 DRIFT_STRIDE = 4
 #: outputs buffered before the figures are updated (bounded: ~12 kB of outputs, a quarter as many windows)
@@ -264,35 +265,34 @@ class _Layout:
 _layouts: OrderedDict[tuple[int, tuple[str, ...]], tuple[Reference | None, _Layout]] = OrderedDict()
 
 
+def _present(
+    hists: Mapping[str, Histogram], names: list[str]
+) -> tuple[list[str], list[int], list[list[float]], list[list[float]]]:
+    """The ``names`` the reference has a histogram for: their names, columns, edges and shares."""
+    kept: list[str] = []
+    cols: list[int] = []
+    edges: list[list[float]] = []
+    share: list[list[float]] = []
+    for i, name in enumerate(names):
+        h = hists.get(name)
+        if h is not None:
+            kept.append(name)
+            cols.append(i)
+            edges.append(h.edges)
+            share.append(h.share)
+    return kept, cols, edges, share
+
+
 def _layout(reference: Reference | None, channels: tuple[str, ...]) -> _Layout:
     key = (id(reference), channels)
     hit = _layouts.get(key)
     if hit is not None and hit[0] is reference:
         _layouts.move_to_end(key)
         return hit[1]
-    names: list[str] = []
-    ft_names: list[str] = []
-    ch_cols: list[int] = []
-    ft_cols: list[int] = []
-    ch_edges: list[list[float]] = []
-    ft_edges: list[list[float]] = []
-    ch_share: list[list[float]] = []
-    ft_share: list[list[float]] = []
-    if reference is not None:
-        for i, name in enumerate(channels):
-            h = reference.input.channels.get(name)
-            if h is not None:
-                names.append(name)
-                ch_cols.append(i)
-                ch_edges.append(h.edges)
-                ch_share.append(h.share)
-        for i, name in enumerate(feature_names(list(channels))):
-            h = reference.features.features.get(name)
-            if h is not None:
-                ft_names.append(name)
-                ft_cols.append(i)
-                ft_edges.append(h.edges)
-                ft_share.append(h.share)
+    ch_hists = reference.input.channels if reference is not None else {}
+    ft_hists = reference.features.features if reference is not None else {}
+    names, ch_cols, ch_edges, ch_share = _present(ch_hists, list(channels))
+    ft_names, ft_cols, ft_edges, ft_share = _present(ft_hists, feature_names(list(channels)))
     lay = _Layout(
         names,
         ft_names,
