@@ -16,6 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from har_edge.common import telemetry
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -47,6 +49,7 @@ class MlflowServer:
         ]  # fmt: skip
         # job execution starts worker processes nobody here uses (tests/conftest.py: 62 s -> 26 s to /health)
         env = dict(os.environ, MLFLOW_ENABLE_ARTIFACTS_PROXY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        telemetry.opt_out(env)  # a bench run is no CI run to MLflow: it would report usage
         self._ready.clear()  # a restart (tests stop and start the same server) waits again
         self._error = None
         self._t0 = time.perf_counter()

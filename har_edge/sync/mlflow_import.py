@@ -24,6 +24,8 @@ import warnings
 from collections.abc import Sequence
 from types import ModuleType
 
+from har_edge.common import telemetry
+
 log = logging.getLogger(__name__)
 
 #: top-level packages MLflow imports only in case (datasets, signatures, evaluation), hidden while it starts
@@ -48,6 +50,7 @@ def import_mlflow() -> ModuleType:
     """``mlflow.tracking``, imported without its optional heavy dependencies (unless they are already loaded)."""
     if "mlflow.tracking" in sys.modules:
         return sys.modules["mlflow.tracking"]
+    telemetry.opt_out()  # read by MLflow's client when it is first imported
     hidden = [n for n in OPTIONAL + OPTIONAL_OF_LIBRARIES if n not in sys.modules]
     finder = _Hidden(hidden)
     sys.meta_path.insert(0, finder)
