@@ -64,7 +64,7 @@ ui: $(BIN)/.edge
 	echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"; \
 	echo "  open experiment 'har-edge', then the 'Runs' tab (MLflow 3 opens an experiment on its overview):"; \
 	echo "  one run per file (timeline.png, activity_summary.json under Artifacts), 'daily device ...' per device"; \
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec $(BIN)/mlflow ui --backend-store-uri "sqlite:///$$db" \
+	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec $(BIN)/mlflow ui --backend-store-uri "sqlite:///$$db" \
 	  --default-artifact-root "$$(dirname "$$db")/artifacts" --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 # retrain the default model from UCI HAPT (dvc repro) and bundle it into the agent

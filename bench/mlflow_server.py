@@ -16,6 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from har_edge.common import telemetry
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -47,6 +49,7 @@ class MlflowServer:
         ]  # fmt: skip
         # job execution starts worker processes nobody here uses (tests/conftest.py: 62 s -> 26 s to /health)
         env = dict(os.environ, MLFLOW_ENABLE_ARTIFACTS_PROXY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        telemetry.opt_out(env)  # a bench run is no CI run to MLflow: it would report usage
         self._ready.clear()  # a restart (tests stop and start the same server) waits again
         self._error = None
         self._t0 = time.perf_counter()
@@ -74,8 +77,10 @@ class MlflowServer:
         self._ready.set()
 
     def wait(self) -> None:
+        """Wait for ``/health``; a server that never answered is stopped, so no orphan outlives the caller."""
         self._ready.wait()
         if self._error:
+            self.stop()
             raise RuntimeError(self._error)
 
     def start(self) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from bench import study_model
 from bench.common import ROOT, Report, fmt, median, python_worker, spread
 
 log = logging.getLogger(__name__)
@@ -138,34 +139,13 @@ def _signal(label: str, rng: np.random.Generator, mount: NDArray[Any], bias: NDA
     return sig.astype(np.float32)
 
 
-def _recording(subject: int) -> tuple[NDArray[np.float32], list[tuple[int, int, int]]]:
+def _recording(subject: int) -> tuple[NDArray[np.float32], study_model.Spans]:
     """(samples (n, 6) SI, [(first sample, end sample, label index)]): every class once, in a random order."""
-    from har_edge.trainer.data.synthetic import _rotation
-
-    rng = np.random.default_rng([17, subject])
-    mount, bias = _rotation(rng, 12.0), rng.normal(0, 0.8, size=3)
-    parts, spans, at = [], [], 0
-    for idx in rng.permutation(len(LABELS)):
-        sig = _signal(LABELS[idx], rng, mount, bias)
-        parts.append(sig)
-        spans.append((at, at + len(sig), int(idx)))
-        at += len(sig)
-    return np.concatenate(parts), spans
-
-
-def _windows(
-    samples: NDArray[np.float32], spans: list[tuple[int, int, int]], step: int
-) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-    xs, ys = [], []
-    for a, b, lab in spans:
-        for s in range(a, b - WINDOW + 1, step):
-            xs.append(samples[s : s + WINDOW])
-            ys.append(lab)
-    return np.stack(xs).astype(np.float32), np.array(ys, np.int64)
+    return study_model.recording(subject, LABELS, _signal, seed=17)
 
 
 def _subjects(subjects: range, step: int) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-    parts = [_windows(*_recording(s), step) for s in subjects]
+    parts = [study_model.windows(*_recording(s), WINDOW, step) for s in subjects]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -219,37 +199,16 @@ def build(folder: Path) -> dict[str, Any]:
         samples, spans = _recording(subject)
         t = T0_MS + k * 3_600_000
         acc, gyro = _write_study_pair(data, f"s{subject:02d}", samples, t)
-        rows = ["start_ms,end_ms,label,subject"]
-        rows += [f"{t + int(a * 1000 / RATE)},{t + int(b * 1000 / RATE)},{LABELS[lab]},s{subject:02d}"
-                 for a, b, lab in spans]  # fmt: skip
-        (data / f"s{subject:02d}.labels.csv").write_text("\n".join(rows) + "\n")
+        labelled = data / f"s{subject:02d}.labels.csv"
+        study_model.write_labels(labelled, spans, LABELS, t0_ms=t, rate_hz=RATE, subject=f"s{subject:02d}")
         exports += [data / acc, data / gyro]
     x_held, y_held = _subjects(HELD_OUT_SUBJECTS, STEP)
 
-    keras.utils.set_random_seed(7)
-    L = keras.layers
-    model = keras.Sequential(
-        [
-            keras.Input((WINDOW, 6)),
-            L.Conv1D(32, 5, activation="relu"),
-            L.MaxPooling1D(2),
-            L.Conv1D(64, 5, activation="relu"),
-            L.MaxPooling1D(2),
-            L.Bidirectional(L.LSTM(48)),
-            L.BatchNormalization(),
-            L.Dropout(0.3),
-            L.Dense(64, activation="relu"),
-            L.Dense(len(LABELS), activation="softmax"),
-        ],
-        name="study_cnn_bilstm",
-    )
-    model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model = study_model.build(study_model.STUDY, WINDOW, len(LABELS))
     model.fit((x_train - mean) / scale, y_train, epochs=EPOCHS, batch_size=32, verbose=0)
     float_probs = model.predict((x_held - mean) / scale, verbose=0, batch_size=256)
     train_s = time.perf_counter() - t0
-    model.save(folder / "model.keras")
-    (folder / "labels.json").write_text(json.dumps({str(i): n for i, n in enumerate(LABELS)}))
-    (folder / "scaler.json").write_text(json.dumps({"mean": mean.tolist(), "scale": scale.tolist()}))
+    study_model.save(folder, model, LABELS, mean, scale)
     np.savez(folder / "held_out.npz", windows=x_held, labels=y_held, float_probs=float_probs)
 
     t1 = time.perf_counter()

@@ -72,6 +72,8 @@ else:
 PY
     tls=""
     if [ -n "${MLFLOW_TLS_CERT:-}" ]; then tls="--ssl-certfile $MLFLOW_TLS_CERT --ssl-keyfile $MLFLOW_TLS_KEY"; fi
+    # MLflow reports usage to its project by default; a study server talks only to its devices (docs/privacy.md)
+    export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}"
     exec mlflow server --backend-store-uri "$db/mlflow" --artifacts-destination "s3://$bucket/mlflow-artifacts" \
       --serve-artifacts --host 0.0.0.0 --port 5000 --workers "${MLFLOW_WORKERS:-2}" --app-name basic-auth \
       ${tls:+--uvicorn-opts "$tls"}

@@ -19,6 +19,7 @@ from har_edge.agent import cli as agent_cli
 from har_edge.agent.errors import ConfigError, HarEdgeError
 from har_edge.agent.logs import log_file_path, setup_logging
 from har_edge.agent.settings import load_settings
+from har_edge.common import telemetry
 from har_edge.common.cli import Exit
 
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    telemetry.opt_out()
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}

@@ -102,16 +102,6 @@ def install_local(models_dir: Path, version: str, *, previous: str | None = None
 # -- registry ----------------------------------------------------------------------------------
 
 
-def _git(*args: str, cwd: Path) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.name=trainer", "-c", "user.email=trainer@example.org", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-
-
 # DVC run in a child process: in-process it installs console handlers (and colorama) bound to the
 # streams pytest captures, which break later tests. One child does a whole series of releases.
 _RELEASE_SCRIPT = r"""

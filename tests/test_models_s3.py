@@ -17,6 +17,7 @@ from sync_helpers import (
     restore_mlflow_env,  # noqa: F401 - autouse fixture
     sqlite_ids,
 )
+from trainer_helpers import git, registry_repo
 
 from har_edge.agent.modelstore import read_pointer
 from har_edge.agent.settings import load_settings
@@ -33,6 +34,16 @@ def s3(s3_store):
     return s3_store
 
 
+def _aws_env(monkeypatch, s3, *, endpoint: bool, secret: str | None = None) -> None:
+    """Only these standard AWS variables: the store's key (its secret, or ``secret``), and its endpoint if asked."""
+    for name in AWS_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    if endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key if secret is None else secret)
+
+
 def _bucket(s3, name: str) -> str:
     s3.create_bucket(name)
     return name
@@ -44,27 +55,12 @@ def _no_aws_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def _git(cwd: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.name=trainer", "-c", "user.email=trainer@example.org", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-
-
 @pytest.fixture
 def registry(tmp_path):
     """The trainer's registry working repo (its origin a bare repo the devices read) and trainer settings."""
     from har_edge.trainer.settings import load_settings as trainer_settings
 
-    origin = tmp_path / "origin.git"
-    _git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
-    repo = tmp_path / "registry"
-    _git(tmp_path, "init", "-q", "-b", "main", str(repo))
-    _git(repo, "remote", "add", "origin", str(origin))
-    _git(repo, "commit", "-q", "--allow-empty", "-m", "model registry")
+    repo, origin = registry_repo(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(
         f"data:\n  cache_dir: {tmp_path / 'cache'}\nmlflow:\n  tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\n"
@@ -104,9 +100,7 @@ def test_a_release_to_s3_is_pulled_verified_and_activated(s3, registry, tmp_path
     bucket = _bucket(s3, "models")
     remote = f"s3://{bucket}/har"
     # the trainer: endpoint and keys from the standard AWS variables
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    _aws_env(monkeypatch, s3, endpoint=True)
     caplog.set_level(logging.DEBUG)
     r0, folder0 = _release(ts, tmp_path, repo, V0, remote)
     assert r0.created and r0.remote == remote and r0.git_pushed
@@ -115,10 +109,7 @@ def test_a_release_to_s3_is_pulled_verified_and_activated(s3, registry, tmp_path
     assert "endpointurl" not in (repo / ".dvc" / "config").read_text()  # the endpoint stays the trainer's
 
     # the device: the endpoint from sync.dvc_remote_endpoint, the key from the AWS variables
-    for name in AWS_NAMES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    _aws_env(monkeypatch, s3, endpoint=False)
     mm = _device(tmp_path, origin, s3.endpoint)
     t0 = time.monotonic()
     report = mm.update(time.time())
@@ -139,9 +130,8 @@ def test_a_release_to_s3_is_pulled_verified_and_activated(s3, registry, tmp_path
         subprocess.run([*dvc, opt, value], cwd=repo, check=True, capture_output=True)
     r1, _ = _release(ts, tmp_path, repo, V1, remote)
     assert r1.created
-    assert s3.secret_key not in _git(repo, "show", "HEAD:.dvc/config")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    assert s3.secret_key not in git(repo, "show", "HEAD:.dvc/config")
+    _aws_env(monkeypatch, s3, endpoint=False)
     mm = _device(tmp_path, origin, s3.endpoint, "dev-s3-b", inside_dvc_project=True)
     assert mm.update(time.time()).activated == V1
 
@@ -155,9 +145,7 @@ def test_a_release_to_s3_is_pulled_verified_and_activated(s3, registry, tmp_path
 def test_a_corrupted_object_in_the_bucket_is_refused(s3, registry, tmp_path, monkeypatch):
     repo, origin, ts = registry
     bucket = _bucket(s3, "corrupt")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    _aws_env(monkeypatch, s3, endpoint=True)
     _release(ts, tmp_path, repo, V0, f"s3://{bucket}/har")
     mm = _device(tmp_path, origin, s3.endpoint)
     assert mm.update(time.time()).activated == V0
@@ -180,14 +168,10 @@ def test_a_corrupted_object_in_the_bucket_is_refused(s3, registry, tmp_path, mon
 def test_a_wrong_key_fails_the_fetch_without_showing_it(s3, registry, tmp_path, monkeypatch):
     repo, origin, ts = registry
     bucket = _bucket(s3, "wrongkey")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    _aws_env(monkeypatch, s3, endpoint=True)
     _release(ts, tmp_path, repo, V0, f"s3://{bucket}/har")
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
     wrong = "wrong-secret-" + "x" * 20
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    _aws_env(monkeypatch, s3, endpoint=False, secret=wrong)
     mm = _device(tmp_path, origin, s3.endpoint)
     from har_edge.sync.errors import RegistryError
 

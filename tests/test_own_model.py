@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sync_helpers import restore_mlflow_env  # noqa: F401 - fixture
-from trainer_helpers import git, write_study_pair
+from trainer_helpers import git, registry_repo, write_study_pair
 
+from bench import study_model
 from har_edge.agent.channels import ACCEL_MS2_PER_G, ChannelMap
 from har_edge.agent.errors import ChecksumMismatch, ManifestError
 from har_edge.agent.manifest import GOLDEN_FILE, MANIFEST_FILE, read_manifest
@@ -102,26 +103,11 @@ def _signal(label: str, rng: np.random.Generator, mount: np.ndarray, bias: np.nd
 
 def _recording(subject: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """(samples (n, 6) SI, [(first sample, end sample, label)]) with every class once, in a random order."""
-    from har_edge.trainer.data.synthetic import _rotation
-
-    rng = np.random.default_rng([11, subject])
-    mount, bias = _rotation(rng, 12.0), rng.normal(0, 0.8, size=3)
-    parts, spans, at = [], [], 0
-    for idx in rng.permutation(len(LABELS)):
-        sig = _signal(LABELS[idx], rng, mount, bias)
-        parts.append(sig)
-        spans.append((at, at + len(sig), int(idx)))
-        at += len(sig)
-    return np.concatenate(parts), spans
+    return study_model.recording(subject, LABELS, _signal, seed=11)
 
 
 def _windows(samples: np.ndarray, spans, step: int) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for a, b, lab in spans:
-        for s in range(a, b - WINDOW + 1, step):
-            xs.append(samples[s : s + WINDOW])
-            ys.append(lab)
-    return np.stack(xs).astype(np.float32), np.array(ys)
+    return study_model.windows(samples, spans, WINDOW, step)
 
 
 @dataclass
@@ -148,8 +134,6 @@ def tracking_uri(request, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, tracking_uri) -> Study:
     """What a study hands over: model.keras, labels.json, scaler.json, and labelled exports of other subjects."""
-    import keras
-
     root = tmp_path_factory.mktemp("study")
     xs, ys = [], []
     for subject in range(1, 7):
@@ -169,39 +153,18 @@ def study(tmp_path_factory, tracking_uri) -> Study:
         samples, spans = _recording(subject)
         t0 = T0_MS + k * 3_600_000
         acc_name, gyro_name = write_study_pair(data, f"s{subject:02d}", samples, t0, rate_hz=RATE)
-        rows = ["start_ms,end_ms,label,subject"]
-        for a, b, lab in spans:
-            rows.append(f"{t0 + int(a * 1000 / RATE)},{t0 + int(b * 1000 / RATE)},{LABELS[lab]},s{subject:02d}")
-        (data / f"s{subject:02d}.labels.csv").write_text("\n".join(rows) + "\n")
+        labelled = data / f"s{subject:02d}.labels.csv"
+        study_model.write_labels(labelled, spans, LABELS, t0_ms=t0, rate_hz=RATE, subject=f"s{subject:02d}")
         exports += [data / acc_name, data / gyro_name]
         x, y = _windows(samples, spans, STEP)
         val_x.append(x)
         val_y.append(y)
 
-    keras.utils.set_random_seed(5)
-    L = keras.layers
-    model = keras.Sequential(
-        [
-            keras.Input((WINDOW, 6)),
-            L.Conv1D(16, 5, activation="relu"),
-            L.MaxPooling1D(4),
-            L.Conv1D(24, 5, activation="relu"),
-            L.MaxPooling1D(2),
-            L.Bidirectional(L.LSTM(12)),
-            L.BatchNormalization(),
-            L.Dropout(0.2),
-            L.Dense(24, activation="relu"),
-            L.Dense(len(LABELS), activation="softmax"),
-        ],
-        name="study_cnn_bilstm",
-    )
-    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model = study_model.build(study_model.SMALL, WINDOW, len(LABELS))
     vx, vy = (np.concatenate(val_x) - mean) / scale, np.concatenate(val_y)
     model.fit((x_train - mean) / scale, y_train, epochs=12, batch_size=32, verbose=0, validation_data=(vx, vy))
     val_accuracy = float((model.predict(vx, verbose=0).argmax(1) == vy).mean())
-    model.save(root / "model.keras")
-    (root / "labels.json").write_text(json.dumps({str(i): n for i, n in enumerate(LABELS)}))
-    (root / "scaler.json").write_text(json.dumps({"mean": mean.tolist(), "scale": scale.tolist()}))
+    study_model.save(root, model, LABELS, mean, scale)
     return Study(
         root, root / "model.keras", root / "labels.json", root / "scaler.json", exports, val_accuracy, mean, scale,
         tracking_uri,
@@ -294,12 +257,7 @@ def test_release_sync_and_the_agent_run_the_imported_model(imported, study, tmp_
     from har_edge.agent.settings import load_settings
     from har_edge.sync.models import ModelManager
 
-    origin = tmp_path / "origin.git"
-    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
-    repo = tmp_path / "registry"
-    git(tmp_path, "init", "-q", "-b", "main", str(repo))
-    git(repo, "remote", "add", "origin", str(origin))
-    git(repo, "commit", "-q", "--allow-empty", "-m", "model registry")
+    repo, origin = registry_repo(tmp_path)
     args = [
         "--set", f"mlflow.tracking_uri={study.tracking_uri}",
         "--set", f"data.cache_dir={study.root / 'cache'}",

@@ -1,9 +1,11 @@
 """Sync's memory and pipeline: the predictions CSV streamed from the outbox, points read while a request is in
-flight, and MLflow imported without pandas/pyarrow/scipy. Outputs must equal the unstreamed, serial ones."""
+flight, and a ``sync once`` without the modules it does not use (MLflow's optional data-science stack among
+them). Outputs must equal the unstreamed, serial ones."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -89,24 +91,44 @@ def test_a_request_failing_mid_file_leaves_the_acknowledged_chunks_marked_and_th
     assert_delivered_once(p, data_dir / "mlflow" / "mlflow.db")
 
 
+#: what a ``sync once`` with nothing to pull and no raw store never needs (docs/benchmarks.md, the memory row):
+#: MLflow's optional data-science stack and the optional imports of its libraries (hidden while it imports),
+#: the numpy.ma np.unique loads, S3 custody's boto3 and the signature code's cryptography
+_UNUSED = ("pandas", "pyarrow", "scipy", "charset_normalizer", "chardet", "psutil", "numpy.ma", "boto3",
+           "botocore", "cryptography")  # fmt: skip
+
 _PROBE = """
-import json, sys, time
-from har_edge.agent.settings import load_settings
-from har_edge.sync.mlflow_client import make_client
-client = make_client(load_settings(env={}, data_dir=sys.argv[1]))
-exp = client.create_experiment("probe", artifact_location=sys.argv[1] + "/art")
-run = client.create_run(exp).info.run_id
-from mlflow.entities import Metric
-client.log_batch(run, metrics=[Metric("k", 1.0, 1, 0)])
-client.set_terminated(run, "FINISHED")
-hidden = [m for m in ("pandas", "pyarrow", "scipy") if m in sys.modules]
-import pandas  # still importable afterwards: nothing stays hidden
-print(json.dumps({"loaded": hidden, "status": client.get_run(run).info.status, "pandas": pandas.__name__}))
+import json, sys
+from har_edge.cli import main
+code = main(["--data-dir", sys.argv[1], "sync", "once"])
+loaded = [m for m in json.loads(sys.argv[2]) if m in sys.modules]
+import pandas, psutil, charset_normalizer  # still importable afterwards: nothing stays hidden
+print(json.dumps({"code": code, "loaded": loaded}))
 """
 
 
-def test_mlflow_is_imported_without_pandas_pyarrow_scipy_and_works(data_dir):
-    out = subprocess.run([sys.executable, "-c", _PROBE, str(data_dir)], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("where", ["embedded", pytest.param("server", marks=pytest.mark.server)])
+def test_sync_once_imports_nothing_it_does_not_use_and_delivers(where, data_dir, request, monkeypatch):
+    """A real ``sync once`` (points, prediction CSVs, pages) in a fresh interpreter: MLflow works without the
+    hidden packages, and none of the unused ones is loaded, whoever would import them first."""
+    ob = Outbox(data_dir / "outbox.sqlite")
+    for seed in (1, 2):
+        add_file(ob, seed, minutes=30)
+    ob.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HAR_EDGE_", "MLFLOW_TRACKING"))}
+    unused = [m for m in _UNUSED if m != "cryptography"]  # MLflow's own SQL store (the embedded one) imports it
+    if where == "server":
+        unused = list(_UNUSED)
+        env["HAR_EDGE_SYNC__TRACKING_URI"] = request.getfixturevalue("mlflow_server").url
+        env["HAR_EDGE_SYNC__EXPERIMENT"] = f"imports-{time.time_ns()}"
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(data_dir), json.dumps(unused)],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"loaded": [], "status": "FINISHED", "pandas": "pandas"}
+    assert got == {"code": 0, "loaded": []}
+    assert "2 file run(s) finished" in out.stdout and "2 prediction CSV(s)" in out.stdout, out.stdout
+    assert "character detection" not in out.stderr  # requests' warning about the missing detector is not shown
+    ob = Outbox(data_dir / "outbox.sqlite")
+    assert sqlite_ids(ob, "SELECT count(*) FROM metrics WHERE delivered_ms IS NULL") == [(0,)]
+    assert sqlite_ids(ob, "SELECT count(*) FROM files WHERE artifact_delivered_ms IS NULL") == [(0,)]
+    ob.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from trainer_helpers import dvc, git, synthetic_params
+from trainer_helpers import dvc, git, registry_repo, synthetic_params
 
 from har_edge.agent.errors import ModelValidationError
 from har_edge.agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, read_manifest
@@ -192,12 +192,7 @@ def test_gate_refuses_an_untrained_model(pipeline, tmp_path, capsys, tracking_ur
 @pytest.fixture
 def registry(tmp_path):
     """A registry working repo whose origin is a bare repo, and an empty local DVC remote."""
-    origin = tmp_path / "origin.git"
-    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
-    repo = tmp_path / "registry"
-    git(tmp_path, "init", "-q", "-b", "main", str(repo))
-    git(repo, "remote", "add", "origin", str(origin))
-    git(repo, "commit", "-q", "--allow-empty", "-m", "model registry")
+    repo, origin = registry_repo(tmp_path)
     return repo, origin, tmp_path / "dvc-remote"
 
 

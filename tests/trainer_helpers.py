@@ -168,3 +168,15 @@ def git(repo: Path, *args: str) -> str:
 
 def dvc(cwd: Path, *args: str) -> str:
     return run([sys.executable, "-m", "dvc", *args], cwd).stdout
+
+
+def registry_repo(root: Path) -> tuple[Path, Path]:
+    """The trainer's registry working repo ``root/registry`` (one empty commit) and its origin, the bare repo
+    ``root/origin.git`` that devices read; ``har-train release`` sets up DVC in it."""
+    origin = root / "origin.git"
+    git(root, "init", "-q", "--bare", "-b", "main", str(origin))
+    repo = root / "registry"
+    git(root, "init", "-q", "-b", "main", str(repo))
+    git(repo, "remote", "add", "origin", str(origin))
+    git(repo, "commit", "-q", "--allow-empty", "-m", "model registry")
+    return repo, origin

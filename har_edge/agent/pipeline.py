@@ -453,7 +453,8 @@ class Processor:
                         if progress is not None:
                             progress(len(starts))
                 if acc is not None:
-                    acc.end_recording()
+                    with clock.stage("monitor"):  # it flushes the recording's last windows: monitor work
+                        acc.end_recording()
                 latest = sw.last_time_ms()
                 if latest is not None and latest > (self.last_data_ms or 0):
                     self.last_data_ms = latest  # the next file's plausibility reference (see StreamWindower)

@@ -25,6 +25,7 @@ from pathlib import Path
 from har_edge.central.accounts import Admin, write_device_config
 from har_edge.central.errors import CentralError
 from har_edge.central.stack import STATE_FILE, CentralStack, StackOptions
+from har_edge.common import telemetry
 from har_edge.common.cli import Exit, stop_event
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    telemetry.opt_out()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     try:

@@ -30,6 +30,7 @@ from pathlib import Path
 from har_edge.central.postgres import Postgres
 from har_edge.central.process import Service, free_port
 from har_edge.central.secrets_store import secret
+from har_edge.common import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class MlflowCentral:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        telemetry.opt_out(env)
         if self.auth:
             env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.auth_config())
             env["MLFLOW_AUTH_ADMIN_PASSWORD"] = self.admin_password

@@ -18,6 +18,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -79,46 +80,59 @@ class SyncDaemon:
 
     # -- jobs ---------------------------------------------------------------------------
 
-    def push_job(self, now: float, max_files: int | None = None) -> JobResult[PushReport]:
-        if not self.push_backoff.ready(now):
+    def _guarded(
+        self,
+        label: str,
+        backoff: Backoff,
+        now: float,
+        run: Callable[[], R],
+        unreachable: tuple[type[Exception], ...],
+        pending: Callable[[], str] | None = None,
+    ) -> JobResult[R]:
+        """One pass of a backed-off job that never raises: the outcome for ``record`` and the log.
+
+        ``unreachable`` (a server or registry that did not answer or refused the connection) and any
+        other exception back the job off; access denied is logged as an error, the rest as a warning.
+        A busy lock skips the pass. ``pending`` adds what is still waiting to the unreachable line.
+        """
+        if not backoff.ready(now):
             return JobResult(False)
         try:
-            report = self.pusher.push(now, self.stop, max_files=max_files)
-        except (ServerUnreachable, ServerAccessDenied) as exc:
-            delay = self.push_backoff.failed(now)
-            level = logging.WARNING if isinstance(exc, ServerUnreachable) else logging.ERROR
-            log.log(level, "push: %s; next attempt in %.0f s (%s)", exc, delay, pending_summary(self.pusher.delivery))
+            report = run()
+        except unreachable as exc:
+            delay = backoff.failed(now)
+            level = logging.ERROR if isinstance(exc, ServerAccessDenied) else logging.WARNING
+            if pending is None:
+                log.log(level, "%s: %s; next attempt in %.0f s", label, exc, delay)
+            else:
+                log.log(level, "%s: %s; next attempt in %.0f s (%s)", label, exc, delay, pending())
             return JobResult(True, error=exc, retry_in_s=delay)
         except LockBusy as exc:
-            log.info("push skipped: %s", exc)
+            log.info("%s skipped: %s", label, exc)
             return JobResult(False, error=exc)
         except Exception as exc:  # a bug or a broken outbox: keep the daemon alive, back off
-            delay = self.push_backoff.failed(now)
-            log.exception("push failed unexpectedly; next attempt in %.0f s", delay)
+            delay = backoff.failed(now)
+            log.exception("%s failed unexpectedly; next attempt in %.0f s", label, delay)
             return JobResult(True, error=exc, retry_in_s=delay)
-        self.push_backoff.succeeded()
+        backoff.succeeded()
         return JobResult(True, report=report)
 
+    def push_job(self, now: float, max_files: int | None = None) -> JobResult[PushReport]:
+        return self._guarded(
+            "push",
+            self.push_backoff,
+            now,
+            lambda: self.pusher.push(now, self.stop, max_files=max_files),
+            (ServerUnreachable, ServerAccessDenied),
+            pending=lambda: pending_summary(self.pusher.delivery),
+        )
+
     def pull_job(self, now: float) -> JobResult[PullReport]:
-        if not self.pull_backoff.ready(now):
-            return JobResult(False)
-        try:
-            report = self.models.update(now)
-        except RegistryError as exc:
-            delay = self.pull_backoff.failed(now)
-            log.warning("pull: %s; next attempt in %.0f s", exc, delay)
-            return JobResult(True, error=exc, retry_in_s=delay)
-        except LockBusy as exc:
-            log.info("pull skipped: %s", exc)
-            return JobResult(False, error=exc)
-        except Exception as exc:
-            delay = self.pull_backoff.failed(now)
-            log.exception("pull failed unexpectedly; next attempt in %.0f s", delay)
-            return JobResult(True, error=exc, retry_in_s=delay)
-        self.pull_backoff.succeeded()
-        if report.activated or report.refused or report.rolled_back:
+        result = self._guarded("pull", self.pull_backoff, now, lambda: self.models.update(now), (RegistryError,))
+        report = result.report
+        if report is not None and (report.activated or report.refused or report.rolled_back):
             log.info("pull: %s", report.summary())
-        return JobResult(True, report=report)
+        return result
 
     def health_job(self, now: float) -> JobResult[PullReport]:
         try:
@@ -132,27 +146,20 @@ class SyncDaemon:
 
     def custody_job(self, now: float) -> JobResult[CustodyReport]:
         """One custody pass; a file whose upload did not verify is a failure of the pass (retried next time)."""
-        if self.custody is None or not self.custody_backoff.ready(now):
+        custody = self.custody
+        if custody is None:
             return JobResult(False)
-        try:
-            report = self.custody.run(self.stop)
-        except (ServerUnreachable, ServerAccessDenied) as exc:
-            delay = self.custody_backoff.failed(now)
-            level = logging.WARNING if isinstance(exc, ServerUnreachable) else logging.ERROR
-            log.log(level, "raw custody: %s; next attempt in %.0f s", exc, delay)
-            return JobResult(True, error=exc, retry_in_s=delay)
-        except LockBusy as exc:
-            log.info("raw custody skipped: %s", exc)
-            return JobResult(False, error=exc)
-        except Exception as exc:
-            delay = self.custody_backoff.failed(now)
-            log.exception("raw custody failed unexpectedly; next attempt in %.0f s", delay)
-            return JobResult(True, error=exc, retry_in_s=delay)
-        self.custody_backoff.succeeded()
-        if report.failed:  # counted under the first failure's kind (custody_mismatch, sync, ...)
-            err = report.first_error or CustodyMismatch(report.failed[0])
-            return JobResult(True, report=report, error=err)
-        return JobResult(True, report=report)
+        result = self._guarded(
+            "raw custody",
+            self.custody_backoff,
+            now,
+            lambda: custody.run(self.stop),
+            (ServerUnreachable, ServerAccessDenied),
+        )
+        report = result.report
+        if report is not None and report.failed:  # counted under the first failure's kind (custody_mismatch, ...)
+            result.error = report.first_error or CustodyMismatch(report.failed[0])
+        return result
 
     # -- schedule ----------------------------------------------------------------------------
 

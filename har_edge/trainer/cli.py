@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from har_edge.agent.errors import HarEdgeError
+from har_edge.common import telemetry
 from har_edge.common.cli import Exit, add_command
 from har_edge.trainer.errors import ConfigError, GateFailed
 from har_edge.trainer.settings import Settings, load_settings
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    telemetry.opt_out()
     a = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -338,8 +338,8 @@ def _register(
         has_artifact = any(a.path.endswith(MODEL_FILE) for a in c.list_artifacts(run_id, "model"))
     if not has_artifact:
         existing = c.search_model_versions(f"name = '{manifest.name}' and tag.sha256 = '{manifest.sha256}'")
-        if existing:
-            run_id = existing[0].run_id
+        if existing:  # registered already: register_version returns that version (a version may have no run)
+            run_id = existing[0].run_id or run_id
         else:
             run_id = tracking.start_run(settings, kind="release", extra_tags={"har.sha256": manifest.sha256})
             tracking.log_artifacts(settings, run_id, [folder], "model")

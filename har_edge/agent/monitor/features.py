@@ -132,10 +132,12 @@ class BinSet:
 
     def counts(self, values: np.ndarray) -> np.ndarray:
         """Flat counts (all histograms, in order) of ``values`` (m, histograms)."""
-        b = (np.asarray(values, np.float32) - self.lo32) * self.inv_width32
+        b = np.subtract(np.asarray(values, np.float32), self.lo32)  # one new array, the rest in place
+        np.multiply(b, self.inv_width32, out=b)
         np.clip(b, -1.0, self.k - 1.0, out=b)
         b += 1.0
-        idx = b.astype(np.int64) + self.starts  # truncation is floor here: b + 1 >= 0
+        idx = b.astype(np.intp)  # truncation is floor here: b + 1 >= 0
+        idx += self.starts
         return np.bincount(idx.ravel(), minlength=self.total)
 
     def split(self, flat: np.ndarray) -> list[np.ndarray]:
