@@ -15,6 +15,10 @@ One pass (:meth:`Pusher.push`) delivers, oldest first:
    stored, so a re-send after a crash is stored once by MLflow), the
    per-window CSV artifact, and finally status FINISHED.
 
+   The files go through :mod:`har_edge.sync.filepipe`: the points in one lane of
+   requests, each file's run, CSV and FINISHED in another, overlapping them, with
+   the same marks in the same order.
+
 Each row is marked delivered only after the server acknowledged it. A server
 that cannot be reached ends the pass (:class:`ServerUnreachable`, nothing
 lost); one that refuses the credentials ends it too (:class:`ServerAccessDenied`);
