@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -70,6 +71,14 @@ def fill_outbox(outbox: Outbox, points: int) -> tuple[int, int]:
         files += 1
         queued += len(pts)
     return files, queued
+
+
+def _cpu(server: MlflowServer) -> tuple[float, float]:
+    """CPU seconds so far of this process (all its threads) and of the server's process tree."""
+    from har_edge.central.stack import tree_cpu
+
+    t = os.times()
+    return t.user + t.system, tree_cpu(server.proc.pid if server.proc else None)
 
 
 def raw_ceiling(
@@ -136,7 +145,9 @@ def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bo
 
     n_raw = 6 if quick else RAW_BATCHES
     # the ceiling, half before the push and half after it (the server's store grows meanwhile)
+    c0 = _cpu(server)
     n_before, s_before = raw_ceiling(client, pusher.experiment_id(), outbox, n_raw - n_raw // 2, offset=n_raw // 2)
+    c1 = _cpu(server)
     # instrumentation only: the same calls, timed
     with (
         mock.patch.object(client, "log_batch", timed_log_batch),
@@ -145,6 +156,7 @@ def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bo
         t0 = time.perf_counter()
         push = pusher.push(time.time())
         push_s = time.perf_counter() - t0
+    c2 = _cpu(server)
     delivered = push.points + push.device_points
     if push.files_finished != files or push.points < queued:
         report.notes.append(f"sync: {push.summary()} (expected {files} files, {queued} points)")
@@ -174,6 +186,10 @@ def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bo
     raw_rate = n_raw_points / (s_before + s_after)
 
     push_rate = delivered / push_s
+    # CPU per 1000 points, this process (client) and the server's tree, in the first raw half and in the push
+    raw_cpu = [(b - a) / n_before * 1000 for a, b in zip(c0, c1, strict=True)]
+    push_cpu = [(b - a) / delivered * 1000 for a, b in zip(c1, c2, strict=True)]
+    busy = (sum(c2) - sum(c1)) / push_s  # cores kept busy by client + server during the push
     single_rate = n_single / single_s
     share = push_rate / raw_rate
     report.add(S, f"sync.push of {fmt(queued)} queued points ({files} file{'s' if files > 1 else ''} of 24 h)",
@@ -185,7 +201,9 @@ def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bo
                     f"metric log_batch calls ({fmt(in_batches['points'] / max(in_batches['s'], 1e-9))} points/s while "
                     f"in them; the points lane idle {max(push_s - in_batches['s'], 0.0):.1f} s), "
                     f"{in_artifacts['s']:.1f} s uploading CSVs beside them (har_edge.sync.filepipe: runs, CSVs and "
-                    "FINISHED overlap the points)")  # fmt: skip
+                    "FINISHED overlap the points). CPU s per 1000 points, client / server: raw "
+                    f"{raw_cpu[0]:.3f} / {raw_cpu[1]:.3f}, push {push_cpu[0]:.3f} / {push_cpu[1]:.3f}; "
+                    f"client + server kept {busy:.2f} of {os.cpu_count()} cores busy during the push")  # fmt: skip
     report.add(S, f"MLflow pages of those {files} files (sync.pages, a plot child process)", f"{pages_s:.1f} s",
                note=f"timelines, activity tables, descriptions and the daily runs, after the push above; the plot "
                     f"child's peak RSS {child_mb}, apart from sync's")  # fmt: skip
@@ -201,5 +219,6 @@ def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bo
         "metric_batches": in_batches, "pages_s": pages_s, "artifacts": in_artifacts,
         "single": {"n": n_single, "s": single_s},
         "raw": {"before": [n_before, s_before], "after": [n_after, s_after]},
+        "cpu_per_1000": {"raw": raw_cpu, "push": push_cpu}, "cores_busy_push": busy,
         "server_start_s": server.started_s,
     }  # fmt: skip
