@@ -207,19 +207,22 @@ def _ensure_dvc(t: Tools, remote: str) -> str:
     return url
 
 
-def _tag_sha256(t: Tools, tag: str) -> str | None:
-    """sha256 recorded in an existing tag's message; '' when the tag has none; None without the tag."""
+def _tag_message(t: Tools, tag: str) -> str | None:
+    """An existing tag's message (None without the tag)."""
     if t.git("rev-parse", "-q", "--verify", f"refs/tags/{tag}", check=False).returncode != 0:
         return None
-    msg = t.git("tag", "-l", "--format=%(contents)", tag).stdout
-    m = re.search(r"sha256=([0-9a-f]{64})", msg)
+    return t.git("tag", "-l", "--format=%(contents)", tag).stdout
+
+
+def _tag_sha256(message: str) -> str:
+    """sha256 recorded in a tag's message; '' when it has none."""
+    m = re.search(r"sha256=([0-9a-f]{64})", message)
     return m.group(1) if m else ""
 
 
-def _tag_field(t: Tools, tag: str, field: str) -> str | None:
-    """A ``field=value`` line of an existing tag's message (None without it)."""
-    msg = t.git("tag", "-l", "--format=%(contents)", tag).stdout
-    m = re.search(rf"^{re.escape(field)}=(\S+)$", msg, re.MULTILINE)
+def _tag_field(message: str, field: str) -> str | None:
+    """A ``field=value`` line of a tag's message (None without it)."""
+    m = re.search(rf"^{re.escape(field)}=(\S+)$", message, re.MULTILINE)
     return m.group(1) if m else None
 
 
@@ -269,14 +272,15 @@ def release(
     name, version = manifest.name, manifest.version
     tag = tag_name(name, version)
     rel = Path(model_path(name))
-    recorded = _tag_sha256(t, tag)
+    existing = _tag_message(t, tag)
+    recorded = None if existing is None else _tag_sha256(existing)
     if recorded is not None and recorded != manifest.sha256:
         raise ReleaseError(
             f"tag {tag} in {repo} already holds another model (sha256 {recorded[:12] or '?'}…, this one "
             f"{manifest.sha256[:12]}…): versions are never moved; bump export.version in params.yaml and export again"
         )
-    created = recorded is None
-    if created:
+    created = existing is None
+    if existing is None:
         _copy_model(folder, repo / rel)
         key_id = sign_release(repo / rel, manifest, signing_key)  # manifest.sig, tracked with the model
         t.dvc("add", "-q", str(rel))
@@ -297,7 +301,7 @@ def release(
         if same and (repo / rel).is_dir():
             t.dvc("push", "-q", f"{rel}.dvc")
         log.info("%s is already released as %s in %s: nothing to change", name, tag, repo)
-        key_id = _tag_field(t, tag, "signed_by")
+        key_id = _tag_field(existing, "signed_by")
         if signing_key is not None and key_id is None:
             log.warning("%s was released unsigned; versions are never moved: bump the version to sign it", tag)
     commit = t.git("rev-list", "-n", "1", tag).stdout.strip()
