@@ -54,8 +54,6 @@ class Outcome:
     windows: int = 0
     seconds: float = 0.0
     error: HarEdgeError | None = None
-    #: who wore the watch (None: unknown), as stored in the file's row
-    participant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -255,7 +253,7 @@ class Processor:
             )
         )
         log.info("%s: duplicate of %s (file %d), not processed again", name, prior.name, prior.id)
-        return Outcome(FileStatus.DUPLICATE, fid, name, participant=who.get("participant"))
+        return Outcome(FileStatus.DUPLICATE, fid, name)
 
     @staticmethod
     def _internal(name: str, exc: Exception, stage: str) -> InternalError:
@@ -287,7 +285,7 @@ class Processor:
         )
         if not isinstance(exc, InternalError):
             log.warning("%s: %s", base["name"], exc)
-        return Outcome(FileStatus.FAILED, fid, base["name"], error=exc, participant=who.get("participant"))
+        return Outcome(FileStatus.FAILED, fid, base["name"], error=exc)
 
     def _store(self, base: dict[str, Any], model: LoadedModel, r: _Inferred, t_start: float) -> Outcome:
         name, m = base["name"], model.manifest
@@ -356,9 +354,7 @@ class Processor:
             t["inference"],
             store_s,
         )
-        return Outcome(
-            FileStatus.PROCESSED, fid, name, windows=len(r.probs), seconds=total, participant=who.get("participant")
-        )
+        return Outcome(FileStatus.PROCESSED, fid, name, windows=len(r.probs), seconds=total)
 
     def _monitor_report(
         self, acc: MonitorAccumulator | None, model: LoadedModel, timings: dict[str, float]
