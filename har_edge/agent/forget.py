@@ -197,23 +197,22 @@ def erase_rows(outbox: Outbox, participant: str, upto_ms: int) -> tuple[dict[str
         if not ids:
             return {}, []
 
-        def count(table: Any) -> int:
-            return int(conn.execute(select(func.count()).where(table.c.file_id.in_(ids))).scalar() or 0)
+        def erase(table: Any) -> int:
+            """Delete the files' rows of ``table``; how many there were."""
+            return int(conn.execute(delete(table).where(table.c.file_id.in_(ids))).rowcount or 0)
 
+        # windows, labels, metrics and kept windows go with their file (ON DELETE CASCADE); deleted explicitly
+        # (and counted so) as well, so an outbox opened without foreign keys loses nothing of the erasure
         counts = {
             "files": len(ids),
-            "windows": count(windows),
-            "labels": count(labels),
-            "metric_points": count(metrics),
-            "kept_windows": count(flagged_windows),
-            "refusals": int(conn.execute(delete(sync_refusals).where(sync_refusals.c.file_id.in_(ids))).rowcount or 0),
+            "windows": erase(windows),
+            "labels": erase(labels),
+            "metric_points": erase(metrics),
+            "kept_windows": erase(flagged_windows),
+            "refusals": erase(sync_refusals),
             "retrain_entries": _scrub_retrain_requests(conn, set(ids)),
         }
         conn.execute(update(files).where(files.c.duplicate_of.in_(ids)).values(duplicate_of=None))
-        # windows, labels, metrics and kept windows go with their file (ON DELETE CASCADE); said explicitly
-        # as well, so an outbox opened without foreign keys loses nothing of the erasure
-        for table in (windows, labels, metrics, flagged_windows):
-            conn.execute(delete(table).where(table.c.file_id.in_(ids)))
         conn.execute(delete(files).where(files.c.id.in_(ids)))
         # the device's daily pages counted these files: sync draws them again from what is left
         conn.execute(update(files).where(files.c.daily_ms.is_not(None)).values(daily_ms=None))
