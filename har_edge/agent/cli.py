@@ -147,6 +147,11 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             from har_edge.agent.participants import participant_status
 
             st.update(participant_status(ob, args.participant, args.recent))
+        if settings.sync.raw_store:
+            from har_edge.agent.acknowledged import custody_backlog
+
+            cb = custody_backlog(ob, settings.archive_dir, settings.sync.raw_store)
+            st["custody"] = {"store": settings.sync.raw_store, **asdict(cb)}
     try:  # the manifest only: status never loads TFLite (`models verify` and `health` check the bytes)
         choice = choose_model(settings.models_dir, settings.agent.model_dir)
         mf = read_manifest(choice.folder)
@@ -155,12 +160,6 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         st["model"] = {"error": str(exc)}
     st["data_dir"] = str(settings.data_dir)
     st["disk"] = data_dir_usage(settings)
-    if settings.sync.raw_store:
-        from har_edge.agent.acknowledged import custody_backlog
-
-        with Outbox(settings.outbox_path) as ob:
-            cb = custody_backlog(ob, settings.archive_dir, settings.sync.raw_store)
-        st["custody"] = {"store": settings.sync.raw_store, **asdict(cb)}
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return Exit.OK
