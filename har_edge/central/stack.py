@@ -230,7 +230,7 @@ class CentralStack:
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds used so far by each service's process tree (reaped children included)."""
-        return {name: (tree_cpu(pid) if pid else 0.0) for name, pid in self.pids().items()}
+        return {name: tree_cpu(pid) for name, pid in self.pids().items()}
 
     def write_state(self) -> Path:
         """``stack.json``: URLs, ports, pids and where the secrets are (none of their values)."""
