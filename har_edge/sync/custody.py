@@ -33,9 +33,10 @@ from har_edge.agent.forget import open_requests
 from har_edge.agent.outbox import Outbox, now_ms
 from har_edge.agent.outbox_schema import raw_custody
 from har_edge.agent.settings import Settings
+from har_edge.common.hashing import sha256_file
 from har_edge.sync.errors import CustodyMismatch, ServerAccessDenied, ServerUnreachable, SyncError
 from har_edge.sync.locks import file_lock
-from har_edge.sync.rawstore import Expired, Item, RawStore, file_sha256, object_key, open_store
+from har_edge.sync.rawstore import Expired, Item, RawStore, object_key, open_store
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class Custody:
         """Hash a new (or changed) file and record it pending."""
         if old is not None and old["upload_id"]:
             self.store.discard(self._item(path, old))
-        sha = file_sha256(path)
+        sha = sha256_file(path)
         values = {
             "path": rel,
             "size": size,

@@ -16,7 +16,6 @@ store's own checksums matched the file's, and raises :class:`CustodyMismatch` wh
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,9 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from har_edge.agent.modelstore import fsync_dir
 from har_edge.agent.settings import Settings
+from har_edge.common.hashing import sha256_file
 from har_edge.sync.errors import CustodyMismatch, ServerAccessDenied
 
 log = logging.getLogger(__name__)
@@ -105,14 +106,6 @@ def read_parts(path: Path, part_size: int) -> Iterator[bytes]:
                 return
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def display_url(url: str) -> str:
     """A store URL without any user:password part (never logged or shown)."""
     parts = urlsplit(url)
@@ -165,7 +158,7 @@ class FolderStore:
                 return None
         except FileNotFoundError:
             return None
-        if file_sha256(dest) != item.sha256:
+        if sha256_file(dest) != item.sha256:
             log.warning("raw store: %s holds other bytes than its name says; it is written again", dest)
             return None
         self._sidecar(item)
@@ -204,7 +197,7 @@ class FolderStore:
                 item.bytes_done = done
                 save(item)
         # the whole copy read back, prefix of an earlier pass included
-        got = file_sha256(partial)
+        got = sha256_file(partial)
         if got != item.sha256 or partial.stat().st_size != item.size:
             partial.unlink(missing_ok=True)
             raise CustodyMismatch(
@@ -212,7 +205,7 @@ class FolderStore:
                 "(the file changed, or the copy was damaged): it is copied again on the next pass"
             )
         os.replace(partial, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         self._sidecar(item)
         return f"sha256 {got} read back from {dest.name}"
 
@@ -241,17 +234,9 @@ class FolderStore:
             dest.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return True
 
 
 def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s) or "device"
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
