@@ -170,7 +170,6 @@ def run(report: Report, server: MlflowServer, *, points: int = POINTS, quick: bo
     pages_s = time.perf_counter() - t0
     child = paged.pages.last_render
     child_mb = f"{child.peak_rss_kb / 1024:.0f} MB" if child is not None and child.peak_rss_kb else "n/a"
-    paged.close()
 
     # baselines on the same server, now
     exp = pusher.experiment_id()

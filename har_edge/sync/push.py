@@ -442,9 +442,6 @@ class Pusher:
             )
         return {k: v for k, v in params.items() if v}
 
-    def close(self) -> None:
-        """Nothing to release: a pass's sending threads end with it (:mod:`har_edge.sync.filepipe`)."""
-
     # -- points --------------------------------------------------------------------------
 
     def _send_points(
