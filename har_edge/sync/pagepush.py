@@ -41,6 +41,7 @@ from har_edge.sync.localtime import LocalTime
 from har_edge.sync.pages import (
     DAILY_PLOT_ARTIFACT,
     DAILY_TABLE_ARTIFACT,
+    LOGGED_ARTIFACTS_TAG,
     TABLE_ARTIFACT,
     TIMELINE_ARTIFACT,
     Daily,
@@ -351,7 +352,7 @@ class Pages:
             self._upload(run_id, table, f"uploading the activity table of {f.name}")
             tags = {
                 runs.DESCRIPTION: self.description(f),
-                "mlflow.loggedArtifacts": logged_tables_tag([TABLE_ARTIFACT]),
+                LOGGED_ARTIFACTS_TAG: logged_tables_tag([TABLE_ARTIFACT]),
                 **self.tags(f),
             }
             self._set_tags(run_id, tags, f"setting the description of {f.name}")
@@ -402,7 +403,7 @@ class Pages:
                 run_id,
                 {
                     runs.DESCRIPTION: daily.description(),
-                    "mlflow.loggedArtifacts": logged_tables_tag([DAILY_TABLE_ARTIFACT]),
+                    LOGGED_ARTIFACTS_TAG: logged_tables_tag([DAILY_TABLE_ARTIFACT]),
                     "har.daily.days": str(len(daily.days)),
                     "har.daily.files": str(daily.files),
                     "har.local_time_source": ", ".join(sorted(daily.sources)),
