@@ -102,8 +102,10 @@ class Pages:
         window_ms = round(m.window / m.sample_rate_hz * 1000) if m else None
         return summarize(names, starts, probs, self.local_time(f), step_ms=step_ms, window_ms=window_ms)
 
-    def summary(self, f: Any) -> FileSummary | None:
-        """The file's summary: kept in the outbox, else computed from its windows (None: they are gone)."""
+    def summary(self, f: Any, windows: tuple[list[str], np.ndarray, np.ndarray] | None = None) -> FileSummary | None:
+        """The file's summary: kept in the outbox, else computed from its windows (None: they are gone).
+
+        ``windows``: the file's (names, starts, probs) when the caller has read them already."""
         if f.id in self._summaries:
             return self._summaries[f.id]
         s: FileSummary | None = None
@@ -113,7 +115,7 @@ class Pages:
             except (ValueError, TypeError, KeyError) as exc:
                 log.warning("%s: its stored activity summary is unreadable (%s): computing it again", f.name, exc)
         if s is None:
-            names, starts, probs = self.pusher.outbox.file_windows(f.id)
+            names, starts, probs = windows if windows is not None else self.pusher.outbox.file_windows(f.id)
             if not len(starts):
                 return None
             s = self._summarize(f, starts, probs, names)
@@ -254,13 +256,7 @@ class Pages:
 
     def _plan_file(self, f: Any, tmp: Path, jobs: list[dict[str, Any]]) -> tuple[Any, FileSummary | None, str | None]:
         names, starts, probs = self.pusher.outbox.file_windows(f.id)
-        if f.id not in self._summaries and not f.summary_json and len(starts):
-            s: FileSummary | None = self._summarize(f, starts, probs, names)
-            assert s is not None
-            self._store_summary(f.id, s)
-            self._summaries[f.id] = s
-        else:
-            s = self.summary(f)
+        s = self.summary(f, (names, starts, probs))
         if s is None:
             return f, None, None
         if not len(starts):
