@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_KEY = "backlog_files"
 BACKLOG_KEYS = ("backlog_files", "backlog_points", "backlog_deployments", "oldest_undelivered_age_s", "disk_free_mb")
-_EXPERIMENT_CHUNK = 100  # experiment ids per search_runs call
 
 
 @dataclass
@@ -94,21 +93,6 @@ def _latest_points(run: Run) -> dict[str, tuple[float, int]]:
     return out
 
 
-def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[Run]:
-    found: list[Run] = []
-    for i in range(0, len(experiment_ids), _EXPERIMENT_CHUNK):
-        token: str | None = None
-        while True:
-            page = client.search_runs(
-                experiment_ids[i : i + _EXPERIMENT_CHUNK], filter_string, max_results=1000, page_token=token
-            )
-            found.extend(page)
-            token = page.token
-            if not token:
-                break
-    return found
-
-
 def _experiments(client: MlflowClient) -> dict[str, str]:
     """id -> name of every active experiment the account can see."""
     out: dict[str, str] = {}
@@ -126,7 +110,7 @@ def collect(
 ) -> FleetStatus:
     """The status of every device whose device run the client can see."""
     exps = _experiments(client)
-    device_runs = _search_all(client, list(exps), f"tags.`{runs.KIND}` = 'device'")
+    device_runs = runs.search_all(client, list(exps), f"tags.`{runs.KIND}` = 'device'")
     best: dict[str, tuple[Run, dict[str, tuple[float, int]]]] = {}
     for run in device_runs:
         device = run.data.tags.get(runs.DEVICE)

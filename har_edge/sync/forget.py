@@ -31,19 +31,8 @@ GC_TIMEOUT_S = 300.0
 
 
 def _run_ids(client: MlflowClient, experiment_id: str, participant: str) -> list[str]:
-    from mlflow.entities import ViewType
-
     query = runs.identity_filter({PARTICIPANT: participant})
-    out: list[str] = []
-    token: str | None = None
-    while True:
-        page = client.search_runs(
-            [experiment_id], query, run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
-        )
-        out.extend(r.info.run_id for r in page)
-        token = page.token
-        if not token:
-            return out
+    return [r.info.run_id for r in runs.search_all(client, [experiment_id], query)]
 
 
 def _purge_local(uri: str, run_ids: list[str]) -> bool:

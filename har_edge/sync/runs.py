@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ PARENT = "mlflow.parentRunId"
 MONITOR = "har.monitor"  # ok | warn | alert | too_short | no_reference (file runs)
 DESCRIPTION = "mlflow.note.content"  # the run description MLflow shows
 RETRAIN_REQUESTED = "har.retrain_requested"  # device run: time and number of the last retraining request
+
+#: experiment ids per search_runs call
+EXPERIMENT_CHUNK = 100
 
 _SAFE_VALUE = re.compile(r"^[^'`\\]*$")
 
@@ -84,3 +88,19 @@ def find_or_create_run(
         return found, False
     run = client.create_run(experiment_id, start_time=start_time, tags={**tags, **identity}, run_name=run_name)
     return run.info.run_id, True
+
+
+def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[Run]:
+    """Every active run of these experiments that matches ``filter_string``, all pages of it."""
+    found: list[Run] = []
+    for i in range(0, len(experiment_ids), EXPERIMENT_CHUNK):
+        token: str | None = None
+        while True:
+            page = client.search_runs(
+                experiment_ids[i : i + EXPERIMENT_CHUNK], filter_string, max_results=1000, page_token=token
+            )
+            found.extend(page)
+            token = page.token
+            if not token:
+                break
+    return found
