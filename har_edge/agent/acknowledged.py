@@ -23,7 +23,9 @@ from sqlalchemy import exists, select
 from har_edge.agent.outbox import Outbox, files
 from har_edge.agent.outbox_schema import raw_custody
 
+#: raw_custody states the backlog tells apart (sync.custody writes them, with "pending")
 DELIVERED = "delivered"
+UPLOADING = "uploading"
 
 
 def results_acknowledged(outbox: Outbox, sha256: str) -> bool:
@@ -121,5 +123,5 @@ def custody_backlog(outbox: Outbox, archive_dir: Path, store: str) -> CustodyBac
             continue
         n += 1
         size += st.st_size
-        uploading += int(fresh and r is not None and r.state == "uploading")
+        uploading += int(fresh and r is not None and r.state == UPLOADING)
     return CustodyBacklog(n, size, uploading, delivered)

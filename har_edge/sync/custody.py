@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 
-from har_edge.agent.acknowledged import DELIVERED, CustodyBacklog, archived_files, custody_backlog
+from har_edge.agent.acknowledged import DELIVERED, UPLOADING, CustodyBacklog, archived_files, custody_backlog
 from har_edge.agent.forget import open_requests
 from har_edge.agent.outbox import Outbox, now_ms
 from har_edge.agent.outbox_schema import raw_custody
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".sync-custody.lock"
 PENDING = "pending"
-UPLOADING = "uploading"
 
 
 @dataclass
