@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import Settings
@@ -171,46 +171,17 @@ class SyncDaemon:
         # one pass of each at a time; runs missed while one was busy collapse into one
         once = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         start = datetime.now(UTC)  # the first push and pull right away, then on the interval
-        sched.add_job(
-            lambda: record(self.outbox, "push", self.push_job(time.time())),
-            "interval",
-            id="push",
-            name="push outbox",
-            seconds=s.push_interval_s,
-            jitter=s.jitter_s,
-            next_run_time=start,
-            **once,
-        )
-        sched.add_job(
-            lambda: record(self.outbox, "pull", self.pull_job(time.time())),
-            "interval",
-            id="pull",
-            name="pull models",
-            seconds=s.pull_interval_s,
-            jitter=s.jitter_s,
-            next_run_time=start,
-            **once,
-        )
-        sched.add_job(
-            lambda: record(self.outbox, "health", self.health_job(time.time())),
-            "interval",
-            id="health",
-            name="health gate",
-            seconds=s.health_interval_s,
-            jitter=min(s.jitter_s, s.health_interval_s / 2),
-            **once,
-        )
+
+        def every(task: str, name: str, job: Callable[[float], JobResult[Any]], seconds: float, jitter: float,
+                  **first: datetime) -> None:  # fmt: skip
+            sched.add_job(lambda: record(self.outbox, task, job(time.time())), "interval", id=task, name=name,
+                          seconds=seconds, jitter=jitter, **first, **once)  # fmt: skip
+
+        every("push", "push outbox", self.push_job, s.push_interval_s, s.jitter_s, next_run_time=start)
+        every("pull", "pull models", self.pull_job, s.pull_interval_s, s.jitter_s, next_run_time=start)
+        every("health", "health gate", self.health_job, s.health_interval_s, min(s.jitter_s, s.health_interval_s / 2))
         if self.custody is not None:
-            sched.add_job(
-                lambda: record(self.outbox, "custody", self.custody_job(time.time())),
-                "interval",
-                id="custody",
-                name="raw custody",
-                seconds=s.raw_store_interval_s,
-                jitter=s.jitter_s,
-                next_run_time=start,
-                **once,
-            )
+            every("custody", "raw custody", self.custody_job, s.raw_store_interval_s, s.jitter_s, next_run_time=start)
         return sched
 
     def run(self, stop: threading.Event | None = None) -> None:
