@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,3 +330,8 @@ def assert_delivered_once(p, db: Path) -> None:
         assert db_history(db, run_id) == outbox_points(ob, fid)
     pending = sqlite_ids(ob, "SELECT count(*) FROM metrics WHERE delivered_ms IS NULL")[0][0]
     assert pending == 0
+
+
+def sync_senders() -> list[str]:
+    """The sync pass's sending threads still alive (har_edge.sync.filepipe names them ``har-edge-sync-*``)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("har-edge-sync-")]

@@ -8,7 +8,14 @@ import time
 import uuid
 
 import pytest
-from sync_helpers import add_file, assert_delivered_once, file_runs, restore_mlflow_env, sqlite_ids  # noqa: F401
+from sync_helpers import (  # noqa: F401
+    add_file,
+    assert_delivered_once,
+    file_runs,
+    restore_mlflow_env,
+    sqlite_ids,
+    sync_senders,
+)
 
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import load_settings
@@ -23,10 +30,6 @@ def _settings(data_dir, uri: str | None, batch: int = 25):
     if uri is not None:
         sync |= {"tracking_uri": uri, "experiment": f"test-{uuid.uuid4().hex[:8]}"}
     return load_settings(env={}, data_dir=data_dir, device_id=f"dev-{uuid.uuid4().hex[:6]}", sync=sync)
-
-
-def _senders() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("har-edge-sync-")]
 
 
 class _Calls:
@@ -100,7 +103,7 @@ def _fail_file_request(mlflow_server, data_dir, failing: str) -> None:
     with pytest.raises(ServerUnreachable):
         p.push(time.time())
     assert overlapped == [True]  # the second file's points went while the first one's request was pending
-    assert not _senders()
+    assert not sync_senders()
     first = ob.file(ids[0])
     assert first.finished_ms is None and first.run_id is not None
     assert (first.artifact_delivered_ms is None) == (failing == "csv")

@@ -8,12 +8,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
-from sync_helpers import add_file, assert_delivered_once, restore_mlflow_env, sqlite_ids  # noqa: F401
+from sync_helpers import add_file, assert_delivered_once, restore_mlflow_env, sqlite_ids, sync_senders  # noqa: F401
 
 from har_edge.agent.outbox import Outbox
 from har_edge.agent.settings import load_settings
@@ -39,10 +38,6 @@ def test_the_streamed_csv_equals_the_whole_file_one_byte_for_byte(data_dir, tmp_
     ob.close()
 
 
-def _senders() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("har-edge-sync-")]
-
-
 def _settings(data_dir, batch: int):
     return load_settings(env={}, data_dir=data_dir, device_id="dev-stream", sync={"batch_size": batch})
 
@@ -57,7 +52,7 @@ def test_pipelined_push_delivers_every_point_once(data_dir):
     assert report.files_finished == 2 and report.artifacts == 2 and not report.refused
     assert report.points == sqlite_ids(ob, "SELECT count(*) FROM metrics WHERE file_id IS NOT NULL")[0][0] > 300
     assert_delivered_once(p, data_dir / "mlflow" / "mlflow.db")
-    assert not _senders()  # the sending threads end with the pass
+    assert not sync_senders()  # the sending threads end with the pass
 
 
 def test_a_request_failing_mid_file_leaves_the_acknowledged_chunks_marked_and_the_rest_pending(data_dir):
@@ -85,7 +80,7 @@ def test_a_request_failing_mid_file_leaves_the_acknowledged_chunks_marked_and_th
         p.push(time.time())
     delivered = sqlite_ids(ob, f"SELECT count(*) FROM metrics WHERE file_id = {fid} AND delivered_ms IS NOT NULL")
     assert delivered == [(3 * 20,)]  # the three acknowledged chunks, not the one that failed nor the one read ahead
-    assert not _senders()
+    assert not sync_senders()
     p.client.log_batch = real
     p.push(time.time())
     assert_delivered_once(p, data_dir / "mlflow" / "mlflow.db")
