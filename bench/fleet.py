@@ -239,6 +239,17 @@ def run_device(name: str, data_dir: Path, env: dict[str, str], barrier: threadin
     }
 
 
+def _merge_errors(results: list[dict[str, Any]]) -> tuple[Counter[str], dict[str, str]]:
+    """The devices' error counts added up, and the first sample message of each kind."""
+    errors: Counter[str] = Counter()
+    samples: dict[str, str] = {}
+    for r in results:
+        errors.update(r["errors"])
+        for k, v in r["samples"].items():
+            samples.setdefault(k, v)
+    return errors, samples
+
+
 def push_phase(target: Target, fixture_dirs: list[Path], extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Copy the fixture, start every device at once, wait for all; figures and checks."""
     root = WORK / target.name
@@ -276,12 +287,8 @@ def check_push(
     all_files = [f for fs in files.values() for f in fs]
     delivered = {n: outbox_points(d)[1] for n, d in dirs.items()}
     points = sum(delivered.values())
-    errors: Counter[str] = Counter()
-    samples: dict[str, str] = {}
+    errors, samples = _merge_errors(results)
     for r in results:
-        errors.update(r["errors"])
-        for k, v in r["samples"].items():
-            samples.setdefault(k, v)
         if r["pending"]:
             errors["left_pending"] += 1
     latencies = [(f["finished_ms"] / 1000 - t_start) for f in all_files if f["finished_ms"]]
@@ -356,12 +363,7 @@ def idle_phase(target: Target) -> dict[str, Any]:
         results = [f.result() for f in futures]
     cpu1 = target.cpu()
     server_cpu = sum(cpu1[k] - cpu0.get(k, 0.0) for k in cpu1)
-    errors: Counter[str] = Counter()
-    samples: dict[str, str] = {}
-    for r in results:
-        errors.update(r["errors"])
-        for k, v in r["samples"].items():
-            samples.setdefault(k, v)
+    errors, samples = _merge_errors(results)
     return {
         "devices": len(dirs),
         "error_samples": samples,
