@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import restored_environ  # noqa: E402
 from har_edge.agent.manifest import read_manifest  # noqa: E402
 from har_edge.agent.model import BUNDLED_MODEL_DIR  # noqa: E402
 from har_edge.agent.outbox import FileRecord, Outbox, now_ms  # noqa: E402
@@ -104,8 +105,7 @@ def measure(stack: CentralStack, mode: str, work: Path, files: int, minutes: int
     settings = load_settings(env={}, data_dir=data, device_id=device, sync=sync)
     outbox = Outbox(settings.outbox_path)
     points = fill(outbox, files, minutes)
-    saved = {k: os.environ.get(k) for k in ENV_NAMES}
-    try:
+    with restored_environ(ENV_NAMES):  # Pusher sets the MLflow variables for its client
         pusher = Pusher(settings, outbox)
         pusher.experiment_id()
         before = stack.cpu_seconds()["mlflow"]
@@ -123,12 +123,6 @@ def measure(stack: CentralStack, mode: str, work: Path, files: int, minutes: int
             r.raise_for_status()
         req_s = time.perf_counter() - t0
         req_cpu = stack.cpu_seconds()["mlflow"] - before
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return {
         "push_cpu_per_file_s": push_cpu / files,
         "push_cpu_per_1000_points_s": push_cpu / points * 1000,

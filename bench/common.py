@@ -11,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +26,20 @@ FIXTURES = ROOT / ".cache" / "tests"
 SCRATCH = ROOT / ".cache" / "bench"
 
 _T = TypeVar("_T")
+
+
+@contextmanager
+def restored_environ(names: Iterable[str]) -> Iterator[None]:
+    """These environment variables as they were (set or unset) again when the block ends."""
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # -- fixtures ----------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, SCRATCH, fitgen
+from bench.common import ROOT, SCRATCH, fitgen, restored_environ
 from har_edge.central.stack import tree_cpu
 
 log = logging.getLogger(__name__)
@@ -499,18 +499,11 @@ def release_phase(stack: Any, n: int) -> dict[str, Any]:
     key = parse_version(read_manifest(BUNDLED_MODEL_DIR).version)
     version = f"{(key.core[0] + 1) if key else 1}.0.0"
     folder = _new_model(root / "model", version)
-    saved = {k: os.environ.get(k) for k in stack.store.env()}
-    os.environ.update(stack.store.env())  # the trainer's endpoint and keys: the standard AWS variables
-    try:
+    with restored_environ(stack.store.env()):
+        os.environ.update(stack.store.env())  # the trainer's endpoint and keys: the standard AWS variables
         t0 = time.time()
         r = release(trainer_settings(params), folder, registry=str(work), remote=f"s3://{stack.bucket}/dvc")
         t_released = time.time()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     devices = sorted(p for p in (WORK / "postgresql").iterdir() if p.is_dir())[:n]
     s3 = stack.store.env()
     cpu0 = stack.cpu_seconds()
