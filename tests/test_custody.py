@@ -43,6 +43,13 @@ def _settings(data_dir: Path, store: str, **sync):
     return load_settings(env={}, data_dir=data_dir, agent={"settle_s": 0.0}, sync={"raw_store": store, **sync})
 
 
+def _folder_settings(tmp_path: Path):
+    """A folder store under ``tmp_path`` and the settings of a device that keeps its raw exports there."""
+    store = tmp_path / "remote"
+    store.mkdir()
+    return store, _settings(tmp_path / "var", str(store))
+
+
 def _archive(settings, name: str, data: bytes, day: str = "2026-12-01") -> Path:
     p = settings.archive_dir / day / name
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +74,7 @@ def _sha(data: bytes) -> str:
 
 
 def test_folder_store_delivers_content_addressed_and_verified(tmp_path):
-    store = tmp_path / "remote"
-    store.mkdir()
-    settings = _settings(tmp_path / "var", str(store))
+    store, settings = _folder_settings(tmp_path)
     a, b = os.urandom(300_000), os.urandom(1000)
     _archive(settings, "walk.fit", a)
     _archive(settings, "copy.fit", a, day="2026-12-02")  # the same bytes under another name: one object
@@ -143,9 +148,7 @@ def test_folder_store_resumes_a_partial_copy_and_detects_a_damaged_one(tmp_path)
 
 
 def test_an_object_with_other_bytes_under_the_name_is_not_trusted(tmp_path):
-    store = tmp_path / "remote"
-    store.mkdir()
-    settings = _settings(tmp_path / "var", str(store))
+    store, settings = _folder_settings(tmp_path)
     data = os.urandom(50_000)
     _archive(settings, "a.fit", data)
     bad = store / object_key(_sha(data))
@@ -413,9 +416,7 @@ def test_raw_store_settings_are_checked(tmp_path):
 def test_status_and_heartbeat_show_the_custody_backlog(tmp_path):
     from har_edge.sync.push import Pusher
 
-    store = tmp_path / "remote"
-    store.mkdir()
-    settings = _settings(tmp_path / "var", str(store))
+    store, settings = _folder_settings(tmp_path)
     _archive(settings, "a.fit", os.urandom(2_000_000))
     _archive(settings, "b.fit", os.urandom(1_000_000))
     with Outbox(settings.outbox_path) as ob:
@@ -450,9 +451,7 @@ def _device_points(settings) -> list[tuple[str, float]]:
 
 
 def test_sync_run_delivers_the_archive_on_its_schedule(tmp_path):
-    store = tmp_path / "remote"
-    store.mkdir()
-    settings = _settings(tmp_path / "var", str(store))
+    store, settings = _folder_settings(tmp_path)
     data = os.urandom(3 * MIB)
     _archive(settings, "a.fit", data)
     env = {
@@ -485,9 +484,7 @@ def test_sync_run_delivers_the_archive_on_its_schedule(tmp_path):
 
 
 def test_a_mismatch_is_a_counted_sync_failure_and_the_next_pass_delivers(tmp_path):
-    store = tmp_path / "remote"
-    store.mkdir()
-    settings = _settings(tmp_path / "var", str(store))
+    store, settings = _folder_settings(tmp_path)
     data = os.urandom(100_000)
     _archive(settings, "a.fit", data)
     dest = store / object_key(_sha(data))
@@ -538,9 +535,7 @@ def test_s3_an_upload_completed_just_before_a_kill_is_not_sent_again(tmp_path, s
 
 
 def test_folder_a_copy_renamed_just_before_a_kill_is_not_copied_again(tmp_path):
-    store = tmp_path / "remote"
-    store.mkdir()
-    settings = _settings(tmp_path / "var", str(store))
+    _, settings = _folder_settings(tmp_path)
     data = os.urandom(300_000)
     _archive(settings, "k.fit", data)
     with Outbox(settings.outbox_path) as ob:
