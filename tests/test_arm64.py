@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_docker import BUILD, CACHE, IMAGE, UID, Podman, data_volume, outbox_copy
+from test_docker import BUILD, CACHE, IMAGE, UID, Podman, data_volume, drop_export, outbox_copy
 
 IMAGE_ARM64 = "localhost/har-edge:test-arm64"
 MANIFEST = "localhost/har-edge:test-multiarch"
@@ -126,12 +125,7 @@ def _run_agent(podman: Podman, image: str, root: Path, export: Path, env: dict[s
         "exec", name, "python3", "-c", "from har_edge.agent.runtime import runtime_name; print(runtime_name())"
     ).stdout.strip()
     opt_write = podman("exec", name, "touch", "/opt/venv/x", check=False)
-    staged = data / "walk.fit.part"
-    shutil.copyfile(export, staged)
-    if os.geteuid() == 0:
-        os.chown(staged, UID, UID)
-    t0 = time.monotonic()
-    os.rename(staged, data / "inbox" / "walk.fit")
+    t0 = drop_export(data, export)
     while not list((data / "archive").rglob("walk.fit")):
         if list((data / "quarantine").glob("*.reason.json")):
             raise AssertionError(f"{image}: the export was quarantined:\n{podman.logs(name)[-3000:]}")

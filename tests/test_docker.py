@@ -105,6 +105,18 @@ def data_volume(path: Path) -> Path:
     return path
 
 
+def drop_export(data: Path, export: Path) -> float:
+    """Drop ``export`` into the container's inbox as a careful copier does (written beside, owned by the image's
+    user, renamed in); the monotonic time of the rename."""
+    staged = data / "walk.fit.part"
+    shutil.copyfile(export, staged)
+    if os.geteuid() == 0:
+        os.chown(staged, UID, UID)
+    t = time.monotonic()
+    os.rename(staged, data / "inbox" / "walk.fit")
+    return t
+
+
 def outbox_copy(data: Path, dest: Path):
     """The container's outbox, read on the host through a copy (the host must not leave root-owned -wal/-shm)."""
     from har_edge.agent.outbox import Outbox
@@ -161,13 +173,7 @@ def agent_run(podman: Podman, tmp_path_factory) -> AgentRun:
     tmp_write = podman("exec", name, "touch", "/tmp/x", check=False)
     health = podman("healthcheck", "run", name, check=False, timeout=60)
 
-    # drop the export the way a careful copier does: write beside, rename into the inbox
-    staged = data / "walk.fit.part"
-    shutil.copyfile(export, staged)
-    if os.geteuid() == 0:
-        os.chown(staged, UID, UID)
-    t1 = time.monotonic()
-    os.rename(staged, data / "inbox" / "walk.fit")
+    t1 = drop_export(data, export)
     deadline = t1 + 120
     while time.monotonic() < deadline:
         if list((data / "quarantine").glob("*.reason.json")):
@@ -469,11 +475,7 @@ def test_prometheus_container_scrapes_the_agent_container(podman: Podman, promet
 
     export = tmp_path / "walk.fit"
     write_imu_fit(export, rate_hz=50, seconds=60, start=datetime(2025, 3, 24, 7, 52, 19, tzinfo=UTC))
-    staged = data / "walk.fit.part"
-    shutil.copyfile(export, staged)
-    if os.geteuid() == 0:
-        os.chown(staged, UID, UID)
-    os.rename(staged, data / "inbox" / "walk.fit")
+    drop_export(data, export)
     # the file is counted by the next scrape (every 15 s, docker/monitoring/prometheus.yml)
     processed_s = _wait_for_value(podman, agent, 'har_edge_files_total{status="processed"}', lambda v: v == 1)
     with outbox_copy(data, tmp_path / "ob") as ob:
