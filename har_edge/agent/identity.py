@@ -125,7 +125,7 @@ class Identities:
         m = self.p.mapping
         if m is None:
             return None
-        return m if m.is_absolute() else self.settings.data_dir / m
+        return self.settings.in_data_dir(m)
 
     def mapping(self) -> dict[str, str]:
         """The study's mapping, re-read when its file changed."""

@@ -31,7 +31,7 @@ def secret_path(settings: Settings) -> Path:
     p = settings.participants.secret_file
     if p is None:
         return settings.data_dir / SECRET_NAME
-    return p if p.is_absolute() else settings.data_dir / p
+    return settings.in_data_dir(p)
 
 
 def _generate(path: Path) -> bytes:

@@ -465,6 +465,10 @@ class Settings(_Section):
     def device(self) -> str:
         return self.device_id or os.uname().nodename
 
+    def in_data_dir(self, path: Path) -> Path:
+        """``path`` as a setting means it: absolute as given, else relative to the data folder."""
+        return path if path.is_absolute() else self.data_dir / path
+
 
 def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
     """Nested dict from HAR_EDGE_* variables (``__`` enters a section)."""

@@ -79,8 +79,7 @@ class TrustStore:
             if is_inline_key(entry):
                 key = parse_public_key(entry, source="sync.trusted_keys (inline key)")
             else:
-                path = Path(entry).expanduser()
-                path = path if path.is_absolute() else Path(settings.data_dir) / path
+                path = settings.in_data_dir(Path(entry).expanduser())
                 try:
                     text = path.read_bytes()
                 except OSError as exc:
