@@ -56,7 +56,7 @@ from har_edge.sync.pages import (
 )
 from har_edge.sync.participant_tags import summary_key, summary_tags
 from har_edge.sync.renderer import RenderResult, render
-from har_edge.sync.state import KnownModel, known_models
+from har_edge.sync.state import KnownModel
 
 if TYPE_CHECKING:
     from har_edge.sync.push import Pusher, PushReport
@@ -81,7 +81,6 @@ class Pages:
         self.pusher = pusher
         self.keys = tuple(keys)
         self._summaries: dict[int, FileSummary] = {}
-        self._known: dict[str, KnownModel] | None = None
         self._retry_at = 0.0
         #: the last plot child's figures (for the bench and the logs)
         self.last_render: RenderResult | None = None
@@ -89,9 +88,7 @@ class Pages:
     # -- for the file run -----------------------------------------------------------------------------
 
     def _model(self, f: Any) -> KnownModel | None:
-        if self._known is None:
-            self._known = known_models(self.pusher.settings.models_dir)
-        return self._known.get(f.model_sha256 or "")
+        return self.pusher.known_model(f)
 
     def local_time(self, f: Any) -> LocalTime:
         return LocalTime.of(f.utc_offset_s, f.utc_offset_source, self.pusher.settings.timezone)

@@ -424,11 +424,15 @@ class Pusher:
         }
         return {k: v for k, v in tags.items() if v}
 
-    def _file_params(self, f: _FileRow) -> dict[str, str]:
-        params = {"model_name": f.model_name, "model_version": f.model_version}
+    def known_model(self, f: Any) -> KnownModel | None:
+        """The installed model a file was processed with (the models folder is read once per Pusher)."""
         if self._known is None:
             self._known = known_models(self.settings.models_dir)
-        known = self._known.get(f.model_sha256 or "")
+        return self._known.get(f.model_sha256 or "")
+
+    def _file_params(self, f: _FileRow) -> dict[str, str]:
+        params = {"model_name": f.model_name, "model_version": f.model_version}
+        known = self.known_model(f)
         if known is not None:
             params.update(window=str(known.window), step=str(known.step), sample_rate_hz=f"{known.sample_rate_hz:g}")
         else:
